@@ -1,0 +1,185 @@
+//! Engine configuration.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::clock::{Clock, SystemClock};
+use crate::error::{Error, Result};
+
+/// How hard a completion is pushed to disk before it is acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Durability {
+    /// `synchronous=FULL` for completions: when `complete` returns, the stored response survives
+    /// a power loss. Claims, releases and extensions are committed without waiting for `fsync`
+    /// (see the crate docs, *Design*): losing one to a power loss is the same as its holder
+    /// crashing, and the next completion's `fsync` makes them durable anyway.
+    #[default]
+    Full,
+    /// `synchronous=NORMAL` for everything: nothing waits for `fsync`. An application crash
+    /// loses nothing, but a power loss or OS crash can lose the last completions acknowledged
+    /// before it, and a retry of one of those runs the operation again. The database itself is
+    /// never corrupted.
+    Normal,
+}
+
+/// Where the database lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Location {
+    File(PathBuf),
+    Memory,
+}
+
+/// Settings for [`Engine::open`](crate::Engine::open). Build it with [`EngineConfig::new`] or
+/// [`EngineConfig::in_memory`] and the chained setters.
+///
+/// ```
+/// use std::time::Duration;
+/// use idempotency_rs::{Durability, EngineConfig};
+/// let config = EngineConfig::new("idempotency.db")
+///     .durability(Durability::Full)
+///     .lock_timeout(Duration::from_secs(30))
+///     .retention(Duration::from_secs(24 * 3600));
+/// # let _ = config;
+/// ```
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub(crate) location: Location,
+    pub(crate) durability: Durability,
+    pub(crate) lock_timeout: Duration,
+    pub(crate) retention: Duration,
+    pub(crate) queue_capacity: usize,
+    pub(crate) max_batch: usize,
+    pub(crate) cleanup_interval: Duration,
+    pub(crate) cleanup_batch: usize,
+    pub(crate) read_connections: usize,
+    pub(crate) cache_size_kib: i64,
+    pub(crate) busy_timeout: Duration,
+    pub(crate) clock: Arc<dyn Clock>,
+}
+
+impl EngineConfig {
+    /// A configuration for the database file at `path` (created if missing), with the defaults:
+    /// [`Durability::Full`], 30 s lock timeout, 24 h retention, a queue of 4096 commands, batches
+    /// of up to 512, cleanup every 60 s in batches of 1000 rows, 4 read connections.
+    pub fn new(path: impl AsRef<Path>) -> Self {
+        Self::with_location(Location::File(path.as_ref().to_path_buf()))
+    }
+
+    /// A private in-memory database (for tests). It is not WAL (memory databases cannot be) and
+    /// has no read connections: everything goes through the writer thread.
+    pub fn in_memory() -> Self {
+        Self::with_location(Location::Memory)
+    }
+
+    fn with_location(location: Location) -> Self {
+        EngineConfig {
+            location,
+            durability: Durability::Full,
+            lock_timeout: Duration::from_secs(30),
+            retention: Duration::from_secs(24 * 3600),
+            queue_capacity: 4096,
+            max_batch: 512,
+            cleanup_interval: Duration::from_secs(60),
+            cleanup_batch: 1000,
+            read_connections: 4,
+            cache_size_kib: 16 * 1024,
+            busy_timeout: Duration::from_secs(5),
+            clock: Arc::new(SystemClock),
+        }
+    }
+
+    /// Sets the durability. Default [`Durability::Full`].
+    pub fn durability(mut self, durability: Durability) -> Self {
+        self.durability = durability;
+        self
+    }
+
+    /// How long a lease lives before another caller may take the record over. Default 30 s.
+    /// A single claim may override it ([`ClaimRequest::lock_timeout`](crate::ClaimRequest::lock_timeout)).
+    pub fn lock_timeout(mut self, lock_timeout: Duration) -> Self {
+        self.lock_timeout = lock_timeout;
+        self
+    }
+
+    /// How long a completed record is replayed. Default 24 h.
+    pub fn retention(mut self, retention: Duration) -> Self {
+        self.retention = retention;
+        self
+    }
+
+    /// The writer's queue length. A claim that finds it full fails at once with
+    /// [`Error::Overloaded`]. Default 4096.
+    pub fn queue_capacity(mut self, capacity: usize) -> Self {
+        self.queue_capacity = capacity;
+        self
+    }
+
+    /// The most commands committed in one transaction. Default 512.
+    pub fn max_batch(mut self, max_batch: usize) -> Self {
+        self.max_batch = max_batch;
+        self
+    }
+
+    /// How often the writer deletes expired records, and how many at most per transaction
+    /// (a full batch is followed by another soon after, between client commands).
+    /// Defaults: 60 s, 1000.
+    pub fn cleanup(mut self, interval: Duration, batch: usize) -> Self {
+        self.cleanup_interval = interval;
+        self.cleanup_batch = batch;
+        self
+    }
+
+    /// How many read-only connections serve replays beside the writer. 0 sends every claim to
+    /// the writer. Default 4.
+    pub fn read_connections(mut self, n: usize) -> Self {
+        self.read_connections = n;
+        self
+    }
+
+    /// SQLite's page cache per connection, in KiB. Default 16384 (16 MiB).
+    pub fn cache_size_kib(mut self, kib: i64) -> Self {
+        self.cache_size_kib = kib;
+        self
+    }
+
+    /// How long a statement waits for a lock held by another process before failing with
+    /// [`Error::Busy`]. Default 5 s.
+    pub fn busy_timeout(mut self, timeout: Duration) -> Self {
+        self.busy_timeout = timeout;
+        self
+    }
+
+    /// The clock used for leases and retention. Default [`SystemClock`].
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    pub(crate) fn validate(&self) -> Result<()> {
+        let bad = |reason: &str| {
+            Err(Error::InvalidConfig {
+                reason: reason.to_owned(),
+            })
+        };
+        if self.queue_capacity == 0 {
+            return bad("queue_capacity must be at least 1");
+        }
+        if self.max_batch == 0 {
+            return bad("max_batch must be at least 1");
+        }
+        if self.cleanup_batch == 0 {
+            return bad("the cleanup batch must be at least 1");
+        }
+        if self.lock_timeout.is_zero() {
+            return bad("lock_timeout must be longer than zero");
+        }
+        if self.retention.is_zero() {
+            return bad("retention must be longer than zero");
+        }
+        if self.cleanup_interval.is_zero() {
+            return bad("the cleanup interval must be longer than zero");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,548 @@
+//! The engine handle, claims, outcomes and leases.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crossbeam_channel::{Sender, TrySendError};
+use parking_lot::Mutex;
+use rusqlite::Connection;
+
+use crate::clock::{Clock, duration_ms};
+use crate::config::{EngineConfig, Location};
+use crate::error::{Error, Result};
+use crate::fingerprint::Fingerprint;
+use crate::key::{IdempotencyKey, record_id, validate_scope};
+use crate::response::StoredResponse;
+use crate::storage::{self, Decision};
+use crate::writer::{self, ClaimCmd, ClaimReply, LeaseCmd, Shared};
+
+/// What a caller asks to run: a scope (tenant or user), a validated key and the request's
+/// fingerprint. The record's identity is (scope, key).
+#[derive(Debug, Clone)]
+pub struct ClaimRequest {
+    scope: String,
+    key: IdempotencyKey,
+    fingerprint: Fingerprint,
+    lock_timeout: Option<Duration>,
+    retention: Option<Duration>,
+}
+
+impl ClaimRequest {
+    /// A claim of `key` in `scope` for a request with `fingerprint`.
+    pub fn new(scope: impl Into<String>, key: IdempotencyKey, fingerprint: Fingerprint) -> Self {
+        ClaimRequest {
+            scope: scope.into(),
+            key,
+            fingerprint,
+            lock_timeout: None,
+            retention: None,
+        }
+    }
+
+    /// Overrides the engine's lock timeout for this claim's lease.
+    pub fn lock_timeout(mut self, lock_timeout: Duration) -> Self {
+        self.lock_timeout = Some(lock_timeout);
+        self
+    }
+
+    /// Overrides the engine's retention for the record this claim completes.
+    pub fn retention(mut self, retention: Duration) -> Self {
+        self.retention = Some(retention);
+        self
+    }
+
+    /// The scope.
+    pub fn scope(&self) -> &str {
+        &self.scope
+    }
+
+    /// The key.
+    pub fn key(&self) -> &IdempotencyKey {
+        &self.key
+    }
+
+    /// The fingerprint.
+    pub fn fingerprint(&self) -> &Fingerprint {
+        &self.fingerprint
+    }
+}
+
+/// The answer to a claim. Exhaustive on purpose: every caller must handle all four cases.
+#[derive(Debug)]
+#[must_use = "a Claimed lease must be completed or released; the other cases answer the client"]
+pub enum ClaimOutcome {
+    /// No live record existed (or it expired, or its lock timed out): run the operation, then
+    /// [`Lease::complete`] or [`Lease::release`].
+    Claimed(Lease),
+    /// The operation completed before: here is its stored response.
+    Replay(StoredResponse),
+    /// Another caller holds a live lease on the key.
+    InFlight {
+        /// When that lease's lock times out (at least 1 ms).
+        retry_after: Duration,
+    },
+    /// The key was used with a different fingerprint. Decided before `InFlight`.
+    Mismatch,
+}
+
+impl ClaimOutcome {
+    fn from_decision(d: Decision, now: i64) -> Self {
+        match d {
+            Decision::Replay(r) => ClaimOutcome::Replay(r),
+            Decision::Mismatch => ClaimOutcome::Mismatch,
+            Decision::InFlight { locked_until } => ClaimOutcome::InFlight {
+                retry_after: Duration::from_millis(
+                    u64::try_from(locked_until.saturating_sub(now)).unwrap_or(0).max(1),
+                ),
+            },
+        }
+    }
+}
+
+/// A cheap, cloneable handle to the idempotency engine. See the crate docs for the design.
+///
+/// Dropping the last handle (and the last [`Lease`]) drains the queue, commits, checkpoints the
+/// WAL and joins the writer thread.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+// Field order matters: the senders drop before the joiner waits for the writer to finish.
+struct Inner {
+    claims: Sender<ClaimCmd>,
+    leases: Sender<LeaseCmd>,
+    shared: Arc<Shared>,
+    closed: AtomicBool,
+    readers: Option<ReaderPool>,
+    clock: Arc<dyn Clock>,
+    lock_ms: i64,
+    retention_ms: i64,
+    _joiner: Joiner,
+}
+
+struct Joiner(Mutex<Option<JoinHandle<()>>>);
+
+impl Drop for Joiner {
+    fn drop(&mut self) {
+        if let Some(handle) = self.0.lock().take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+impl fmt::Debug for Engine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Engine")
+            .field("queued", &self.inner.claims.len())
+            .field("closed", &self.inner.closed.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Engine {
+    /// Opens (or creates) the database and starts the writer thread.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`], [`Error::NotADatabase`], [`Error::ReadOnly`],
+    /// [`Error::SchemaTooNew`], [`Error::NotWal`], [`Error::Busy`] or [`Error::Storage`].
+    pub fn open(config: EngineConfig) -> Result<Engine> {
+        config.validate()?;
+        let conn = storage::open_writer(&config)?;
+        let (claims_tx, claims_rx) = crossbeam_channel::bounded(config.queue_capacity);
+        let (leases_tx, leases_rx) = crossbeam_channel::unbounded();
+        let shared = Arc::new(Shared::default());
+        let handle = writer::spawn(conn, &config, claims_rx, leases_rx, shared.clone())?;
+        let readers = match &config.location {
+            Location::File(path) if config.read_connections > 0 => Some(ReaderPool {
+                path: path.clone(),
+                config: config.clone(),
+                idle: Mutex::new(Vec::new()),
+                open: AtomicUsize::new(0),
+                max: config.read_connections,
+            }),
+            _ => None,
+        };
+        Ok(Engine {
+            inner: Arc::new(Inner {
+                claims: claims_tx,
+                leases: leases_tx,
+                shared,
+                closed: AtomicBool::new(false),
+                readers,
+                clock: config.clock.clone(),
+                lock_ms: duration_ms(config.lock_timeout),
+                retention_ms: duration_ms(config.retention),
+                _joiner: Joiner(Mutex::new(Some(handle))),
+            }),
+        })
+    }
+
+    /// Claims `(scope, key)`, blocking the calling thread until the writer answers.
+    ///
+    /// Replays of completed records are served from a read connection without queueing behind
+    /// writes. Do not call this on an async runtime thread: use [`Engine::claim_async`].
+    ///
+    /// # Errors
+    /// [`Error::InvalidScope`]; [`Error::Overloaded`] when the queue is full (nothing was
+    /// queued); [`Error::Closed`] or [`Error::WriterPanicked`]; a storage error of the batch
+    /// ([`Error::DiskFull`], [`Error::Busy`], [`Error::Storage`]); [`Error::Corrupt`] when the
+    /// stored record does not decode.
+    pub fn claim(&self, request: ClaimRequest) -> Result<ClaimOutcome> {
+        match self.start_claim(request)? {
+            Started::Done(outcome) => Ok(outcome),
+            Started::Queued(pending, rx) => {
+                let reply = rx.recv().map_err(|_| self.inner.shared.gone())?;
+                self.finish_claim(pending, reply)
+            }
+        }
+    }
+
+    /// Claims `(scope, key)` without blocking: the writer answers on a oneshot channel. Works on
+    /// any executor (tokio, actix-rt, ...). If the future is dropped after the claim was queued
+    /// and the claim wins, the writer releases the record itself.
+    ///
+    /// # Errors
+    /// As [`Engine::claim`].
+    pub async fn claim_async(&self, request: ClaimRequest) -> Result<ClaimOutcome> {
+        match self.start_claim(request)? {
+            Started::Done(outcome) => Ok(outcome),
+            Started::Queued(pending, rx) => {
+                let reply = rx.await.map_err(|_| self.inner.shared.gone())?;
+                self.finish_claim(pending, reply)
+            }
+        }
+    }
+
+    /// Stops the engine: commands queued before this call are committed and answered, the WAL
+    /// is checkpointed, and every later call on any handle fails with [`Error::Closed`].
+    /// Blocks until the writer thread has finished its work.
+    ///
+    /// # Errors
+    /// [`Error::WriterPanicked`] if the writer had died; [`Error::Closed`] if it was already
+    /// shut down.
+    pub fn shutdown(&self) -> Result<()> {
+        if let Some(e) = self.inner.shared.ended() {
+            return Err(e);
+        }
+        if self.inner.closed.swap(true, Ordering::SeqCst) {
+            return Err(Error::Closed);
+        }
+        let (tx, rx) = oneshot::channel();
+        self.inner
+            .leases
+            .send(LeaseCmd::Shutdown(tx))
+            .map_err(|_| self.inner.shared.gone())?;
+        rx.recv().map_err(|_| self.inner.shared.gone())
+    }
+
+    /// Commands waiting for the writer thread right now.
+    pub fn queued(&self) -> usize {
+        self.inner.claims.len() + self.inner.leases.len()
+    }
+
+    /// Makes the writer thread panic, to test how callers see a dead writer.
+    /// Only with the `fault-injection` feature; never enable it in production.
+    #[cfg(feature = "fault-injection")]
+    pub fn inject_writer_panic(&self) {
+        let _ = self.inner.leases.send(LeaseCmd::Panic);
+    }
+
+    fn check_open(&self) -> Result<()> {
+        if let Some(e) = self.inner.shared.ended() {
+            return Err(e);
+        }
+        if self.inner.closed.load(Ordering::SeqCst) {
+            return Err(Error::Closed);
+        }
+        Ok(())
+    }
+
+    fn start_claim(&self, req: ClaimRequest) -> Result<Started> {
+        self.check_open()?;
+        validate_scope(&req.scope)?;
+        let id = record_id(&req.scope, req.key.as_str());
+        if let Some(readers) = &self.inner.readers {
+            let now = self.inner.clock.now_ms();
+            if let Some(decision) = readers.lookup(&id, &req.fingerprint, now)? {
+                return Ok(Started::Done(ClaimOutcome::from_decision(decision, now)));
+            }
+        }
+        let lock_ms = req.lock_timeout.map_or(self.inner.lock_ms, duration_ms);
+        let retention_ms = req.retention.map_or(self.inner.retention_ms, duration_ms);
+        let (tx, rx) = oneshot::channel();
+        let cmd = ClaimCmd {
+            id,
+            scope: req.scope,
+            key: req.key.as_str().to_owned(),
+            fingerprint: req.fingerprint,
+            lock_ms: lock_ms.max(1),
+            retention_ms: retention_ms.max(1),
+            reply: tx,
+        };
+        let pending = PendingClaim {
+            id,
+            key: req.key,
+            lock_ms: lock_ms.max(1),
+            retention_ms: retention_ms.max(1),
+        };
+        match self.inner.claims.try_send(cmd) {
+            Ok(()) => Ok(Started::Queued(pending, rx)),
+            Err(TrySendError::Full(_)) => Err(Error::Overloaded {
+                retry_after: Duration::from_secs(1),
+            }),
+            Err(TrySendError::Disconnected(_)) => Err(self.inner.shared.gone()),
+        }
+    }
+
+    fn finish_claim(
+        &self,
+        pending: PendingClaim,
+        reply: Result<ClaimReply>,
+    ) -> Result<ClaimOutcome> {
+        match reply? {
+            ClaimReply::Claimed {
+                fence,
+                locked_until,
+            } => Ok(ClaimOutcome::Claimed(Lease {
+                engine: self.clone(),
+                id: pending.id,
+                key: pending.key,
+                fence,
+                locked_until,
+                lock_ms: pending.lock_ms,
+                retention_ms: pending.retention_ms,
+                done: false,
+            })),
+            ClaimReply::Decided(d) => Ok(ClaimOutcome::from_decision(d, self.inner.clock.now_ms())),
+        }
+    }
+
+    fn send_lease(&self, cmd: LeaseCmd) -> Result<()> {
+        self.inner
+            .leases
+            .send(cmd)
+            .map_err(|_| self.inner.shared.gone())
+    }
+}
+
+struct PendingClaim {
+    id: [u8; 32],
+    key: IdempotencyKey,
+    lock_ms: i64,
+    retention_ms: i64,
+}
+
+enum Started {
+    Done(ClaimOutcome),
+    Queued(PendingClaim, oneshot::Receiver<Result<ClaimReply>>),
+}
+
+/// Read-only connections that answer replays (and mismatches against completed records)
+/// without going through the writer. Completed records never change until they expire, so a
+/// snapshot read is as good as the writer's.
+struct ReaderPool {
+    path: PathBuf,
+    config: EngineConfig,
+    idle: Mutex<Vec<Connection>>,
+    open: AtomicUsize,
+    max: usize,
+}
+
+impl ReaderPool {
+    /// `Ok(None)`: no completed record here; ask the writer. Errors other than a corrupt
+    /// record also fall back to the writer, which has the final word.
+    fn lookup(&self, id: &[u8; 32], fp: &Fingerprint, now: i64) -> Result<Option<Decision>> {
+        let conn = match self.idle.lock().pop() {
+            Some(c) => c,
+            None => {
+                if self.open.fetch_add(1, Ordering::SeqCst) >= self.max {
+                    self.open.fetch_sub(1, Ordering::SeqCst);
+                    return Ok(None);
+                }
+                match storage::open_reader(&self.path, &self.config) {
+                    Ok(c) => c,
+                    Err(_) => {
+                        self.open.fetch_sub(1, Ordering::SeqCst);
+                        return Ok(None);
+                    }
+                }
+            }
+        };
+        let result = storage::inspect(&conn, id, fp, now, true);
+        self.idle.lock().push(conn);
+        match result {
+            Ok(d) => Ok(d),
+            Err(e @ Error::Corrupt { .. }) => Err(e),
+            Err(_) => Ok(None),
+        }
+    }
+}
+
+/// The right to run the operation for one key: a linear token, like a database transaction.
+///
+/// [`complete`](Lease::complete) stores the response; [`release`](Lease::release) frees the key
+/// so a retry runs the operation again. Dropping the lease releases the key without blocking.
+/// Every lease carries a fencing token that grows with every claim: a lease whose lock timed out
+/// and whose record was taken over gets [`Error::LeaseLost`] and changes nothing.
+#[must_use = "dropping a lease releases the key: complete it to store the response"]
+pub struct Lease {
+    engine: Engine,
+    id: [u8; 32],
+    key: IdempotencyKey,
+    fence: u64,
+    locked_until: i64,
+    lock_ms: i64,
+    retention_ms: i64,
+    done: bool,
+}
+
+impl fmt::Debug for Lease {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Lease")
+            .field("key", &self.key)
+            .field("fencing_token", &self.fence)
+            .field("locked_until", &self.locked_until())
+            .finish()
+    }
+}
+
+impl Lease {
+    /// The fencing token: larger than every token handed out before it.
+    pub fn fencing_token(&self) -> u64 {
+        self.fence
+    }
+
+    /// The key this lease holds.
+    pub fn key(&self) -> &IdempotencyKey {
+        &self.key
+    }
+
+    /// When the lock times out (after which another caller may take the record over).
+    pub fn locked_until(&self) -> SystemTime {
+        UNIX_EPOCH + Duration::from_millis(u64::try_from(self.locked_until).unwrap_or(0))
+    }
+
+    /// Stores `response` for replay and ends the lease. Blocks until the completion is
+    /// committed (with [`Durability::Full`](crate::Durability::Full), until it is on disk).
+    ///
+    /// # Errors
+    /// [`Error::LeaseLost`] when the record was taken over; [`Error::TooLarge`],
+    /// [`Error::DiskFull`] or another storage error when it could not be stored;
+    /// [`Error::Closed`]. On any error the record stays in flight until its lock timeout: a
+    /// failed completion never turns into an immediate re-run by a retry.
+    pub fn complete(mut self, response: StoredResponse) -> Result<()> {
+        let rx = self.send_complete(response)?;
+        rx.recv().map_err(|_| self.engine.inner.shared.gone())?
+    }
+
+    /// [`Lease::complete`] without blocking.
+    ///
+    /// # Errors
+    /// As [`Lease::complete`].
+    pub async fn complete_async(mut self, response: StoredResponse) -> Result<()> {
+        let rx = self.send_complete(response)?;
+        rx.await.map_err(|_| self.engine.inner.shared.gone())?
+    }
+
+    /// Frees the key: the next claim runs the operation again. Blocks until committed.
+    ///
+    /// # Errors
+    /// [`Error::LeaseLost`], a storage error, or [`Error::Closed`].
+    pub fn release(mut self) -> Result<()> {
+        let rx = self.send_release()?;
+        rx.recv().map_err(|_| self.engine.inner.shared.gone())?
+    }
+
+    /// [`Lease::release`] without blocking.
+    ///
+    /// # Errors
+    /// As [`Lease::release`].
+    pub async fn release_async(mut self) -> Result<()> {
+        let rx = self.send_release()?;
+        rx.await.map_err(|_| self.engine.inner.shared.gone())?
+    }
+
+    /// Moves the lock timeout to `by` from now, for operations that run longer than the lock
+    /// timeout. Blocks until committed.
+    ///
+    /// # Errors
+    /// [`Error::LeaseLost`] when the record was already taken over; a storage error;
+    /// [`Error::Closed`].
+    pub fn extend(&mut self, by: Duration) -> Result<()> {
+        let rx = self.send_extend(by)?;
+        self.locked_until = rx.recv().map_err(|_| self.engine.inner.shared.gone())??;
+        Ok(())
+    }
+
+    /// [`Lease::extend`] without blocking.
+    ///
+    /// # Errors
+    /// As [`Lease::extend`].
+    pub async fn extend_async(&mut self, by: Duration) -> Result<()> {
+        let rx = self.send_extend(by)?;
+        self.locked_until = rx.await.map_err(|_| self.engine.inner.shared.gone())??;
+        Ok(())
+    }
+
+    fn send_complete(&mut self, response: StoredResponse) -> Result<oneshot::Receiver<Result<()>>> {
+        let (tx, rx) = oneshot::channel();
+        // From here on the lease is spent, whatever happens: a completion that fails leaves the
+        // record in flight until its lock timeout rather than freeing it for a re-run.
+        self.done = true;
+        self.engine.send_lease(LeaseCmd::Complete {
+            id: self.id,
+            fence: self.fence,
+            response,
+            retention_ms: self.retention_ms,
+            reply: tx,
+        })?;
+        Ok(rx)
+    }
+
+    fn send_release(&mut self) -> Result<oneshot::Receiver<Result<()>>> {
+        let (tx, rx) = oneshot::channel();
+        self.done = true;
+        self.engine.send_lease(LeaseCmd::Release {
+            id: self.id,
+            fence: self.fence,
+            reply: Some(tx),
+        })?;
+        Ok(rx)
+    }
+
+    fn send_extend(&mut self, by: Duration) -> Result<oneshot::Receiver<Result<i64>>> {
+        let (tx, rx) = oneshot::channel();
+        self.engine.send_lease(LeaseCmd::Extend {
+            id: self.id,
+            fence: self.fence,
+            lock_ms: duration_ms(by).max(1),
+            retention_ms: self.retention_ms,
+            reply: tx,
+        })?;
+        Ok(rx)
+    }
+
+    /// The lock timeout this lease was claimed with.
+    pub fn lock_timeout(&self) -> Duration {
+        Duration::from_millis(u64::try_from(self.lock_ms).unwrap_or(0))
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if !self.done {
+            // Fire and forget on the unbounded lease queue: never blocks. If the engine is gone
+            // the lock timeout frees the key.
+            let _ = self.engine.inner.leases.send(LeaseCmd::Release {
+                id: self.id,
+                fence: self.fence,
+                reply: None,
+            });
+        }
+    }
+}

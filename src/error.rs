@@ -1,0 +1,177 @@
+//! The one error type of the crate.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Everything that can go wrong in the engine.
+///
+/// The enum is `#[non_exhaustive]`: new failure kinds may be added in a minor release. Every
+/// variant is cheap to clone, so one failed group commit can hand the same error to each caller in
+/// the batch.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Error {
+    /// The idempotency key is empty, too long or holds characters outside printable ASCII.
+    InvalidKey {
+        /// Why the key was refused.
+        reason: &'static str,
+    },
+    /// The scope is too long or holds a NUL byte.
+    InvalidScope {
+        /// Why the scope was refused.
+        reason: &'static str,
+    },
+    /// The configuration is self-contradictory (a zero queue, a zero lock timeout, ...).
+    InvalidConfig {
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The file exists but is not an SQLite database.
+    NotADatabase {
+        /// The file that was opened.
+        path: PathBuf,
+    },
+    /// The database (or its directory) cannot be written.
+    ReadOnly {
+        /// The file that was opened.
+        path: PathBuf,
+    },
+    /// The database was written by a newer version of this crate.
+    SchemaTooNew {
+        /// The `user_version` found in the file.
+        found: i64,
+        /// The newest schema version this build understands.
+        supported: i64,
+    },
+    /// `PRAGMA journal_mode=WAL` did not take effect (for example on a file system without
+    /// shared memory support).
+    NotWal {
+        /// The journal mode SQLite reported instead of `wal`.
+        actual: String,
+    },
+    /// Another process holds a lock on the database for longer than the busy timeout.
+    Busy,
+    /// The disk (or `max_page_count`) is full. Nothing of the failed transaction was applied.
+    DiskFull,
+    /// A stored record could not be decoded, or SQLite reported a malformed database.
+    Corrupt {
+        /// What could not be read.
+        detail: String,
+    },
+    /// A value is larger than SQLite (or a configured limit) accepts.
+    TooLarge {
+        /// What was too large.
+        detail: String,
+    },
+    /// The lease no longer owns its record: its lock timed out and another caller took the record
+    /// over (or the record expired). Nothing was changed.
+    LeaseLost,
+    /// The engine's command queue is full. Retry after a short pause.
+    Overloaded {
+        /// A suggested pause before retrying.
+        retry_after: Duration,
+    },
+    /// The engine was shut down.
+    Closed,
+    /// The writer thread panicked; the engine cannot serve any more requests.
+    WriterPanicked {
+        /// The panic message.
+        message: String,
+    },
+    /// Any other SQLite or I/O failure.
+    Storage(Arc<dyn std::error::Error + Send + Sync>),
+}
+
+impl Error {
+    /// True when the same call may succeed later without any change by the caller
+    /// (overload, a busy database, a full disk, an I/O error).
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            Error::Overloaded { .. } | Error::Busy | Error::DiskFull | Error::Storage(_)
+        )
+    }
+
+    /// True when the engine can never serve another request (closed, or its writer died).
+    pub fn is_closed(&self) -> bool {
+        matches!(self, Error::Closed | Error::WriterPanicked { .. })
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::InvalidKey { reason } => write!(f, "invalid idempotency key: {reason}"),
+            Error::InvalidScope { reason } => write!(f, "invalid scope: {reason}"),
+            Error::InvalidConfig { reason } => write!(f, "invalid engine configuration: {reason}"),
+            Error::NotADatabase { path } => {
+                write!(f, "{} is not an SQLite database", path.display())
+            }
+            Error::ReadOnly { path } => write!(
+                f,
+                "{} is read-only: the idempotency store needs write access to the file and its directory",
+                path.display()
+            ),
+            Error::SchemaTooNew { found, supported } => write!(
+                f,
+                "database schema version {found} is newer than this build supports ({supported}); upgrade idempotency-rs"
+            ),
+            Error::NotWal { actual } => write!(
+                f,
+                "could not switch the database to WAL journal mode (SQLite reports `{actual}`)"
+            ),
+            Error::Busy => write!(f, "the database is locked by another connection"),
+            Error::DiskFull => write!(f, "the database or disk is full"),
+            Error::Corrupt { detail } => write!(f, "corrupt idempotency record: {detail}"),
+            Error::TooLarge { detail } => write!(f, "value too large: {detail}"),
+            Error::LeaseLost => write!(
+                f,
+                "the lease lost its record to a newer holder (lock timeout passed); nothing was changed"
+            ),
+            Error::Overloaded { .. } => write!(f, "the idempotency engine is overloaded"),
+            Error::Closed => write!(f, "the idempotency engine is closed"),
+            Error::WriterPanicked { message } => {
+                write!(f, "the idempotency engine's writer thread panicked: {message}")
+            }
+            Error::Storage(e) => write!(f, "storage error: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Storage(e) => Some(&**e),
+            _ => None,
+        }
+    }
+}
+
+impl From<rusqlite::Error> for Error {
+    fn from(e: rusqlite::Error) -> Self {
+        use rusqlite::ErrorCode as C;
+        if let rusqlite::Error::SqliteFailure(f, _) = &e {
+            match f.code {
+                C::DiskFull => return Error::DiskFull,
+                C::DatabaseBusy | C::DatabaseLocked => return Error::Busy,
+                C::DatabaseCorrupt => {
+                    return Error::Corrupt {
+                        detail: e.to_string(),
+                    };
+                }
+                C::TooBig => {
+                    return Error::TooLarge {
+                        detail: e.to_string(),
+                    };
+                }
+                _ => {}
+            }
+        }
+        Error::Storage(Arc::new(e))
+    }
+}
+
+/// The crate's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,50 @@
+#![doc = include_str!("../docs/crate.md")]
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod clock;
+mod config;
+mod engine;
+mod error;
+mod fingerprint;
+mod key;
+mod response;
+mod storage;
+mod writer;
+
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use config::{Durability, EngineConfig};
+pub use engine::{ClaimOutcome, ClaimRequest, Engine, Lease};
+pub use error::{Error, Result};
+pub use fingerprint::Fingerprint;
+pub use key::{IdempotencyKey, MAX_KEY_LEN, MAX_SCOPE_LEN, validate_key, validate_scope};
+pub use response::{HeaderList, StoredResponse, decode_headers};
+
+#[cfg(test)]
+mod bounds {
+    use super::*;
+
+    fn send_sync<T: Send + Sync>() {}
+    fn send<T: Send>() {}
+
+    #[test]
+    fn public_types_are_thread_safe() {
+        send_sync::<Engine>();
+        send_sync::<Lease>();
+        send_sync::<Error>();
+        send_sync::<StoredResponse>();
+        send::<ClaimOutcome>();
+    }
+
+    #[test]
+    fn claim_async_future_is_send() {
+        fn is_send<F: std::future::Future + Send>(_: F) {}
+        let engine = Engine::open(EngineConfig::in_memory()).unwrap();
+        let key = IdempotencyKey::new("k").unwrap();
+        is_send(engine.claim_async(ClaimRequest::new(
+            "s",
+            key,
+            Fingerprint::of_request("POST", "/", b""),
+        )));
+    }
+}

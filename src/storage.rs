@@ -1,0 +1,425 @@
+//! Every SQL statement of the crate lives here, so a second backend only has to replace this
+//! module. The rest of the engine speaks in [`Decision`]s and plain values.
+
+use std::path::Path;
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+
+use crate::config::{Durability, EngineConfig, Location};
+use crate::error::{Error, Result};
+use crate::fingerprint::Fingerprint;
+use crate::response::{HeaderList, StoredResponse, decode_headers, encode_headers};
+
+/// The schema version this build writes (`PRAGMA user_version`).
+pub(crate) const SCHEMA_VERSION: i64 = 1;
+
+const STATE_IN_FLIGHT: i64 = 0;
+const STATE_COMPLETED: i64 = 1;
+
+const SCHEMA: &str = "
+CREATE TABLE idempotency_records (
+    id           BLOB    NOT NULL PRIMARY KEY, -- SHA-256 of (scope, key)
+    scope        TEXT    NOT NULL,             -- kept readable for operators
+    key          TEXT    NOT NULL,
+    fingerprint  BLOB    NOT NULL,             -- SHA-256 of the request
+    state        INTEGER NOT NULL,             -- 0 in flight, 1 completed
+    fence        INTEGER NOT NULL,             -- fencing token of the current lease
+    locked_until INTEGER NOT NULL,             -- ms since epoch; in flight only
+    expires_at   INTEGER NOT NULL,             -- ms since epoch; the record is absent from then on
+    created_at   INTEGER NOT NULL,
+    completed_at INTEGER,
+    status       INTEGER,
+    headers      BLOB,                         -- postcard-encoded [(name, value)]
+    body         BLOB,
+    trailers     BLOB                          -- NULL: no trailers
+) WITHOUT ROWID;
+CREATE INDEX idempotency_records_expiry ON idempotency_records (expires_at);
+CREATE TABLE idempotency_meta (
+    name  TEXT    NOT NULL PRIMARY KEY,
+    value INTEGER NOT NULL
+) WITHOUT ROWID;
+INSERT INTO idempotency_meta (name, value) VALUES ('fence', 0);
+";
+
+/// Opens the writer connection: WAL (checked), synchronous from the durability, schema created
+/// or checked.
+pub(crate) fn open_writer(config: &EngineConfig) -> Result<Connection> {
+    let conn = match &config.location {
+        Location::Memory => Connection::open_in_memory()?,
+        Location::File(path) => {
+            let conn = Connection::open_with_flags(
+                path,
+                OpenFlags::SQLITE_OPEN_READ_WRITE
+                    | OpenFlags::SQLITE_OPEN_CREATE
+                    | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            )
+            .map_err(|e| open_error(e, path))?;
+            if conn.is_readonly("main").map_err(|e| open_error(e, path))? {
+                return Err(Error::ReadOnly {
+                    path: path.to_path_buf(),
+                });
+            }
+            conn
+        }
+    };
+    let path = match &config.location {
+        Location::File(p) => p.as_path(),
+        Location::Memory => Path::new(":memory:"),
+    };
+    conn.busy_timeout(config.busy_timeout)?;
+    let mode: String = conn
+        .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))
+        .map_err(|e| open_error(e, path))?;
+    let wanted = if config.location == Location::Memory {
+        "memory"
+    } else {
+        "wal"
+    };
+    if !mode.eq_ignore_ascii_case(wanted) {
+        return Err(Error::NotWal { actual: mode });
+    }
+    set_synchronous(&conn, config.durability)?;
+    conn.pragma_update(None, "cache_size", -config.cache_size_kib)?;
+    conn.pragma_update(None, "temp_store", "MEMORY")?;
+    conn.set_prepared_statement_cache_capacity(32);
+    migrate(&conn).map_err(|e| open_error_any(e, path))?;
+    Ok(conn)
+}
+
+/// Opens a read-only connection to an existing WAL database.
+pub(crate) fn open_reader(path: &Path, config: &EngineConfig) -> Result<Connection> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|e| open_error(e, path))?;
+    conn.busy_timeout(config.busy_timeout)?;
+    conn.pragma_update(None, "cache_size", -(config.cache_size_kib / 4).max(1024))?;
+    conn.set_prepared_statement_cache_capacity(4);
+    Ok(conn)
+}
+
+/// Sets `synchronous` for the durability: FULL or NORMAL.
+pub(crate) fn set_synchronous(conn: &Connection, d: Durability) -> Result<()> {
+    let level = match d {
+        Durability::Full => "FULL",
+        Durability::Normal => "NORMAL",
+    };
+    conn.pragma_update(None, "synchronous", level)?;
+    Ok(())
+}
+
+fn open_error(e: rusqlite::Error, path: &Path) -> Error {
+    open_error_any(e.into(), path)
+}
+
+fn open_error_any(e: Error, path: &Path) -> Error {
+    if let Error::Storage(inner) = &e
+        && let Some(rusqlite::Error::SqliteFailure(f, _)) = inner.downcast_ref::<rusqlite::Error>()
+    {
+        use rusqlite::ErrorCode as C;
+        match f.code {
+            C::NotADatabase => {
+                return Error::NotADatabase {
+                    path: path.to_path_buf(),
+                };
+            }
+            C::ReadOnly | C::CannotOpen | C::PermissionDenied => {
+                return Error::ReadOnly {
+                    path: path.to_path_buf(),
+                };
+            }
+            _ => {}
+        }
+    }
+    e
+}
+
+fn migrate(conn: &Connection) -> Result<()> {
+    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    if version > SCHEMA_VERSION {
+        return Err(Error::SchemaTooNew {
+            found: version,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    if version == SCHEMA_VERSION {
+        // Check the tables really are ours: a foreign database with user_version 1 must not be
+        // written to.
+        let ok: i64 = conn.query_row(
+            "SELECT count(*) FROM sqlite_schema WHERE type = 'table' AND name IN ('idempotency_records', 'idempotency_meta')",
+            [],
+            |r| r.get(0),
+        )?;
+        if ok != 2 {
+            return Err(Error::Corrupt {
+                detail: "schema version 1 but the idempotency tables are missing".into(),
+            });
+        }
+        return Ok(());
+    }
+    let tx = conn.unchecked_transaction()?;
+    tx.execute_batch(SCHEMA)?;
+    tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+    tx.commit()?;
+    Ok(())
+}
+
+/// Reads the last fencing token handed out.
+pub(crate) fn load_fence(conn: &Connection) -> Result<u64> {
+    let v: i64 = conn.query_row(
+        "SELECT value FROM idempotency_meta WHERE name = 'fence'",
+        [],
+        |r| r.get(0),
+    )?;
+    Ok(v as u64)
+}
+
+/// Persists the last fencing token handed out (inside the writer's transaction).
+pub(crate) fn store_fence(conn: &Connection, fence: u64) -> Result<()> {
+    conn.prepare_cached("UPDATE idempotency_meta SET value = ?1 WHERE name = 'fence'")?
+        .execute([fence as i64])?;
+    Ok(())
+}
+
+pub(crate) fn begin(conn: &Connection) -> Result<()> {
+    conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
+    Ok(())
+}
+
+pub(crate) fn commit(conn: &Connection) -> Result<()> {
+    conn.prepare_cached("COMMIT")?.execute([])?;
+    Ok(())
+}
+
+/// Rolls back if a transaction is open; errors are ignored (SQLite may already have rolled back).
+pub(crate) fn rollback(conn: &Connection) {
+    if !conn.is_autocommit() {
+        let _ = conn.execute_batch("ROLLBACK");
+    }
+}
+
+/// Truncates the WAL (on shutdown).
+pub(crate) fn checkpoint(conn: &Connection) -> Result<()> {
+    conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+    Ok(())
+}
+
+/// What a claim found when it could not take the record.
+#[derive(Debug)]
+pub(crate) enum Decision {
+    Replay(StoredResponse),
+    InFlight { locked_until: i64 },
+    Mismatch,
+}
+
+/// The parameters of one claim.
+pub(crate) struct ClaimRow<'a> {
+    pub id: &'a [u8; 32],
+    pub scope: &'a str,
+    pub key: &'a str,
+    pub fingerprint: &'a Fingerprint,
+    pub fence: u64,
+    pub now: i64,
+    pub locked_until: i64,
+    pub expires_at: i64,
+}
+
+/// Tries to take the record with one `INSERT ... ON CONFLICT DO UPDATE ... WHERE`: it inserts
+/// when no record exists, and replaces one that has expired, or an in-flight one with the same
+/// fingerprint whose lock timed out (a takeover). Returns true when it took the record.
+pub(crate) fn try_claim(conn: &Connection, c: &ClaimRow<'_>) -> Result<bool> {
+    let n = conn
+        .prepare_cached(
+            "INSERT INTO idempotency_records
+                 (id, scope, key, fingerprint, state, fence, locked_until, expires_at, created_at)
+             VALUES (?1, ?2, ?3, ?4, 0, ?5, ?6, ?7, ?8)
+             ON CONFLICT (id) DO UPDATE SET
+                 scope = excluded.scope, key = excluded.key, fingerprint = excluded.fingerprint,
+                 state = 0, fence = excluded.fence, locked_until = excluded.locked_until,
+                 expires_at = excluded.expires_at, created_at = excluded.created_at,
+                 completed_at = NULL, status = NULL, headers = NULL, body = NULL, trailers = NULL
+             WHERE idempotency_records.expires_at <= excluded.created_at
+                OR (idempotency_records.state = 0
+                    AND idempotency_records.locked_until <= excluded.created_at
+                    AND idempotency_records.fingerprint = excluded.fingerprint)",
+        )?
+        .execute(params![
+            &c.id[..],
+            c.scope,
+            c.key,
+            &c.fingerprint.as_bytes()[..],
+            c.fence as i64,
+            c.locked_until,
+            c.expires_at,
+            c.now,
+        ])?;
+    Ok(n == 1)
+}
+
+/// Reads a live record and decides what a claim that could not take it gets. Mismatch is
+/// decided before in-flight. `None`: no live record (cannot happen right after a failed
+/// `try_claim` in the same transaction, but a reader may see it).
+pub(crate) fn inspect(
+    conn: &Connection,
+    id: &[u8; 32],
+    fingerprint: &Fingerprint,
+    now: i64,
+    completed_only: bool,
+) -> Result<Option<Decision>> {
+    let sql = if completed_only {
+        "SELECT fingerprint, state, locked_until, status, headers, body, trailers
+         FROM idempotency_records WHERE id = ?1 AND expires_at > ?2 AND state = 1"
+    } else {
+        "SELECT fingerprint, state, locked_until, status, headers, body, trailers
+         FROM idempotency_records WHERE id = ?1 AND expires_at > ?2"
+    };
+    let mut stmt = conn.prepare_cached(sql)?;
+    let raw = stmt
+        .query_row(params![&id[..], now], |r| {
+            Ok(RawRecord {
+                fingerprint: r.get(0)?,
+                state: r.get(1)?,
+                locked_until: r.get(2)?,
+                status: r.get(3)?,
+                headers: r.get(4)?,
+                body: r.get(5)?,
+                trailers: r.get(6)?,
+            })
+        })
+        .optional()
+        .map_err(column_error)?;
+    raw.map(|raw| raw.decide(fingerprint)).transpose()
+}
+
+/// A type or conversion failure while reading a row means the row is not what we wrote.
+fn column_error(e: rusqlite::Error) -> Error {
+    match e {
+        rusqlite::Error::FromSqlConversionFailure(..)
+        | rusqlite::Error::InvalidColumnType(..)
+        | rusqlite::Error::IntegralValueOutOfRange(..)
+        | rusqlite::Error::Utf8Error(..) => Error::Corrupt {
+            detail: e.to_string(),
+        },
+        e => e.into(),
+    }
+}
+
+struct RawRecord {
+    fingerprint: Vec<u8>,
+    state: i64,
+    locked_until: i64,
+    status: Option<i64>,
+    headers: Option<Vec<u8>>,
+    body: Option<Vec<u8>>,
+    trailers: Option<Vec<u8>>,
+}
+
+impl RawRecord {
+    fn decide(self, fingerprint: &Fingerprint) -> Result<Decision> {
+        if self.fingerprint.len() != 32 {
+            return Err(Error::Corrupt {
+                detail: format!("fingerprint of {} bytes", self.fingerprint.len()),
+            });
+        }
+        if self.fingerprint[..] != fingerprint.as_bytes()[..] {
+            return Ok(Decision::Mismatch);
+        }
+        match self.state {
+            STATE_IN_FLIGHT => Ok(Decision::InFlight {
+                locked_until: self.locked_until,
+            }),
+            STATE_COMPLETED => {
+                let status = self
+                    .status
+                    .and_then(|s| u16::try_from(s).ok())
+                    .ok_or_else(|| Error::Corrupt {
+                        detail: format!("completed record with status {:?}", self.status),
+                    })?;
+                let headers = match &self.headers {
+                    Some(h) => decode_headers(h)?,
+                    None => HeaderList::new(),
+                };
+                let trailers = self.trailers.as_deref().map(decode_headers).transpose()?;
+                Ok(Decision::Replay(StoredResponse {
+                    status,
+                    headers,
+                    body: self.body.unwrap_or_default(),
+                    trailers,
+                }))
+            }
+            s => Err(Error::Corrupt {
+                detail: format!("unknown record state {s}"),
+            }),
+        }
+    }
+}
+
+/// Stores the response of the lease `(id, fence)`. Returns false when the lease no longer owns
+/// an in-flight record (lost to a takeover, released, or expired and deleted).
+pub(crate) fn complete(
+    conn: &Connection,
+    id: &[u8; 32],
+    fence: u64,
+    response: &StoredResponse,
+    now: i64,
+    expires_at: i64,
+) -> Result<bool> {
+    let n = conn
+        .prepare_cached(
+            "UPDATE idempotency_records
+             SET state = 1, status = ?3, headers = ?4, body = ?5, trailers = ?6,
+                 completed_at = ?7, expires_at = ?8, locked_until = 0
+             WHERE id = ?1 AND fence = ?2 AND state = 0",
+        )?
+        .execute(params![
+            &id[..],
+            fence as i64,
+            response.status,
+            encode_headers(&response.headers),
+            &response.body,
+            response.trailers.as_ref().map(encode_headers),
+            now,
+            expires_at,
+        ])?;
+    Ok(n == 1)
+}
+
+/// Deletes the in-flight record of the lease `(id, fence)`. False when the lease lost it.
+pub(crate) fn release(conn: &Connection, id: &[u8; 32], fence: u64) -> Result<bool> {
+    let n = conn
+        .prepare_cached(
+            "DELETE FROM idempotency_records WHERE id = ?1 AND fence = ?2 AND state = 0",
+        )?
+        .execute(params![&id[..], fence as i64])?;
+    Ok(n == 1)
+}
+
+/// Moves the lock of the lease `(id, fence)` forward. False when the lease lost the record.
+pub(crate) fn extend(
+    conn: &Connection,
+    id: &[u8; 32],
+    fence: u64,
+    locked_until: i64,
+    expires_at: i64,
+) -> Result<bool> {
+    let n = conn
+        .prepare_cached(
+            "UPDATE idempotency_records
+             SET locked_until = ?3, expires_at = max(expires_at, ?4)
+             WHERE id = ?1 AND fence = ?2 AND state = 0",
+        )?
+        .execute(params![&id[..], fence as i64, locked_until, expires_at])?;
+    Ok(n == 1)
+}
+
+/// Deletes up to `limit` expired records; returns how many.
+pub(crate) fn delete_expired(conn: &Connection, now: i64, limit: usize) -> Result<usize> {
+    let n = conn
+        .prepare_cached(
+            "DELETE FROM idempotency_records WHERE id IN
+                 (SELECT id FROM idempotency_records WHERE expires_at <= ?1 LIMIT ?2)",
+        )?
+        .execute(params![now, limit as i64])?;
+    Ok(n)
+}

@@ -1,0 +1,515 @@
+//! The writer thread: owns the write connection, drains the command queues into batches and
+//! commits each batch as one transaction (group commit).
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Select, TryRecvError};
+use parking_lot::{Condvar, Mutex};
+use rusqlite::Connection;
+
+use crate::clock::Clock;
+use crate::config::{Durability, EngineConfig, Location};
+use crate::error::{Error, Result};
+use crate::fingerprint::Fingerprint;
+use crate::response::StoredResponse;
+use crate::storage::{self, ClaimRow, Decision};
+
+/// A claim, as the writer sees it.
+pub(crate) struct ClaimCmd {
+    pub id: [u8; 32],
+    pub scope: String,
+    pub key: String,
+    pub fingerprint: Fingerprint,
+    pub lock_ms: i64,
+    pub retention_ms: i64,
+    pub reply: oneshot::Sender<Result<ClaimReply>>,
+}
+
+/// The writer's answer to a claim.
+#[derive(Debug)]
+pub(crate) enum ClaimReply {
+    Claimed { fence: u64, locked_until: i64 },
+    Decided(Decision),
+}
+
+/// Commands of an existing lease (and control messages). They travel on an unbounded channel:
+/// admission control happens once, at the claim; an admitted lease is never refused its
+/// completion for lack of queue space, and there can be no more of them than live leases.
+pub(crate) enum LeaseCmd {
+    Complete {
+        id: [u8; 32],
+        fence: u64,
+        response: StoredResponse,
+        retention_ms: i64,
+        reply: oneshot::Sender<Result<()>>,
+    },
+    Release {
+        id: [u8; 32],
+        fence: u64,
+        reply: Option<oneshot::Sender<Result<()>>>,
+    },
+    Extend {
+        id: [u8; 32],
+        fence: u64,
+        lock_ms: i64,
+        retention_ms: i64,
+        reply: oneshot::Sender<Result<i64>>,
+    },
+    Shutdown(oneshot::Sender<()>),
+    #[cfg(feature = "fault-injection")]
+    Panic,
+}
+
+/// How the writer thread ended.
+#[derive(Debug, Clone)]
+pub(crate) enum Exit {
+    Clean,
+    Panicked(String),
+}
+
+/// State shared between the handles and the writer thread.
+#[derive(Debug, Default)]
+pub(crate) struct Shared {
+    exit: Mutex<Option<Exit>>,
+    exited: Condvar,
+}
+
+impl Shared {
+    fn set_exit(&self, exit: Exit) {
+        *self.exit.lock() = Some(exit);
+        self.exited.notify_all();
+    }
+
+    /// The error for a caller whose channel to the writer broke. A broken channel means the
+    /// writer is ending; wait (briefly) for it to say how, so a panic is never reported as a
+    /// plain close.
+    pub(crate) fn gone(&self) -> Error {
+        let mut exit = self.exit.lock();
+        if exit.is_none() {
+            self.exited
+                .wait_for(&mut exit, Duration::from_secs(5));
+        }
+        match &*exit {
+            Some(Exit::Panicked(message)) => Error::WriterPanicked {
+                message: message.clone(),
+            },
+            _ => Error::Closed,
+        }
+    }
+
+    /// The error to give at once when the writer has already ended.
+    pub(crate) fn ended(&self) -> Option<Error> {
+        match &*self.exit.lock() {
+            None => None,
+            Some(Exit::Clean) => Some(Error::Closed),
+            Some(Exit::Panicked(message)) => Some(Error::WriterPanicked {
+                message: message.clone(),
+            }),
+        }
+    }
+}
+
+/// Starts the writer thread on an opened connection.
+pub(crate) fn spawn(
+    conn: Connection,
+    config: &EngineConfig,
+    claims: Receiver<ClaimCmd>,
+    leases: Receiver<LeaseCmd>,
+    shared: Arc<Shared>,
+) -> Result<std::thread::JoinHandle<()>> {
+    let fence = storage::load_fence(&conn)?;
+    let writer = Writer {
+        conn,
+        claims,
+        leases,
+        clock: config.clock.clone(),
+        durability: config.durability,
+        sync_full: config.durability == Durability::Full,
+        checkpoint_on_exit: matches!(config.location, Location::File(_)),
+        max_batch: config.max_batch,
+        cleanup_interval: config.cleanup_interval,
+        cleanup_batch: config.cleanup_batch,
+        next_cleanup: Instant::now() + config.cleanup_interval,
+        fence,
+        persisted_fence: fence,
+        requeued: Vec::new(),
+    };
+    std::thread::Builder::new()
+        .name("idempotency-writer".into())
+        .spawn(move || {
+            let result = catch_unwind(AssertUnwindSafe(move || writer.run()));
+            let exit = match result {
+                Ok(()) => Exit::Clean,
+                Err(payload) => Exit::Panicked(
+                    payload
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| payload.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "unknown panic".into()),
+                ),
+            };
+            shared.set_exit(exit);
+        })
+        .map_err(|e| Error::Storage(Arc::new(e)))
+}
+
+struct Writer {
+    conn: Connection,
+    claims: Receiver<ClaimCmd>,
+    leases: Receiver<LeaseCmd>,
+    clock: Arc<dyn Clock>,
+    durability: Durability,
+    /// The `synchronous` setting the connection has now (true: FULL).
+    sync_full: bool,
+    checkpoint_on_exit: bool,
+    max_batch: usize,
+    cleanup_interval: Duration,
+    cleanup_batch: usize,
+    next_cleanup: Instant,
+    /// The last fencing token handed out, and the last one written to `idempotency_meta`.
+    fence: u64,
+    persisted_fence: u64,
+    /// Releases of claims whose caller went away before the answer arrived.
+    requeued: Vec<LeaseCmd>,
+}
+
+/// One command of a batch, with what its caller will be told.
+enum Pending {
+    Claim(ClaimCmd, Option<Result<ClaimReply>>),
+    Lease(LeaseCmd, Option<Result<i64>>),
+}
+
+impl Writer {
+    fn run(mut self) {
+        let mut shutdown = None;
+        let mut disconnected = false;
+        loop {
+            let mut batch = Vec::new();
+            batch.extend(self.requeued.drain(..).map(|c| Pending::Lease(c, None)));
+            if batch.is_empty() {
+                match self.wait() {
+                    Ok(first) => batch.push(first),
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => disconnected = true,
+                }
+            }
+            self.drain(&mut batch, &mut disconnected);
+            for p in &mut batch {
+                if let Pending::Lease(LeaseCmd::Shutdown(_), _) = p {
+                    disconnected = true;
+                }
+            }
+            if disconnected {
+                // Take everything still queued: nothing a caller sent before the end is lost.
+                self.drain_all(&mut batch);
+            }
+            let mut rest = Vec::with_capacity(batch.len());
+            for p in batch {
+                match p {
+                    Pending::Lease(LeaseCmd::Shutdown(ack), _) => shutdown = Some(ack),
+                    #[cfg(feature = "fault-injection")]
+                    Pending::Lease(LeaseCmd::Panic, _) => {
+                        panic!("injected writer panic (fault-injection feature)")
+                    }
+                    p => rest.push(p),
+                }
+            }
+            self.process(rest);
+            if disconnected && self.requeued.is_empty() {
+                break;
+            }
+            if Instant::now() >= self.next_cleanup {
+                self.cleanup();
+            }
+        }
+        if self.checkpoint_on_exit {
+            let _ = storage::checkpoint(&self.conn);
+        }
+        if let Some(ack) = shutdown {
+            let _ = ack.send(());
+        }
+    }
+
+    /// Waits for the first command, or until the next cleanup is due.
+    fn wait(&self) -> Result<Pending, RecvTimeoutError> {
+        let timeout = self.next_cleanup.saturating_duration_since(Instant::now());
+        let mut sel = Select::new();
+        let c = sel.recv(&self.claims);
+        let l = sel.recv(&self.leases);
+        let op = sel.select_timeout(timeout).map_err(|_| RecvTimeoutError::Timeout)?;
+        match op.index() {
+            i if i == c => op
+                .recv(&self.claims)
+                .map(|m| Pending::Claim(m, None))
+                .map_err(|_| RecvTimeoutError::Disconnected),
+            i if i == l => op
+                .recv(&self.leases)
+                .map(|m| Pending::Lease(m, None))
+                .map_err(|_| RecvTimeoutError::Disconnected),
+            _ => unreachable!("select returned an operation that was not registered"),
+        }
+    }
+
+    /// Adds whatever is queued, up to the batch limit. Lease commands first: they finish work
+    /// already admitted.
+    fn drain(&self, batch: &mut Vec<Pending>, disconnected: &mut bool) {
+        while batch.len() < self.max_batch {
+            match self.leases.try_recv() {
+                Ok(m) => batch.push(Pending::Lease(m, None)),
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    *disconnected = true;
+                    break;
+                }
+            }
+        }
+        while batch.len() < self.max_batch {
+            match self.claims.try_recv() {
+                Ok(m) => batch.push(Pending::Claim(m, None)),
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    *disconnected = true;
+                    break;
+                }
+            }
+        }
+    }
+
+    fn drain_all(&self, batch: &mut Vec<Pending>) {
+        batch.extend(self.leases.try_iter().map(|m| Pending::Lease(m, None)));
+        batch.extend(self.claims.try_iter().map(|m| Pending::Claim(m, None)));
+    }
+
+    /// Commits a batch. With [`Durability::Full`], claims, releases and extensions go in one
+    /// transaction committed without `fsync` and are answered at once; completions go in a
+    /// second transaction committed with `fsync`. See the crate docs, *Design*.
+    fn process(&mut self, batch: Vec<Pending>) {
+        if batch.is_empty() {
+            return;
+        }
+        match self.durability {
+            Durability::Normal => self.run_phase(batch, false),
+            Durability::Full => {
+                let (heavy, light): (Vec<_>, Vec<_>) = batch.into_iter().partition(|p| {
+                    matches!(p, Pending::Lease(LeaseCmd::Complete { .. }, _))
+                });
+                self.run_phase(light, false);
+                self.run_phase(heavy, true);
+            }
+        }
+    }
+
+    fn set_sync(&mut self, full: bool) -> Result<()> {
+        if self.sync_full != full {
+            storage::set_synchronous(
+                &self.conn,
+                if full {
+                    Durability::Full
+                } else {
+                    Durability::Normal
+                },
+            )?;
+            self.sync_full = full;
+        }
+        Ok(())
+    }
+
+    fn run_phase(&mut self, mut batch: Vec<Pending>, full: bool) {
+        if batch.is_empty() {
+            return;
+        }
+        if let Err(e) = self.set_sync(full).and_then(|()| storage::begin(&self.conn)) {
+            return self.fail_all(batch, e);
+        }
+        let now = self.clock.now_ms();
+        for p in &mut batch {
+            let aborted = match p {
+                Pending::Claim(cmd, out) => {
+                    let r = self.exec_claim(cmd, now);
+                    let aborted = r.is_err() && self.conn.is_autocommit();
+                    *out = Some(r);
+                    aborted
+                }
+                Pending::Lease(cmd, out) => {
+                    let r = self.exec_lease(cmd, now);
+                    let aborted = r.is_err() && self.conn.is_autocommit();
+                    *out = Some(r);
+                    aborted
+                }
+            };
+            if aborted {
+                // SQLite rolled the whole transaction back (disk full, I/O error): every
+                // command of the phase failed, including those that had succeeded.
+                let e = match p {
+                    Pending::Claim(_, Some(Err(e))) => e.clone(),
+                    Pending::Lease(_, Some(Err(e))) => e.clone(),
+                    _ => Error::DiskFull,
+                };
+                return self.fail_all(batch, e);
+            }
+        }
+        let fence = self.fence;
+        let finish = (|| {
+            if fence != self.persisted_fence {
+                storage::store_fence(&self.conn, fence)?;
+            }
+            storage::commit(&self.conn)
+        })();
+        if let Err(e) = finish {
+            storage::rollback(&self.conn);
+            return self.fail_all(batch, e);
+        }
+        self.persisted_fence = fence;
+        for p in batch {
+            self.answer(p);
+        }
+    }
+
+    fn fail_all(&mut self, batch: Vec<Pending>, e: Error) {
+        storage::rollback(&self.conn);
+        for p in batch {
+            match p {
+                Pending::Claim(cmd, _) => {
+                    let _ = cmd.reply.send(Err(e.clone()));
+                }
+                Pending::Lease(cmd, _) => self.answer_lease(cmd, Err(e.clone())),
+            }
+        }
+    }
+
+    fn answer(&mut self, p: Pending) {
+        match p {
+            Pending::Claim(cmd, out) => {
+                let out = out.unwrap_or(Err(Error::Closed));
+                let won = match &out {
+                    Ok(ClaimReply::Claimed { fence, .. }) => Some(*fence),
+                    _ => None,
+                };
+                // The caller went away (an async claim whose future was dropped). If it had won
+                // the record, free it now instead of leaving it locked until the timeout.
+                if cmd.reply.send(out).is_err()
+                    && let Some(fence) = won
+                {
+                    self.requeued.push(LeaseCmd::Release {
+                        id: cmd.id,
+                        fence,
+                        reply: None,
+                    });
+                }
+            }
+            Pending::Lease(cmd, out) => self.answer_lease(cmd, out.unwrap_or(Err(Error::Closed))),
+        }
+    }
+
+    fn answer_lease(&mut self, cmd: LeaseCmd, out: Result<i64>) {
+        match cmd {
+            LeaseCmd::Complete { reply, .. } => {
+                let _ = reply.send(out.map(|_| ()));
+            }
+            LeaseCmd::Release { reply, .. } => {
+                if let Some(reply) = reply {
+                    let _ = reply.send(out.map(|_| ()));
+                }
+            }
+            LeaseCmd::Extend { reply, .. } => {
+                let _ = reply.send(out);
+            }
+            LeaseCmd::Shutdown(_) => {}
+            #[cfg(feature = "fault-injection")]
+            LeaseCmd::Panic => {}
+        }
+    }
+
+    fn exec_claim(&mut self, c: &ClaimCmd, now: i64) -> Result<ClaimReply> {
+        let fence = self.fence + 1;
+        let locked_until = now.saturating_add(c.lock_ms);
+        let row = ClaimRow {
+            id: &c.id,
+            scope: &c.scope,
+            key: &c.key,
+            fingerprint: &c.fingerprint,
+            fence,
+            now,
+            locked_until,
+            expires_at: locked_until.saturating_add(c.retention_ms),
+        };
+        if storage::try_claim(&self.conn, &row)? {
+            self.fence = fence;
+            return Ok(ClaimReply::Claimed {
+                fence,
+                locked_until,
+            });
+        }
+        match storage::inspect(&self.conn, &c.id, &c.fingerprint, now, false)? {
+            Some(d) => Ok(ClaimReply::Decided(d)),
+            None => Err(Error::Corrupt {
+                detail: "a record blocked the claim but cannot be read back".into(),
+            }),
+        }
+    }
+
+    fn exec_lease(&mut self, cmd: &LeaseCmd, now: i64) -> Result<i64> {
+        let owned = match cmd {
+            LeaseCmd::Complete {
+                id,
+                fence,
+                response,
+                retention_ms,
+                ..
+            } => storage::complete(
+                &self.conn,
+                id,
+                *fence,
+                response,
+                now,
+                now.saturating_add(*retention_ms),
+            )?,
+            LeaseCmd::Release { id, fence, .. } => storage::release(&self.conn, id, *fence)?,
+            LeaseCmd::Extend {
+                id,
+                fence,
+                lock_ms,
+                retention_ms,
+                ..
+            } => {
+                let until = now.saturating_add(*lock_ms);
+                return if storage::extend(
+                    &self.conn,
+                    id,
+                    *fence,
+                    until,
+                    until.saturating_add(*retention_ms),
+                )? {
+                    Ok(until)
+                } else {
+                    Err(Error::LeaseLost)
+                };
+            }
+            LeaseCmd::Shutdown(_) => true,
+            #[cfg(feature = "fault-injection")]
+            LeaseCmd::Panic => true,
+        };
+        if owned { Ok(now) } else { Err(Error::LeaseLost) }
+    }
+
+    fn cleanup(&mut self) {
+        let now = self.clock.now_ms();
+        let deleted = self.set_sync(false).and_then(|()| {
+            storage::begin(&self.conn)?;
+            let n = storage::delete_expired(&self.conn, now, self.cleanup_batch)?;
+            storage::commit(&self.conn)?;
+            Ok(n)
+        });
+        match deleted {
+            // A full batch: there may be more; go on right after the next commands.
+            Ok(n) if n >= self.cleanup_batch => self.next_cleanup = Instant::now(),
+            Ok(_) => self.next_cleanup = Instant::now() + self.cleanup_interval,
+            Err(_) => {
+                storage::rollback(&self.conn);
+                self.next_cleanup = Instant::now() + self.cleanup_interval;
+            }
+        }
+    }
+}
