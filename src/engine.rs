@@ -96,7 +96,9 @@ impl ClaimOutcome {
             Decision::Mismatch => ClaimOutcome::Mismatch,
             Decision::InFlight { locked_until } => ClaimOutcome::InFlight {
                 retry_after: Duration::from_millis(
-                    u64::try_from(locked_until.saturating_sub(now)).unwrap_or(0).max(1),
+                    u64::try_from(locked_until.saturating_sub(now))
+                        .unwrap_or(0)
+                        .max(1),
                 ),
             },
         }

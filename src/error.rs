@@ -133,7 +133,10 @@ impl fmt::Display for Error {
             Error::Overloaded { .. } => write!(f, "the idempotency engine is overloaded"),
             Error::Closed => write!(f, "the idempotency engine is closed"),
             Error::WriterPanicked { message } => {
-                write!(f, "the idempotency engine's writer thread panicked: {message}")
+                write!(
+                    f,
+                    "the idempotency engine's writer thread panicked: {message}"
+                )
             }
             Error::Storage(e) => write!(f, "storage error: {e}"),
         }

@@ -8,6 +8,7 @@ mod engine;
 mod error;
 mod fingerprint;
 mod key;
+mod middleware;
 mod response;
 mod storage;
 mod writer;
@@ -18,7 +19,22 @@ pub use engine::{ClaimOutcome, ClaimRequest, Engine, Lease};
 pub use error::{Error, Result};
 pub use fingerprint::Fingerprint;
 pub use key::{IdempotencyKey, MAX_KEY_LEN, MAX_SCOPE_LEN, validate_key, validate_scope};
+pub use middleware::{
+    BoxError, IdempotencyMiddleware, ProcessError, ProcessedResponse, SqliteIdempotencyStore,
+    parse_url,
+};
 pub use response::{HeaderList, StoredResponse, decode_headers};
+
+#[path = "../shims/http/mod.rs"]
+pub mod http;
+
+#[cfg(feature = "axum-integration")]
+#[path = "../shims/axum/mod.rs"]
+pub mod axum_integration;
+
+#[cfg(feature = "tonic-integration")]
+#[path = "../shims/tonic/mod.rs"]
+pub mod tonic_integration;
 
 #[cfg(test)]
 mod bounds {

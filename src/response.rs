@@ -59,7 +59,11 @@ struct Wire<'a>(#[serde(borrow)] Vec<(&'a str, &'a [u8])>);
 /// Encodes a header list for its column: postcard (a documented, maintained, compact format)
 /// over a sequence of (name, value) pairs.
 pub(crate) fn encode_headers(list: &HeaderList) -> Vec<u8> {
-    let wire = Wire(list.iter().map(|(n, v)| (n.as_str(), v.as_slice())).collect());
+    let wire = Wire(
+        list.iter()
+            .map(|(n, v)| (n.as_str(), v.as_slice()))
+            .collect(),
+    );
     // Serialising borrowed strings and byte slices into a Vec cannot fail.
     postcard::to_stdvec(&wire).unwrap_or_default()
 }
@@ -100,7 +104,11 @@ mod tests {
 
     #[test]
     fn garbage_is_corrupt_not_panic() {
-        for bad in [&b"\xff\xff\xff\xff\xff"[..], b"\x01\x05ab", b"\x01\x02\xc3\x28\x00"] {
+        for bad in [
+            &b"\xff\xff\xff\xff\xff"[..],
+            b"\x01\x05ab",
+            b"\x01\x02\xc3\x28\x00",
+        ] {
             assert!(matches!(decode_headers(bad), Err(Error::Corrupt { .. })));
         }
         let mut ok = encode_headers(&vec![("a".into(), b"b".to_vec())]);

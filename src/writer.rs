@@ -88,8 +88,7 @@ impl Shared {
     pub(crate) fn gone(&self) -> Error {
         let mut exit = self.exit.lock();
         if exit.is_none() {
-            self.exited
-                .wait_for(&mut exit, Duration::from_secs(5));
+            self.exited.wait_for(&mut exit, Duration::from_secs(5));
         }
         match &*exit {
             Some(Exit::Panicked(message)) => Error::WriterPanicked {
@@ -238,7 +237,9 @@ impl Writer {
         let mut sel = Select::new();
         let c = sel.recv(&self.claims);
         let l = sel.recv(&self.leases);
-        let op = sel.select_timeout(timeout).map_err(|_| RecvTimeoutError::Timeout)?;
+        let op = sel
+            .select_timeout(timeout)
+            .map_err(|_| RecvTimeoutError::Timeout)?;
         match op.index() {
             i if i == c => op
                 .recv(&self.claims)
@@ -292,9 +293,9 @@ impl Writer {
         match self.durability {
             Durability::Normal => self.run_phase(batch, false),
             Durability::Full => {
-                let (heavy, light): (Vec<_>, Vec<_>) = batch.into_iter().partition(|p| {
-                    matches!(p, Pending::Lease(LeaseCmd::Complete { .. }, _))
-                });
+                let (heavy, light): (Vec<_>, Vec<_>) = batch
+                    .into_iter()
+                    .partition(|p| matches!(p, Pending::Lease(LeaseCmd::Complete { .. }, _)));
                 self.run_phase(light, false);
                 self.run_phase(heavy, true);
             }
@@ -320,7 +321,10 @@ impl Writer {
         if batch.is_empty() {
             return;
         }
-        if let Err(e) = self.set_sync(full).and_then(|()| storage::begin(&self.conn)) {
+        if let Err(e) = self
+            .set_sync(full)
+            .and_then(|()| storage::begin(&self.conn))
+        {
             return self.fail_all(batch, e);
         }
         let now = self.clock.now_ms();
@@ -491,7 +495,11 @@ impl Writer {
             #[cfg(feature = "fault-injection")]
             LeaseCmd::Panic => true,
         };
-        if owned { Ok(now) } else { Err(Error::LeaseLost) }
+        if owned {
+            Ok(now)
+        } else {
+            Err(Error::LeaseLost)
+        }
     }
 
     fn cleanup(&mut self) {

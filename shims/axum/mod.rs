@@ -1,0 +1,518 @@
+//! Axum (and any tower HTTP service) integration: [`IdempotencyLayer`].
+//!
+//! The layer answers every case of the shared contract ([`crate::http`]): it buffers the
+//! request body through a limit (413 over it), claims the key through
+//! [`Engine::claim_async`](crate::Engine::claim_async) (never blocking the runtime), runs the
+//! inner service, buffers the response through a limit, completes or releases the key, and
+//! only then lets the response go. Its own rejections are `application/problem+json`
+//! responses; the service's error type stays the inner one.
+//!
+//! If the client disconnects, hyper drops the request future, which drops the lease and
+//! releases the key (the lock timeout is the backstop).
+//!
+//! ```no_run
+//! use axum::{Router, routing::post};
+//! use idempotency_rs::{SqliteIdempotencyStore, axum_integration::idempotency_layer};
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let store = SqliteIdempotencyStore::new("sqlite:idempotency.db").await?;
+//! let app: Router = Router::new()
+//!     .route("/orders", post(|| async { "created" }))
+//!     .layer(idempotency_layer(&store).scope_header("x-user-id"));
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
+//! axum::serve(listener, app).await?;
+//! # Ok(()) }
+//! ```
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::body::Body;
+use bytes::{Bytes, BytesMut};
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, request::Parts};
+use http_body_util::{BodyExt, Limited};
+use tower::{Layer, Service};
+
+use crate::http::{
+    Begin, Config, Contract, Finished, KEY_HEADER, KeyPolicy, Problem, STORED_HEADER,
+    store_unavailable,
+};
+use crate::{Engine, Error, HeaderList, SqliteIdempotencyStore, StoredResponse};
+
+type ScopeFn = Arc<dyn Fn(&Parts) -> Option<String> + Send + Sync>;
+
+/// A tower [`Layer`] that makes the wrapped HTTP service idempotent. Cheap to clone.
+///
+/// Configure it with the chained setters; the defaults are the contract's: UUID keys,
+/// optional, POST and PATCH covered, 1 MiB request and response limits, one shared scope.
+#[derive(Clone)]
+pub struct IdempotencyLayer {
+    config: Config,
+    engine: Engine,
+    scope_fn: Option<ScopeFn>,
+}
+
+/// A layer over `store` with the default settings (see [`IdempotencyLayer`]).
+pub fn idempotency_layer(store: impl Into<Engine>) -> IdempotencyLayer {
+    IdempotencyLayer::new(store)
+}
+
+impl From<SqliteIdempotencyStore> for Engine {
+    fn from(store: SqliteIdempotencyStore) -> Engine {
+        store.engine().clone()
+    }
+}
+
+impl From<&SqliteIdempotencyStore> for Engine {
+    fn from(store: &SqliteIdempotencyStore) -> Engine {
+        store.engine().clone()
+    }
+}
+
+impl From<&Engine> for Engine {
+    fn from(engine: &Engine) -> Engine {
+        engine.clone()
+    }
+}
+
+impl fmt::Debug for IdempotencyLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IdempotencyLayer")
+            .field("config", &self.config)
+            .field("scope_fn", &self.scope_fn.is_some())
+            .finish()
+    }
+}
+
+impl IdempotencyLayer {
+    /// A layer over an engine (or a store) with the default settings.
+    pub fn new(engine: impl Into<Engine>) -> Self {
+        IdempotencyLayer {
+            config: Config::default(),
+            engine: engine.into(),
+            scope_fn: None,
+        }
+    }
+
+    /// Replaces all shared settings at once.
+    pub fn config(mut self, config: Config) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// See [`Config::key_policy`].
+    pub fn key_policy(mut self, policy: KeyPolicy) -> Self {
+        self.config = self.config.key_policy(policy);
+        self
+    }
+
+    /// See [`Config::require_key`].
+    pub fn require_key(mut self, required: bool) -> Self {
+        self.config = self.config.require_key(required);
+        self
+    }
+
+    /// See [`Config::methods`].
+    pub fn methods<I, S>(mut self, methods: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        self.config = self.config.methods(methods);
+        self
+    }
+
+    /// See [`Config::max_request_bytes`].
+    pub fn max_request_bytes(mut self, limit: usize) -> Self {
+        self.config = self.config.max_request_bytes(limit);
+        self
+    }
+
+    /// See [`Config::max_response_bytes`].
+    pub fn max_response_bytes(mut self, limit: usize) -> Self {
+        self.config = self.config.max_response_bytes(limit);
+        self
+    }
+
+    /// See [`Config::canonicalize_json`].
+    pub fn canonicalize_json(mut self, on: bool) -> Self {
+        self.config = self.config.canonicalize_json(on);
+        self
+    }
+
+    /// See [`Config::store_when`].
+    pub fn store_when(mut self, predicate: impl Fn(u16) -> bool + Send + Sync + 'static) -> Self {
+        self.config = self.config.store_when(predicate);
+        self
+    }
+
+    /// See [`Config::lock_timeout`].
+    pub fn lock_timeout(mut self, timeout: Duration) -> Self {
+        self.config = self.config.lock_timeout(timeout);
+        self
+    }
+
+    /// See [`Config::retention`].
+    pub fn retention(mut self, retention: Duration) -> Self {
+        self.config = self.config.retention(retention);
+        self
+    }
+
+    /// Takes the scope from a request header (see [`Config::scope_header`]). Only as
+    /// trustworthy as the client that sets it.
+    pub fn scope_header(mut self, name: impl Into<String>) -> Self {
+        self.config = self.config.scope_header(name);
+        self
+    }
+
+    /// Takes the scope from the request, typically from an extension an authentication layer
+    /// put there. `None` answers 400 `scope-missing`. Overrides [`Self::scope_header`].
+    ///
+    /// ```
+    /// # use idempotency_rs::{Engine, EngineConfig, axum_integration::IdempotencyLayer};
+    /// #[derive(Clone)]
+    /// struct User(String);
+    /// # let engine = Engine::open(EngineConfig::in_memory()).unwrap();
+    /// let layer = IdempotencyLayer::new(&engine)
+    ///     .scope_fn(|parts| parts.extensions.get::<User>().map(|u| u.0.clone()));
+    /// # let _ = layer;
+    /// ```
+    pub fn scope_fn(
+        mut self,
+        f: impl Fn(&Parts) -> Option<String> + Send + Sync + 'static,
+    ) -> Self {
+        self.scope_fn = Some(Arc::new(f));
+        self
+    }
+}
+
+impl<S> Layer<S> for IdempotencyLayer {
+    type Service = IdempotencyService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        IdempotencyService {
+            inner,
+            contract: Contract::new(self.engine.clone(), self.config.clone()),
+            scope_fn: self.scope_fn.clone(),
+        }
+    }
+}
+
+/// The service made by [`IdempotencyLayer`].
+#[derive(Clone)]
+pub struct IdempotencyService<S> {
+    inner: S,
+    contract: Contract,
+    scope_fn: Option<ScopeFn>,
+}
+
+impl<S: fmt::Debug> fmt::Debug for IdempotencyService<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IdempotencyService")
+            .field("inner", &self.inner)
+            .field("config", self.contract.config())
+            .finish()
+    }
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for IdempotencyService<S>
+where
+    S: Service<Request<Body>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ReqBody: http_body::Body<Data = Bytes> + Send + 'static,
+    ReqBody::Error: Into<BoxError>,
+    ResBody: http_body::Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Into<BoxError>,
+{
+    type Response = Response<Body>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        // The inner service was driven to readiness: move that one into the future and leave
+        // a fresh clone behind (tower's "be careful when cloning inner services").
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        let contract = self.contract.clone();
+        let scope_fn = self.scope_fn.clone();
+        Box::pin(handle(inner, contract, scope_fn, req))
+    }
+}
+
+async fn handle<S, ReqBody, ResBody>(
+    mut inner: S,
+    contract: Contract,
+    scope_fn: Option<ScopeFn>,
+    req: Request<ReqBody>,
+) -> Result<Response<Body>, S::Error>
+where
+    S: Service<Request<Body>, Response = Response<ResBody>>,
+    ReqBody: http_body::Body<Data = Bytes> + Send + 'static,
+    ReqBody::Error: Into<BoxError>,
+    ResBody: http_body::Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Into<BoxError>,
+{
+    let (parts, body) = req.into_parts();
+    if !contract.covers(parts.method.as_str()) {
+        return pass_through(inner, parts, body).await;
+    }
+    let keys: Vec<&[u8]> = parts
+        .headers
+        .get_all(KEY_HEADER)
+        .iter()
+        .map(HeaderValue::as_bytes)
+        .collect();
+    let key = match contract.parse_key(&keys) {
+        Err(problem) => return Ok(problem_response(&problem)),
+        Ok(None) => return pass_through(inner, parts, body).await,
+        Ok(Some(key)) => key,
+    };
+    let scope = match &scope_fn {
+        Some(f) => match f(&parts) {
+            Some(s) => s,
+            None => return Ok(problem_response(&contract.scope_missing())),
+        },
+        None => {
+            let name = contract.config().scope_header_name().unwrap_or("");
+            let values: Vec<&[u8]> = if name.is_empty() {
+                Vec::new()
+            } else {
+                parts
+                    .headers
+                    .get_all(name)
+                    .iter()
+                    .map(HeaderValue::as_bytes)
+                    .collect()
+            };
+            match contract.scope_from_header(&values) {
+                Ok(scope) => scope.unwrap_or_default(),
+                Err(problem) => return Ok(problem_response(&problem)),
+            }
+        }
+    };
+    let limit = contract.config().request_limit();
+    if body.size_hint().lower() > limit as u64 {
+        return Ok(problem_response(&contract.body_too_large()));
+    }
+    let bytes = match Limited::new(body, limit).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            return Ok(problem_response(&contract.body_too_large()));
+        }
+        Err(_) => {
+            return Ok(plain(
+                StatusCode::BAD_REQUEST,
+                "the request body could not be read",
+            ));
+        }
+    };
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or_else(|| parts.uri.path(), |pq| pq.as_str());
+    let content_type = parts
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .map(HeaderValue::as_bytes);
+    let begin = contract
+        .begin(
+            scope,
+            key,
+            parts.method.as_str(),
+            path,
+            content_type,
+            &bytes,
+        )
+        .await;
+    let pending = match begin {
+        Begin::Replay(stored) => return Ok(stored_response(stored)),
+        Begin::Reject(problem) => return Ok(problem_response(&problem)),
+        Begin::Run(pending) => pending,
+    };
+    // From here until `finish`, an error, a panic or a dropped future drops `pending`, which
+    // releases the key.
+    let response = inner
+        .call(Request::from_parts(parts, Body::from(bytes)))
+        .await?;
+    let (mut rparts, rbody) = response.into_parts();
+    let status = rparts.status.as_u16();
+    let headers = header_list(&rparts.headers);
+    match buffer(Box::pin(rbody), contract.config().response_limit()).await {
+        Buffered::Whole(body) => {
+            let outcome = pending.finish(status, &headers, &body).await;
+            mark_unstored(&mut rparts.headers, &outcome);
+            Ok(Response::from_parts(rparts, Body::from(body)))
+        }
+        Buffered::TooLarge { prefix, rest } => {
+            let outcome = pending.finish_oversized(status).await;
+            mark_unstored(&mut rparts.headers, &outcome);
+            let body = Prefixed {
+                prefix: prefix.into(),
+                rest,
+            };
+            Ok(Response::from_parts(rparts, Body::new(body)))
+        }
+        Buffered::Failed => {
+            drop(pending);
+            Ok(plain(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the response body failed while it was being produced",
+            ))
+        }
+    }
+}
+
+async fn pass_through<S, ReqBody, ResBody>(
+    mut inner: S,
+    parts: Parts,
+    body: ReqBody,
+) -> Result<Response<Body>, S::Error>
+where
+    S: Service<Request<Body>, Response = Response<ResBody>>,
+    ReqBody: http_body::Body<Data = Bytes> + Send + 'static,
+    ReqBody::Error: Into<BoxError>,
+    ResBody: http_body::Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Into<BoxError>,
+{
+    let response = inner
+        .call(Request::from_parts(parts, Body::new(body)))
+        .await?;
+    Ok(response.map(Body::new))
+}
+
+fn mark_unstored(headers: &mut HeaderMap, outcome: &Finished) {
+    if let Finished::Failed(e) = outcome {
+        tracing::warn!(error = %e, "idempotency: the response was sent but could not be stored");
+        headers.insert(
+            HeaderName::from_static(STORED_HEADER),
+            HeaderValue::from_static("false"),
+        );
+    }
+}
+
+enum Buffered<B> {
+    Whole(Bytes),
+    TooLarge { prefix: Vec<Bytes>, rest: B },
+    Failed,
+}
+
+/// Reads the body until it ends or passes `limit` bytes. Trailers of an HTTP response are not
+/// kept (HTTP/1.1 clients rarely see them); gRPC has its own layer that keeps them.
+async fn buffer<B>(mut body: B, limit: usize) -> Buffered<B>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+{
+    let mut chunks: Vec<Bytes> = Vec::new();
+    let mut size = 0usize;
+    loop {
+        match body.frame().await {
+            None => break,
+            Some(Err(_)) => return Buffered::Failed,
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    size += data.len();
+                    chunks.push(data);
+                    if size > limit {
+                        return Buffered::TooLarge {
+                            prefix: chunks,
+                            rest: body,
+                        };
+                    }
+                }
+            }
+        }
+    }
+    Buffered::Whole(match chunks.len() {
+        0 => Bytes::new(),
+        1 => chunks.pop().unwrap_or_default(),
+        _ => {
+            let mut all = BytesMut::with_capacity(size);
+            for c in chunks {
+                all.extend_from_slice(&c);
+            }
+            all.freeze()
+        }
+    })
+}
+
+/// The buffered start of an over-limit body, followed by the rest of it, unbuffered.
+struct Prefixed<B> {
+    prefix: std::collections::VecDeque<Bytes>,
+    rest: B,
+}
+
+impl<B> http_body::Body for Prefixed<B>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        if let Some(chunk) = self.prefix.pop_front() {
+            return Poll::Ready(Some(Ok(http_body::Frame::data(chunk))));
+        }
+        Pin::new(&mut self.rest)
+            .poll_frame(cx)
+            .map(|f| f.map(|r| r.map_err(Into::into)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.prefix.is_empty() && self.rest.is_end_stream()
+    }
+}
+
+fn header_list(headers: &HeaderMap) -> HeaderList {
+    headers
+        .iter()
+        .map(|(n, v)| (n.as_str().to_owned(), v.as_bytes().to_vec()))
+        .collect()
+}
+
+/// Builds a response from a stored one. Names or values that are not valid HTTP (a corrupt
+/// or foreign record) are skipped rather than failing the replay.
+pub(crate) fn stored_response(stored: StoredResponse) -> Response<Body> {
+    let Ok(status) = StatusCode::from_u16(stored.status) else {
+        return problem_response(&store_unavailable(&Error::Corrupt {
+            detail: format!("stored status {}", stored.status),
+        }));
+    };
+    let mut response = Response::new(Body::from(stored.body));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    for (name, value) in stored.headers {
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_bytes(&value),
+        ) {
+            headers.append(n, v);
+        }
+    }
+    response
+}
+
+/// The problem+json response for a problem.
+pub(crate) fn problem_response(problem: &Problem) -> Response<Body> {
+    stored_response(problem.to_response())
+}
+
+fn plain(status: StatusCode, text: &'static str) -> Response<Body> {
+    let mut r = Response::new(Body::from(text));
+    *r.status_mut() = status;
+    r
+}

@@ -1,0 +1,731 @@
+//! The HTTP idempotency contract, once, for every framework.
+//!
+//! The Axum, Actix-Web and Tonic shims only adapt their request and response types to this
+//! module; the rules live here. A shim:
+//!
+//! 1. passes a request through untouched unless [`Contract::covers`] its method;
+//! 2. reads the `Idempotency-Key` header values with [`Contract::parse_key`] (no key and the key
+//!    optional: pass through; a bad key: answer the [`Problem`]);
+//! 3. extracts the scope (a header, or a function of the request), buffers the body through
+//!    [`Config::max_request_bytes`] (over it: [`Contract::body_too_large`], 413);
+//! 4. calls [`Contract::begin`], which claims the key and answers [`Begin::Replay`],
+//!    [`Begin::Reject`] or [`Begin::Run`];
+//! 5. runs the handler, buffers its response through [`Config::max_response_bytes`] and calls
+//!    [`Pending::finish`] (or [`Pending::finish_oversized`]) **before** sending the response, so
+//!    a response never leaves before its record is committed. An error or panic drops the
+//!    [`Pending`], which releases the key.
+//!
+//! # The contract
+//!
+//! | situation | answer |
+//! |---|---|
+//! | method not covered (default: only POST and PATCH) | pass through untouched |
+//! | no key, key optional (default) | pass through untouched |
+//! | no key, key required | 400 `key-missing` |
+//! | key malformed, empty, over 255 bytes, non-printable, or the header sent twice | 400 `key-invalid` / `key-repeated` |
+//! | key not a UUID while the policy is [`KeyPolicy::Uuid`] (the default) | 400 `key-invalid` |
+//! | the scope extractor finds no scope | 400 `scope-missing` |
+//! | request body over the limit (default 1 MiB) | 413 `body-too-large` |
+//! | same scope + key, different fingerprint | 422 `key-reused` (decided before in-flight) |
+//! | same scope + key, first request still running | 409 `request-in-flight` with `Retry-After` |
+//! | same scope + key, first request completed | the stored status, headers and body, plus `Idempotent-Replayed: true` |
+//! | the stored response was over the store limit | 410 `response-not-stored` |
+//! | store closed, overloaded or failing | 503 `store-unavailable` with `Retry-After`; the handler does not run |
+//!
+//! Every answer the layer makes itself is `application/problem+json` (RFC 9457) with the
+//! `type` `urn:idempotency-rs:problem:<slug>` (the slugs above), a `title`, the `status` and a
+//! `detail` that tells the client what to do.
+//!
+//! **The key.** The header value may be a bare token or an RFC 8941 quoted string
+//! (`"abc"`, the IETF draft's form); both name the same key. Under the UUID policy the key is
+//! normalised to lower case, so `ABC…` and `abc…` are one key.
+//!
+//! **The fingerprint** covers the method, the path with its query string, and the body bytes as
+//! received. With [`Config::canonicalize_json`], a JSON body (by `Content-Type`) is
+//! fingerprinted in [`canonical_json`] form, so key order and white space do not matter.
+//!
+//! **The scope** keeps tenants apart: two scopes never see each other's records. A scope taken
+//! from a client header (such as `X-User-ID` in the examples) is only as trustworthy as that
+//! header: behind real authentication, take it from what the auth layer put into the request
+//! extensions instead.
+//!
+//! **What is stored.** 2xx, 3xx and deterministic 4xx responses are stored and replayed. 5xx,
+//! 408, 425 and 429, a handler error and a handler panic release the key, so a retry runs again.
+//! [`Config::store_when`] replaces the rule. Hop-by-hop headers (`Connection`,
+//! `Transfer-Encoding`, ...), `Content-Length` and `Date` are not stored; the framework sets
+//! `Content-Length` from the replayed body.
+//!
+//! **A response over the store limit** is sent to the client in full, and the record is
+//! completed with a 410 `response-not-stored` marker: a retry learns that the operation ran
+//! instead of running it again.
+//!
+//! **If the completion cannot be stored** (disk full, store closed), the client still gets the
+//! real response, with the header `Idempotency-Stored: false`. The operation has run; answering
+//! 503 would invite a retry that, once the lock timeout passes, runs it a second time. The key
+//! stays locked until the lock timeout, so an immediate retry gets 409, never a second run.
+//!
+//! **Expiry.** A completed record is replayed for the retention (default 24 h, set with
+//! [`Config::retention`]) and then forgotten; a lease lives for the lock timeout (default 30 s).
+
+mod canonical;
+mod problem;
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use canonical::{canonical_json, canonical_value};
+pub use problem::{Problem, ProblemKind};
+
+use crate::{
+    ClaimOutcome, ClaimRequest, Engine, Error, Fingerprint, HeaderList, IdempotencyKey, Lease,
+    StoredResponse,
+};
+
+/// The request header that carries the key.
+pub const KEY_HEADER: &str = "idempotency-key";
+/// The response header that marks a replay.
+pub const REPLAYED_HEADER: &str = "idempotent-replayed";
+/// The response header set to `false` when a completed response could not be stored.
+pub const STORED_HEADER: &str = "idempotency-stored";
+
+/// Which keys are accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KeyPolicy {
+    /// A UUID in its hyphenated form (any version; v4 and v7 are the usual), case-insensitive.
+    #[default]
+    Uuid,
+    /// Any 1 to 255 bytes of printable ASCII, as Stripe accepts.
+    Opaque,
+}
+
+/// Decides from the status whether a response is stored for replay.
+pub type StorePredicate = Arc<dyn Fn(u16) -> bool + Send + Sync>;
+
+/// The default storage rule: 2xx, 3xx and 4xx are stored, except 408, 425 and 429; 1xx and 5xx
+/// are not.
+pub fn default_store_policy(status: u16) -> bool {
+    matches!(status, 200..=499) && !matches!(status, 408 | 425 | 429)
+}
+
+/// The settings every shim shares. Build with [`Config::default`] and the chained setters.
+#[derive(Clone)]
+pub struct Config {
+    pub(crate) key_policy: KeyPolicy,
+    pub(crate) require_key: bool,
+    pub(crate) methods: Vec<String>,
+    pub(crate) max_request_bytes: usize,
+    pub(crate) max_response_bytes: usize,
+    pub(crate) canonicalize_json: bool,
+    pub(crate) store_when: StorePredicate,
+    pub(crate) lock_timeout: Option<Duration>,
+    pub(crate) retention: Option<Duration>,
+    pub(crate) scope_header: Option<String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            key_policy: KeyPolicy::Uuid,
+            require_key: false,
+            methods: vec!["POST".into(), "PATCH".into()],
+            max_request_bytes: 1024 * 1024,
+            max_response_bytes: 1024 * 1024,
+            canonicalize_json: false,
+            store_when: Arc::new(default_store_policy),
+            lock_timeout: None,
+            retention: None,
+            scope_header: None,
+        }
+    }
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("key_policy", &self.key_policy)
+            .field("require_key", &self.require_key)
+            .field("methods", &self.methods)
+            .field("max_request_bytes", &self.max_request_bytes)
+            .field("max_response_bytes", &self.max_response_bytes)
+            .field("canonicalize_json", &self.canonicalize_json)
+            .field("lock_timeout", &self.lock_timeout)
+            .field("retention", &self.retention)
+            .field("scope_header", &self.scope_header)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Config {
+    /// Which keys are accepted. Default [`KeyPolicy::Uuid`].
+    pub fn key_policy(mut self, policy: KeyPolicy) -> Self {
+        self.key_policy = policy;
+        self
+    }
+
+    /// Whether a covered request without a key is refused (400) instead of passed through.
+    /// Default `false`.
+    pub fn require_key(mut self, required: bool) -> Self {
+        self.require_key = required;
+        self
+    }
+
+    /// The covered methods (case-insensitive). Default POST and PATCH.
+    pub fn methods<I, S>(mut self, methods: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        self.methods = methods
+            .into_iter()
+            .map(|m| m.as_ref().to_ascii_uppercase())
+            .collect();
+        self
+    }
+
+    /// The largest request body accepted on a covered request. Default 1 MiB.
+    pub fn max_request_bytes(mut self, limit: usize) -> Self {
+        self.max_request_bytes = limit;
+        self
+    }
+
+    /// The largest response stored for replay. Default 1 MiB.
+    pub fn max_response_bytes(mut self, limit: usize) -> Self {
+        self.max_response_bytes = limit;
+        self
+    }
+
+    /// Fingerprint JSON bodies in canonical form (key order and white space ignored). Default
+    /// `false`: the body bytes as received.
+    pub fn canonicalize_json(mut self, on: bool) -> Self {
+        self.canonicalize_json = on;
+        self
+    }
+
+    /// Replaces the rule deciding which statuses are stored (default
+    /// [`default_store_policy`]).
+    pub fn store_when(mut self, predicate: impl Fn(u16) -> bool + Send + Sync + 'static) -> Self {
+        self.store_when = Arc::new(predicate);
+        self
+    }
+
+    /// The lock timeout of leases taken by this layer (default: the engine's).
+    pub fn lock_timeout(mut self, timeout: Duration) -> Self {
+        self.lock_timeout = Some(timeout);
+        self
+    }
+
+    /// How long completed records of this layer are replayed (default: the engine's).
+    pub fn retention(mut self, retention: Duration) -> Self {
+        self.retention = Some(retention);
+        self
+    }
+
+    /// Takes the scope from this request header (e.g. `X-User-ID`). A request without it gets
+    /// 400 `scope-missing`. Without a scope header or function, all requests share one scope.
+    pub fn scope_header(mut self, name: impl Into<String>) -> Self {
+        self.scope_header = Some(name.into().to_ascii_lowercase());
+        self
+    }
+
+    /// The scope header, if set (lower case).
+    pub fn scope_header_name(&self) -> Option<&str> {
+        self.scope_header.as_deref()
+    }
+
+    /// The request body limit.
+    pub fn request_limit(&self) -> usize {
+        self.max_request_bytes
+    }
+
+    /// The response storage limit.
+    pub fn response_limit(&self) -> usize {
+        self.max_response_bytes
+    }
+}
+
+/// The contract bound to an engine: what each shim calls.
+#[derive(Clone, Debug)]
+pub struct Contract {
+    engine: Engine,
+    config: Arc<Config>,
+}
+
+/// What [`Contract::begin`] decided.
+#[derive(Debug)]
+pub enum Begin {
+    /// Run the handler, then [`Pending::finish`].
+    Run(Pending),
+    /// Answer with this stored response (already marked `Idempotent-Replayed: true`).
+    Replay(StoredResponse),
+    /// Answer with this problem; the handler does not run.
+    Reject(Problem),
+}
+
+impl Contract {
+    /// Binds `config` to `engine`.
+    pub fn new(engine: Engine, config: Config) -> Self {
+        Contract {
+            engine,
+            config: Arc::new(config),
+        }
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The engine.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Whether requests with this method go through the contract.
+    pub fn covers(&self, method: &str) -> bool {
+        self.config
+            .methods
+            .iter()
+            .any(|m| m.eq_ignore_ascii_case(method))
+    }
+
+    /// Reads the key from every value of the `Idempotency-Key` header, in order.
+    /// `Ok(None)`: no key, and the key is optional (pass the request through).
+    ///
+    /// # Errors
+    /// The 400 [`Problem`] to answer.
+    pub fn parse_key(&self, values: &[&[u8]]) -> Result<Option<IdempotencyKey>, Problem> {
+        match values {
+            [] if self.config.require_key => Err(Problem::new(
+                ProblemKind::KeyMissing,
+                "This endpoint requires an Idempotency-Key header. Send a new UUID with each new \
+                 request, and the same one when you retry it.",
+            )),
+            [] => Ok(None),
+            [one] => parse_key_value(one, self.config.key_policy).map(Some),
+            _ => Err(repeated()),
+        }
+    }
+
+    /// The scope from the configured header. `Ok(None)` when no scope header is configured
+    /// (the shim then uses its scope function, or the shared empty scope).
+    ///
+    /// # Errors
+    /// 400 `scope-missing` when the header is configured but absent, repeated or not text.
+    pub fn scope_from_header(&self, values: &[&[u8]]) -> Result<Option<String>, Problem> {
+        let Some(name) = &self.config.scope_header else {
+            return Ok(None);
+        };
+        match values {
+            [one] => match std::str::from_utf8(one) {
+                Ok(s) if !s.trim().is_empty() && crate::validate_scope(s.trim()).is_ok() => {
+                    Ok(Some(s.trim().to_owned()))
+                }
+                _ => Err(self.scope_missing_named(name)),
+            },
+            _ => Err(self.scope_missing_named(name)),
+        }
+    }
+
+    /// 400 `scope-missing`, for a scope function that found nothing.
+    pub fn scope_missing(&self) -> Problem {
+        Problem::new(
+            ProblemKind::ScopeMissing,
+            "The request does not say which user or tenant it belongs to, so its \
+             Idempotency-Key cannot be checked. Authenticate the request and retry.",
+        )
+    }
+
+    fn scope_missing_named(&self, header: &str) -> Problem {
+        Problem::new(
+            ProblemKind::ScopeMissing,
+            format!(
+                "Send exactly one {header} header naming the user or tenant: idempotency keys \
+                 are kept per user."
+            ),
+        )
+    }
+
+    /// 413 `body-too-large`.
+    pub fn body_too_large(&self) -> Problem {
+        Problem::new(
+            ProblemKind::BodyTooLarge,
+            format!(
+                "The request body is larger than {} bytes, the limit for idempotent requests on \
+                 this endpoint. Send a smaller body.",
+                self.config.max_request_bytes
+            ),
+        )
+    }
+
+    /// The fingerprint of a request, as this contract computes it.
+    pub fn fingerprint(
+        &self,
+        method: &str,
+        path_and_query: &str,
+        content_type: Option<&[u8]>,
+        body: &[u8],
+    ) -> Fingerprint {
+        let method = method.to_ascii_uppercase();
+        if self.config.canonicalize_json
+            && content_type.is_some_and(is_json)
+            && let Some(canon) = canonical_json(body)
+        {
+            return Fingerprint::of_parts(&[method.as_bytes(), path_and_query.as_bytes(), &canon]);
+        }
+        Fingerprint::of_request(&method, path_and_query, body)
+    }
+
+    /// Claims the key for this request and decides what happens to it.
+    pub async fn begin(
+        &self,
+        scope: String,
+        key: IdempotencyKey,
+        method: &str,
+        path_and_query: &str,
+        content_type: Option<&[u8]>,
+        body: &[u8],
+    ) -> Begin {
+        let fp = self.fingerprint(method, path_and_query, content_type, body);
+        let mut req = ClaimRequest::new(scope, key, fp);
+        if let Some(t) = self.config.lock_timeout {
+            req = req.lock_timeout(t);
+        }
+        if let Some(r) = self.config.retention {
+            req = req.retention(r);
+        }
+        match self.engine.claim_async(req).await {
+            Ok(ClaimOutcome::Claimed(lease)) => Begin::Run(Pending {
+                lease,
+                config: self.config.clone(),
+            }),
+            Ok(ClaimOutcome::Replay(mut stored)) => {
+                stored
+                    .headers
+                    .push((REPLAYED_HEADER.into(), b"true".to_vec()));
+                Begin::Replay(stored)
+            }
+            Ok(ClaimOutcome::InFlight { retry_after }) => Begin::Reject(
+                Problem::new(
+                    ProblemKind::InFlight,
+                    "A request with this Idempotency-Key is still being processed. Retry after \
+                     the Retry-After delay with the same key to get its result.",
+                )
+                .retry_after(retry_after),
+            ),
+            Ok(ClaimOutcome::Mismatch) => Begin::Reject(Problem::new(
+                ProblemKind::KeyReused,
+                "This Idempotency-Key was already used for a different request (method, path or \
+                 body differ). Resend the original request unchanged, or use a new key for a new \
+                 request.",
+            )),
+            Err(e) => Begin::Reject(store_unavailable(&e)),
+        }
+    }
+}
+
+/// 503 `store-unavailable` for an engine error.
+pub fn store_unavailable(e: &Error) -> Problem {
+    let (what, after) = match e {
+        Error::Overloaded { retry_after } => ("is overloaded", *retry_after),
+        Error::Closed | Error::WriterPanicked { .. } => ("is shut down", Duration::from_secs(5)),
+        _ => ("is failing", Duration::from_secs(1)),
+    };
+    Problem::new(
+        ProblemKind::StoreUnavailable,
+        format!(
+            "The idempotency store {what}, so the request was not processed. Retry after the \
+             Retry-After delay with the same Idempotency-Key."
+        ),
+    )
+    .retry_after(after)
+}
+
+fn repeated() -> Problem {
+    Problem::new(
+        ProblemKind::KeyRepeated,
+        "Send exactly one Idempotency-Key header with exactly one value.",
+    )
+}
+
+/// Parses one `Idempotency-Key` header value under `policy`: a bare token or an RFC 8941
+/// quoted string, surrounding spaces ignored.
+///
+/// # Errors
+/// The 400 [`Problem`] to answer.
+pub fn parse_key_value(raw: &[u8], policy: KeyPolicy) -> Result<IdempotencyKey, Problem> {
+    let invalid = |why: &str| {
+        Problem::new(
+            ProblemKind::KeyInvalid,
+            format!(
+                "The Idempotency-Key {why}. {}",
+                match policy {
+                    KeyPolicy::Uuid =>
+                        "Send a UUID such as 0b6f5a3e-9a7c-4c1e-8f2a-2d8b4f1e6c3a, new for each request.",
+                    KeyPolicy::Opaque =>
+                        "Send 1 to 255 printable ASCII characters, new for each request.",
+                }
+            ),
+        )
+    };
+    let v = trim_ows(raw);
+    let text = if v.first() == Some(&b'"') {
+        unquote(v).ok_or_else(|| invalid("is a malformed quoted string"))?
+    } else {
+        if v.contains(&b',') {
+            // A comma in a bare value is two header lines folded into one.
+            return Err(repeated());
+        }
+        std::str::from_utf8(v)
+            .map_err(|_| invalid("is not printable ASCII"))?
+            .to_owned()
+    };
+    let text = match policy {
+        KeyPolicy::Opaque => text,
+        KeyPolicy::Uuid => {
+            let ok = text.len() == 36
+                && uuid::Uuid::try_parse(&text).is_ok()
+                && text.bytes().enumerate().all(|(i, b)| match i {
+                    8 | 13 | 18 | 23 => b == b'-',
+                    _ => b.is_ascii_hexdigit(),
+                });
+            if !ok {
+                return Err(invalid("is not a UUID"));
+            }
+            text.to_ascii_lowercase()
+        }
+    };
+    IdempotencyKey::new(text).map_err(|e| match e {
+        Error::InvalidKey { reason } => invalid(reason.trim_start_matches("the key ")),
+        _ => invalid("is invalid"),
+    })
+}
+
+fn trim_ows(v: &[u8]) -> &[u8] {
+    let start = v
+        .iter()
+        .position(|b| *b != b' ' && *b != b'\t')
+        .unwrap_or(v.len());
+    let end = v
+        .iter()
+        .rposition(|b| *b != b' ' && *b != b'\t')
+        .map_or(start, |e| e + 1);
+    &v[start..end]
+}
+
+/// RFC 8941 sf-string: `"` ... `"`, with `\"` and `\\` the only escapes, printable ASCII only.
+fn unquote(v: &[u8]) -> Option<String> {
+    let inner = v.strip_prefix(b"\"")?.strip_suffix(b"\"")?;
+    let mut out = String::with_capacity(inner.len());
+    let mut it = inner.iter();
+    while let Some(&b) = it.next() {
+        match b {
+            b'\\' => match it.next() {
+                Some(&e @ (b'"' | b'\\')) => out.push(e as char),
+                _ => return None,
+            },
+            b'"' => return None,
+            0x20..=0x7e => out.push(b as char),
+            _ => return None,
+        }
+    }
+    Some(out)
+}
+
+fn is_json(content_type: &[u8]) -> bool {
+    let ct = content_type.to_ascii_lowercase();
+    let essence = ct.split(|b| *b == b';').next().unwrap_or(&[]);
+    let essence = trim_ows(essence);
+    essence == b"application/json"
+        || (essence.starts_with(b"application/") && essence.ends_with(b"+json"))
+}
+
+/// Headers that describe one connection or one encoding of the body, not the response: never
+/// stored.
+const NOT_STORED: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "content-length",
+    "date",
+];
+
+/// Whether a response header is kept in the stored record.
+pub fn is_stored_header(name: &str) -> bool {
+    !NOT_STORED.iter().any(|h| h.eq_ignore_ascii_case(name))
+}
+
+/// A claimed request: run the handler, then finish. Dropping it (handler error, panic, client
+/// gone) releases the key.
+#[derive(Debug)]
+pub struct Pending {
+    lease: Lease,
+    config: Arc<Config>,
+}
+
+/// What [`Pending::finish`] did with the response.
+#[derive(Debug, Clone)]
+pub enum Finished {
+    /// Stored: retries replay it.
+    Stored,
+    /// Not stored by the storage rule (5xx, 429, ...); the key was released.
+    Released,
+    /// The store failed to keep it. The response still goes to the client, with
+    /// `Idempotency-Stored: false` (see the module docs).
+    Failed(Error),
+}
+
+impl Pending {
+    /// The lease (for its fencing token, or to extend it during a long handler).
+    pub fn lease_mut(&mut self) -> &mut Lease {
+        &mut self.lease
+    }
+
+    /// Records the handler's response: stores it (minus hop-by-hop headers) if the storage
+    /// rule says so, otherwise releases the key. Call it before the response is sent.
+    pub async fn finish(self, status: u16, headers: &HeaderList, body: &[u8]) -> Finished {
+        if !(self.config.store_when)(status) {
+            return match self.lease.release_async().await {
+                Ok(()) | Err(Error::LeaseLost) => Finished::Released,
+                Err(e) => Finished::Failed(e),
+            };
+        }
+        let stored = StoredResponse {
+            status,
+            headers: headers
+                .iter()
+                .filter(|(n, _)| is_stored_header(n))
+                .cloned()
+                .collect(),
+            body: body.to_vec(),
+            trailers: None,
+        };
+        if stored.size() > self.config.max_response_bytes {
+            return self.finish_oversized(status).await;
+        }
+        match self.lease.complete_async(stored).await {
+            Ok(()) => Finished::Stored,
+            Err(e) => Finished::Failed(e),
+        }
+    }
+
+    /// For a response larger than [`Config::max_response_bytes`]: if its status would be
+    /// stored, completes the record with a 410 `response-not-stored` marker (so a retry does
+    /// not run the operation again), otherwise releases the key.
+    pub async fn finish_oversized(self, status: u16) -> Finished {
+        if !(self.config.store_when)(status) {
+            return match self.lease.release_async().await {
+                Ok(()) | Err(Error::LeaseLost) => Finished::Released,
+                Err(e) => Finished::Failed(e),
+            };
+        }
+        let marker = Problem::new(
+            ProblemKind::ResponseNotStored,
+            format!(
+                "The request with this Idempotency-Key was processed (status {status}), but its \
+                 response was too large to keep for replay. Do not retry it; look the result up \
+                 instead, or use a new key to run a new request."
+            ),
+        )
+        .to_response();
+        match self.lease.complete_async(marker).await {
+            Ok(()) => Finished::Stored,
+            Err(e) => Finished::Failed(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const U: &str = "0b6f5a3e-9a7c-4c1e-8f2a-2d8b4f1e6c3a";
+
+    #[test]
+    fn key_forms() {
+        let p = KeyPolicy::Uuid;
+        assert_eq!(parse_key_value(U.as_bytes(), p).unwrap().as_str(), U);
+        let quoted = format!("\"{U}\"");
+        assert_eq!(parse_key_value(quoted.as_bytes(), p).unwrap().as_str(), U);
+        let upper = U.to_ascii_uppercase();
+        assert_eq!(parse_key_value(upper.as_bytes(), p).unwrap().as_str(), U);
+        assert_eq!(
+            parse_key_value(format!("  {U} ").as_bytes(), p)
+                .unwrap()
+                .as_str(),
+            U
+        );
+        for bad in [
+            "",
+            "abc",
+            "0b6f5a3e9a7c4c1e8f2a2d8b4f1e6c3a",
+            "{0b6f5a3e-9a7c-4c1e-8f2a-2d8b4f1e6c3a}",
+            "\"abc",
+            "\"a\\nb\"",
+        ] {
+            assert_eq!(
+                parse_key_value(bad.as_bytes(), p).unwrap_err().kind,
+                ProblemKind::KeyInvalid,
+                "{bad:?}"
+            );
+        }
+        assert_eq!(
+            parse_key_value(format!("{U}, {U}").as_bytes(), p)
+                .unwrap_err()
+                .kind,
+            ProblemKind::KeyRepeated
+        );
+    }
+
+    #[test]
+    fn opaque_keys() {
+        let p = KeyPolicy::Opaque;
+        assert_eq!(parse_key_value(b"order-1", p).unwrap().as_str(), "order-1");
+        assert_eq!(
+            parse_key_value(br#""a \"q\" \\ b""#, p).unwrap().as_str(),
+            r#"a "q" \ b"#
+        );
+        assert_eq!(parse_key_value(br#""x,y""#, p).unwrap().as_str(), "x,y");
+        assert!(parse_key_value(&[b'a'; 255], p).is_ok());
+        assert!(parse_key_value(&[b'a'; 256], p).is_err());
+        assert!(parse_key_value(b"a\x01b", p).is_err());
+        assert!(parse_key_value("é".as_bytes(), p).is_err());
+        assert!(parse_key_value(b"\"\"", p).is_err());
+    }
+
+    #[test]
+    fn storage_rule() {
+        for s in [200, 201, 204, 301, 400, 404, 409, 422] {
+            assert!(default_store_policy(s), "{s}");
+        }
+        for s in [100, 408, 425, 429, 500, 502, 503] {
+            assert!(!default_store_policy(s), "{s}");
+        }
+    }
+
+    #[test]
+    fn json_content_types() {
+        assert!(is_json(b"application/json"));
+        assert!(is_json(b"Application/JSON; charset=utf-8"));
+        assert!(is_json(b"application/merge-patch+json"));
+        assert!(!is_json(b"text/plain"));
+    }
+
+    #[test]
+    fn problem_shape() {
+        let p =
+            Problem::new(ProblemKind::InFlight, "wait").retry_after(Duration::from_millis(1500));
+        let r = p.to_response();
+        assert_eq!(r.status, 409);
+        assert!(r.headers.contains(&("retry-after".into(), b"2".to_vec())));
+        let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(v["type"], "urn:idempotency-rs:problem:request-in-flight");
+        assert_eq!(v["status"], 409);
+    }
+}
