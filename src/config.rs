@@ -55,6 +55,7 @@ pub struct EngineConfig {
     pub(crate) read_connections: usize,
     pub(crate) cache_size_kib: i64,
     pub(crate) busy_timeout: Duration,
+    pub(crate) max_page_count: Option<u32>,
     pub(crate) clock: Arc<dyn Clock>,
 }
 
@@ -85,6 +86,7 @@ impl EngineConfig {
             read_connections: 4,
             cache_size_kib: 16 * 1024,
             busy_timeout: Duration::from_secs(5),
+            max_page_count: None,
             clock: Arc::new(SystemClock),
         }
     }
@@ -147,6 +149,14 @@ impl EngineConfig {
     /// [`Error::Busy`]. Default 5 s.
     pub fn busy_timeout(mut self, timeout: Duration) -> Self {
         self.busy_timeout = timeout;
+        self
+    }
+
+    /// Caps the database file at this many pages (SQLite's `max_page_count`; pages are 4 KiB).
+    /// When the cap is reached, writes fail with [`Error::DiskFull`] exactly as on a full disk,
+    /// and nothing of the failed batch is applied. Default: no cap.
+    pub fn max_page_count(mut self, pages: u32) -> Self {
+        self.max_page_count = Some(pages);
         self
     }
 

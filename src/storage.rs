@@ -83,6 +83,10 @@ pub(crate) fn open_writer(config: &EngineConfig) -> Result<Connection> {
     conn.pragma_update(None, "temp_store", "MEMORY")?;
     conn.set_prepared_statement_cache_capacity(32);
     migrate(&conn).map_err(|e| open_error_any(e, path))?;
+    if let Some(pages) = config.max_page_count {
+        // After the migration, so the schema itself always fits.
+        conn.pragma_update(None, "max_page_count", pages)?;
+    }
     Ok(conn)
 }
 
