@@ -154,6 +154,14 @@ pub(crate) fn spawn(
         .map_err(|e| Error::Storage(Arc::new(e)))
 }
 
+/// Orders a batch so that every lease command runs before every claim (a stable sort, so each
+/// kind keeps its order). `wait` may hand over a claim first even though a lease command sent
+/// before it was already queued (a select picks at random among ready channels); without this a
+/// claim right after dropping a lease could still find the key held.
+fn lease_commands_first(batch: &mut [Pending]) {
+    batch.sort_by_key(|p| matches!(p, Pending::Claim(..)));
+}
+
 struct Writer {
     conn: Connection,
     claims: Receiver<ClaimCmd>,
@@ -204,6 +212,7 @@ impl Writer {
                 // Take everything still queued: nothing a caller sent before the end is lost.
                 self.drain_all(&mut batch);
             }
+            lease_commands_first(&mut batch);
             let mut rest = Vec::with_capacity(batch.len());
             for p in batch {
                 match p {
@@ -254,7 +263,8 @@ impl Writer {
     }
 
     /// Adds whatever is queued, up to the batch limit. Lease commands first: they finish work
-    /// already admitted.
+    /// already admitted. The caller then puts every lease command of the batch before its
+    /// claims ([`lease_commands_first`]).
     fn drain(&self, batch: &mut Vec<Pending>, disconnected: &mut bool) {
         while batch.len() < self.max_batch {
             match self.leases.try_recv() {
@@ -266,6 +276,7 @@ impl Writer {
                 }
             }
         }
+        let before_claims = batch.len();
         while batch.len() < self.max_batch {
             match self.claims.try_recv() {
                 Ok(m) => batch.push(Pending::Claim(m, None)),
@@ -275,6 +286,13 @@ impl Writer {
                     break;
                 }
             }
+        }
+        // A claim taken above may have been sent after a lease command that arrived once the
+        // first loop had found the lease queue empty (a lease dropped, then a retry on the same
+        // thread): take those too, past the batch limit if need be (there are never more lease
+        // commands than live leases), so that no claim overtakes a command sent before it.
+        if batch.len() > before_claims {
+            batch.extend(self.leases.try_iter().map(|m| Pending::Lease(m, None)));
         }
     }
 
