@@ -336,9 +336,28 @@ where
         )
         .await;
     let pending = match begin {
-        Begin::Replay(stored) => return Ok(stored_response(stored)),
-        Begin::Reject(problem) => return Ok(problem_response(&problem)),
-        Begin::Run(pending) => pending,
+        Begin::Replay(stored) => {
+            tracing::debug!(
+                status = stored.status,
+                "idempotency: replayed a stored response"
+            );
+            return Ok(stored_response(stored));
+        }
+        Begin::Reject(problem) => {
+            tracing::debug!(
+                status = problem.status(),
+                kind = problem.kind.slug(),
+                "idempotency: rejected"
+            );
+            return Ok(problem_response(&problem));
+        }
+        Begin::Run(pending) => {
+            tracing::debug!(
+                fencing_token = pending.lease().fencing_token(),
+                "idempotency: key claimed"
+            );
+            pending
+        }
     };
     // From here until `finish`, an error, a panic or a dropped future drops `pending`, which
     // releases the key.

@@ -582,6 +582,11 @@ pub enum Finished {
 }
 
 impl Pending {
+    /// The lease held for this request.
+    pub fn lease(&self) -> &Lease {
+        &self.lease
+    }
+
     /// The lease (for its fencing token, or to extend it during a long handler).
     pub fn lease_mut(&mut self) -> &mut Lease {
         &mut self.lease
