@@ -33,9 +33,10 @@ fn handle(engine: &Engine, key: &str, body: &[u8]) -> Result<StoredResponse, Err
             println!("  -> replayed the stored response");
             Ok(stored)
         }
-        ClaimOutcome::InFlight { retry_after } => {
-            Ok(StoredResponse::new(409, format!("in flight, retry in {retry_after:?}")))
-        }
+        ClaimOutcome::InFlight { retry_after } => Ok(StoredResponse::new(
+            409,
+            format!("in flight, retry in {retry_after:?}"),
+        )),
         ClaimOutcome::Mismatch => Ok(StoredResponse::new(422, "key reused with another body")),
     }
 }
@@ -52,26 +53,43 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     println!("first request:");
     let first = handle(&engine, key, br#"{"amount":500}"#)?;
-    println!("  {} {}", first.status, String::from_utf8_lossy(&first.body));
+    println!(
+        "  {} {}",
+        first.status,
+        String::from_utf8_lossy(&first.body)
+    );
 
     println!("retry with the same key and body:");
     let retry = handle(&engine, key, br#"{"amount":500}"#)?;
-    println!("  {} {}", retry.status, String::from_utf8_lossy(&retry.body));
+    println!(
+        "  {} {}",
+        retry.status,
+        String::from_utf8_lossy(&retry.body)
+    );
     assert_eq!(first, retry);
 
     println!("same key, different body:");
     let other = handle(&engine, key, br#"{"amount":900}"#)?;
-    println!("  {} {}", other.status, String::from_utf8_lossy(&other.body));
+    println!(
+        "  {} {}",
+        other.status,
+        String::from_utf8_lossy(&other.body)
+    );
 
     println!("a lease dropped without completing frees the key:");
     let fp = Fingerprint::of_request("POST", "/charges", b"{}");
     let k = IdempotencyKey::new("another-key")?;
-    if let ClaimOutcome::Claimed(lease) = engine.claim(ClaimRequest::new("user123", k.clone(), fp))? {
+    if let ClaimOutcome::Claimed(lease) =
+        engine.claim(ClaimRequest::new("user123", k.clone(), fp))?
+    {
         println!("  fencing token {}", lease.fencing_token());
         drop(lease);
     }
     let again = engine.claim(ClaimRequest::new("user123", k, fp))?;
-    println!("  claim again: {}", matches!(again, ClaimOutcome::Claimed(_)));
+    println!(
+        "  claim again: {}",
+        matches!(again, ClaimOutcome::Claimed(_))
+    );
     drop(again);
 
     engine.shutdown()?;

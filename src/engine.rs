@@ -293,7 +293,12 @@ impl Engine {
             retention_ms: retention_ms.max(1),
         };
         match self.inner.claims.try_send(cmd) {
-            Ok(()) => Ok(Started::Queued(pending, rx)),
+            Ok(()) => match self.inner.shared.ended() {
+                // The writer ended after `check_open`: its last sweep of the queue may have
+                // missed this claim, which would then never be answered.
+                Some(e) => Err(e),
+                None => Ok(Started::Queued(pending, rx)),
+            },
             Err(TrySendError::Full(_)) => Err(Error::Overloaded {
                 retry_after: Duration::from_secs(1),
             }),

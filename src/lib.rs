@@ -32,6 +32,10 @@ pub mod http;
 #[path = "../shims/axum/mod.rs"]
 pub mod axum_integration;
 
+#[cfg(feature = "actix-integration")]
+#[path = "../shims/actix/mod.rs"]
+pub mod actix_integration;
+
 #[cfg(feature = "tonic-integration")]
 #[path = "../shims/tonic/mod.rs"]
 pub mod tonic_integration;
@@ -64,3 +68,8 @@ mod bounds {
         )));
     }
 }
+
+/// The README's Rust examples, compiled and run as doc tests.
+#[cfg(all(doctest, feature = "axum-integration"))]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -54,6 +54,27 @@ impl SqliteIdempotencyStore {
     }
 }
 
+/// The store's engine, so a store can be handed to any integration layer.
+impl From<SqliteIdempotencyStore> for Engine {
+    fn from(store: SqliteIdempotencyStore) -> Engine {
+        store.engine().clone()
+    }
+}
+
+/// The store's engine (a cheap handle clone).
+impl From<&SqliteIdempotencyStore> for Engine {
+    fn from(store: &SqliteIdempotencyStore) -> Engine {
+        store.engine().clone()
+    }
+}
+
+/// A cheap handle clone, so layers accept `&engine`.
+impl From<&Engine> for Engine {
+    fn from(engine: &Engine) -> Engine {
+        engine.clone()
+    }
+}
+
 /// Turns a store URL into an engine configuration (see [`SqliteIdempotencyStore::new`]).
 ///
 /// # Errors

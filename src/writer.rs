@@ -119,6 +119,10 @@ pub(crate) fn spawn(
     shared: Arc<Shared>,
 ) -> Result<std::thread::JoinHandle<()>> {
     let fence = storage::load_fence(&conn)?;
+    // A bounded crossbeam channel keeps its messages when its receiver is dropped, so a claim
+    // still queued when the writer ends (a panic, or a claim racing a shutdown) would wait for
+    // its answer forever. This second receiver sweeps the queue once the end is announced.
+    let stranded = claims.clone();
     let writer = Writer {
         conn,
         claims,
@@ -150,6 +154,10 @@ pub(crate) fn spawn(
                 ),
             };
             shared.set_exit(exit);
+            // Dropping a claim drops its reply sender: its caller wakes and reads the exit set
+            // above. A claim sent after this sweep is caught by `Engine::start_claim`, which
+            // checks for the end after queueing.
+            stranded.try_iter().for_each(drop);
         })
         .map_err(|e| Error::Storage(Arc::new(e)))
 }

@@ -41,7 +41,7 @@ use crate::http::{
     Begin, Config, Contract, Finished, KEY_HEADER, KeyPolicy, Problem, STORED_HEADER,
     store_unavailable,
 };
-use crate::{Engine, Error, HeaderList, SqliteIdempotencyStore, StoredResponse};
+use crate::{Engine, Error, HeaderList, StoredResponse};
 
 type ScopeFn = Arc<dyn Fn(&Parts) -> Option<String> + Send + Sync>;
 
@@ -59,24 +59,6 @@ pub struct IdempotencyLayer {
 /// A layer over `store` with the default settings (see [`IdempotencyLayer`]).
 pub fn idempotency_layer(store: impl Into<Engine>) -> IdempotencyLayer {
     IdempotencyLayer::new(store)
-}
-
-impl From<SqliteIdempotencyStore> for Engine {
-    fn from(store: SqliteIdempotencyStore) -> Engine {
-        store.engine().clone()
-    }
-}
-
-impl From<&SqliteIdempotencyStore> for Engine {
-    fn from(store: &SqliteIdempotencyStore) -> Engine {
-        store.engine().clone()
-    }
-}
-
-impl From<&Engine> for Engine {
-    fn from(engine: &Engine) -> Engine {
-        engine.clone()
-    }
 }
 
 impl fmt::Debug for IdempotencyLayer {

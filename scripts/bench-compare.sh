@@ -1,0 +1,138 @@
+#!/usr/bin/env bash
+# `make bench-compare`: the engine against naive SQLite, the raw SQLite ceiling and Redis (without
+# persistence, and with appendonly yes + appendfsync always), in one run, plus the engine on a
+# pre-filled table (10k, 1M, 5M records). Writes bench-results/compare-<date>.{md,csv} and
+# bench-results/compare-latest.{md,csv}.
+#
+# Usage: scripts/bench-compare.sh [--quick] [--no-redis] [options for benches/compare.rs]
+#   --quick        1 s per case, growth with 10k and 1M records only (a few minutes)
+#   --no-redis     do not install or start Redis; the Redis rows are skipped
+#   --slow-fsync-us N
+#                  experiment: every fsync/fdatasync of the bench and of the Redis servers takes
+#                  N microseconds longer (an LD_PRELOAD shim built here with gcc), to see each
+#                  system on a disk with slow flushes; writes compare-<date>.* only, not -latest
+#   --skip-5m      growth without the 5M-record case
+#   --skip-growth  no growth cases
+#   --secs S, --warmup S, --callers 1,8,64, --growth N,N,..., --dir DIR (where the databases go)
+#
+# Redis: installs Debian's redis-server if it is missing (apt-get; needs root), starts two
+# private instances on free loopback ports with their data in a temporary directory, and stops
+# them (and removes the directory) on exit, whatever happens.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+
+command="scripts/bench-compare.sh${*:+ $*}"
+want_redis=1
+slow_us=""
+pass=()
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --quick) pass+=(--secs 1 --warmup 0.3 --growth 10000,1000000) ;;
+        --no-redis) want_redis=0 ;;
+        --slow-fsync-us)
+            slow_us="${2:?--slow-fsync-us needs a number}"
+            shift
+            ;;
+        *) pass+=("$1") ;;
+    esac
+    shift
+done
+
+tmp=""
+pids=()
+cleanup() {
+    local pid
+    for pid in "${pids[@]}"; do
+        kill "$pid" 2>/dev/null || true
+    done
+    for pid in "${pids[@]}"; do
+        wait "$pid" 2>/dev/null || true
+    done
+    if [[ -n "$tmp" ]]; then rm -rf "$tmp"; fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+free_port() {
+    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
+}
+
+# start_redis NAME extra-args... : starts one instance and sets $addr to its address.
+# (Not run in a command substitution: the server must be a child of this shell.)
+start_redis() {
+    local name="$1"
+    shift
+    local port dir
+    port="$(free_port)"
+    dir="$tmp/$name"
+    mkdir -p "$dir"
+    "${preload[@]}" redis-server --bind 127.0.0.1 --port "$port" --protected-mode yes --daemonize no \
+        --dir "$dir" --save "" --logfile "$dir/redis.log" "$@" </dev/null >/dev/null 2>&1 &
+    pids+=("$!")
+    for _ in $(seq 1 100); do
+        if redis-cli -h 127.0.0.1 -p "$port" ping 2>/dev/null | grep -q PONG; then
+            addr="127.0.0.1:$port"
+            return 0
+        fi
+        sleep 0.1
+    done
+    echo "redis-server ($name) did not start; its log:" >&2
+    cat "$dir/redis.log" >&2 || true
+    return 1
+}
+
+tmp="$(mktemp -d -t idempotency-bench-XXXXXX)"
+
+preload=()
+if [[ -n "$slow_us" ]]; then
+    cat >"$tmp/slowfsync.c" <<'SHIM'
+/* Every fsync/fdatasync takes SLOW_FSYNC_US microseconds longer (benchmark experiments). */
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <stdlib.h>
+#include <time.h>
+static void slow(void) {
+    const char *v = getenv("SLOW_FSYNC_US");
+    long us = v ? atol(v) : 0;
+    struct timespec ts = { us / 1000000, (us % 1000000) * 1000 };
+    nanosleep(&ts, NULL);
+}
+int fsync(int fd) {
+    static int (*real)(int);
+    if (!real) real = (int (*)(int))dlsym(RTLD_NEXT, "fsync");
+    int r = real(fd);
+    slow();
+    return r;
+}
+int fdatasync(int fd) {
+    static int (*real)(int);
+    if (!real) real = (int (*)(int))dlsym(RTLD_NEXT, "fdatasync");
+    int r = real(fd);
+    slow();
+    return r;
+}
+SHIM
+    gcc -O2 -shared -fPIC -o "$tmp/slowfsync.so" "$tmp/slowfsync.c" -ldl
+    preload=(env "LD_PRELOAD=$tmp/slowfsync.so" "SLOW_FSYNC_US=$slow_us")
+    pass+=(--no-latest)
+    echo "slow fsync: +$slow_us us on every fsync/fdatasync (LD_PRELOAD shim)" >&2
+fi
+
+redis_args=()
+if [[ "$want_redis" == 1 ]]; then
+    if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; then
+        echo "installing redis-server from Debian ..." >&2
+        apt-get update
+        DEBIAN_FRONTEND=noninteractive apt-get install -y redis-server
+    fi
+    start_redis plain --appendonly no
+    plain="$addr"
+    start_redis aof --appendonly yes --appendfsync always
+    aof="$addr"
+    echo "Redis: $plain (no persistence), $aof (appendfsync always)" >&2
+    redis_args=(--redis-plain "$plain" --redis-aof "$aof")
+fi
+
+stamp="$(date -u +%Y-%m-%dT%H:%M:%SZ)${slow_us:+-slow-fsync-${slow_us}us}"
+"${preload[@]}" cargo bench --bench compare -- "${redis_args[@]}" --stamp "$stamp" --command "$command" "${pass[@]}"

@@ -1,0 +1,526 @@
+//! Actix-Web 4 integration: the [`Idempotency`] middleware.
+//!
+//! The middleware answers every case of the shared contract ([`crate::http`]): it buffers the
+//! request body through a limit (413 over it), claims the key through
+//! [`Engine::claim_async`](crate::Engine::claim_async) (awaited on the worker's own runtime,
+//! never blocking it), puts the body back for the handler, runs it, buffers the response
+//! through a limit, completes or releases the key, and only then lets the response go. Its
+//! own rejections are `application/problem+json` responses.
+//!
+//! An error from the inner service, a handler panic or a dropped request future drops the
+//! claim, which releases the key (the lock timeout is the backstop). Actix-Web keeps running
+//! a handler after the client closed its side of the connection unless the server is built
+//! with [`HttpServer::h1_allow_half_closed(false)`](actix_web::HttpServer::h1_allow_half_closed):
+//! set it so that a client that gives up releases its key at once instead of after the
+//! handler has finished (and stored a response nobody read).
+//!
+//! ```no_run
+//! use actix_web::{App, HttpResponse, HttpServer, web};
+//! use idempotency_rs::{SqliteIdempotencyStore, actix_integration::Idempotency};
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let store = SqliteIdempotencyStore::new("sqlite:idempotency.db").await?;
+//! let idempotency = Idempotency::new(&store).scope_header("x-user-id");
+//! HttpServer::new(move || {
+//!     App::new()
+//!         .wrap(idempotency.clone())
+//!         .route("/orders", web::post().to(|| async { HttpResponse::Created().body("created") }))
+//! })
+//! .h1_allow_half_closed(false)
+//! .bind("127.0.0.1:3000")?
+//! .run()
+//! .await?;
+//! # Ok(()) }
+//! ```
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::future::{Future, Ready, poll_fn, ready};
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use actix_web::body::{BodySize, BodyStream, BoxBody, EitherBody, MessageBody};
+use actix_web::dev::{Payload, Service, ServiceRequest, ServiceResponse, Transform};
+use actix_web::http::StatusCode;
+use actix_web::http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use actix_web::{HttpMessage as _, HttpRequest, HttpResponse};
+use bytes::{Bytes, BytesMut};
+
+use crate::http::{
+    Begin, Config, Contract, Finished, KEY_HEADER, KeyPolicy, Problem, STORED_HEADER,
+    store_unavailable,
+};
+use crate::{Engine, Error, HeaderList, StoredResponse};
+
+type ScopeFn = Arc<dyn Fn(&HttpRequest) -> Option<String> + Send + Sync>;
+
+/// Actix-Web middleware that makes the wrapped app, scope or resource idempotent. Cheap to
+/// clone; build it once and clone it into the `HttpServer::new` factory.
+///
+/// Configure it with the chained setters (the same as the Axum layer's); the defaults are the
+/// contract's: UUID keys, optional, POST and PATCH covered, 1 MiB request and response
+/// limits, one shared scope.
+#[derive(Clone)]
+pub struct Idempotency {
+    config: Config,
+    engine: Engine,
+    scope_fn: Option<ScopeFn>,
+}
+
+impl fmt::Debug for Idempotency {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Idempotency")
+            .field("config", &self.config)
+            .field("scope_fn", &self.scope_fn.is_some())
+            .finish()
+    }
+}
+
+impl Idempotency {
+    /// A middleware over an engine (or a store) with the default settings.
+    pub fn new(engine: impl Into<Engine>) -> Self {
+        Idempotency {
+            config: Config::default(),
+            engine: engine.into(),
+            scope_fn: None,
+        }
+    }
+
+    /// Replaces all shared settings at once.
+    pub fn config(mut self, config: Config) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// See [`Config::key_policy`].
+    pub fn key_policy(mut self, policy: KeyPolicy) -> Self {
+        self.config = self.config.key_policy(policy);
+        self
+    }
+
+    /// See [`Config::require_key`].
+    pub fn require_key(mut self, required: bool) -> Self {
+        self.config = self.config.require_key(required);
+        self
+    }
+
+    /// See [`Config::methods`].
+    pub fn methods<I, S>(mut self, methods: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        self.config = self.config.methods(methods);
+        self
+    }
+
+    /// See [`Config::max_request_bytes`].
+    pub fn max_request_bytes(mut self, limit: usize) -> Self {
+        self.config = self.config.max_request_bytes(limit);
+        self
+    }
+
+    /// See [`Config::max_response_bytes`].
+    pub fn max_response_bytes(mut self, limit: usize) -> Self {
+        self.config = self.config.max_response_bytes(limit);
+        self
+    }
+
+    /// See [`Config::canonicalize_json`].
+    pub fn canonicalize_json(mut self, on: bool) -> Self {
+        self.config = self.config.canonicalize_json(on);
+        self
+    }
+
+    /// See [`Config::store_when`].
+    pub fn store_when(mut self, predicate: impl Fn(u16) -> bool + Send + Sync + 'static) -> Self {
+        self.config = self.config.store_when(predicate);
+        self
+    }
+
+    /// See [`Config::lock_timeout`].
+    pub fn lock_timeout(mut self, timeout: Duration) -> Self {
+        self.config = self.config.lock_timeout(timeout);
+        self
+    }
+
+    /// See [`Config::retention`].
+    pub fn retention(mut self, retention: Duration) -> Self {
+        self.config = self.config.retention(retention);
+        self
+    }
+
+    /// Takes the scope from a request header (see [`Config::scope_header`]). Only as
+    /// trustworthy as the client that sets it.
+    pub fn scope_header(mut self, name: impl Into<String>) -> Self {
+        self.config = self.config.scope_header(name);
+        self
+    }
+
+    /// Takes the scope from the request, typically from an extension an authentication
+    /// middleware put there. `None` answers 400 `scope-missing`. Overrides
+    /// [`Self::scope_header`].
+    ///
+    /// ```
+    /// # use idempotency_rs::{Engine, EngineConfig, actix_integration::Idempotency};
+    /// use actix_web::HttpMessage as _;
+    ///
+    /// #[derive(Clone)]
+    /// struct User(String);
+    /// # let engine = Engine::open(EngineConfig::in_memory()).unwrap();
+    /// let idempotency = Idempotency::new(&engine)
+    ///     .scope_fn(|req| req.extensions().get::<User>().map(|u| u.0.clone()));
+    /// # let _ = idempotency;
+    /// ```
+    pub fn scope_fn(
+        mut self,
+        f: impl Fn(&HttpRequest) -> Option<String> + Send + Sync + 'static,
+    ) -> Self {
+        self.scope_fn = Some(Arc::new(f));
+        self
+    }
+}
+
+impl<S, B> Transform<S, ServiceRequest> for Idempotency
+where
+    S: Service<ServiceRequest, Response = ServiceResponse<B>, Error = actix_web::Error> + 'static,
+    B: MessageBody + 'static,
+{
+    type Response = ServiceResponse<EitherBody<B>>;
+    type Error = actix_web::Error;
+    type Transform = IdempotencyMiddleware<S>;
+    type InitError = ();
+    type Future = Ready<Result<Self::Transform, Self::InitError>>;
+
+    fn new_transform(&self, service: S) -> Self::Future {
+        ready(Ok(IdempotencyMiddleware {
+            service: Rc::new(service),
+            contract: Contract::new(self.engine.clone(), self.config.clone()),
+            scope_fn: self.scope_fn.clone(),
+        }))
+    }
+}
+
+/// The service made by [`Idempotency`] around the wrapped one.
+pub struct IdempotencyMiddleware<S> {
+    service: Rc<S>,
+    contract: Contract,
+    scope_fn: Option<ScopeFn>,
+}
+
+impl<S> fmt::Debug for IdempotencyMiddleware<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IdempotencyMiddleware")
+            .field("config", self.contract.config())
+            .field("scope_fn", &self.scope_fn.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+type Reply<B> = Result<ServiceResponse<EitherBody<B>>, actix_web::Error>;
+
+impl<S, B> Service<ServiceRequest> for IdempotencyMiddleware<S>
+where
+    S: Service<ServiceRequest, Response = ServiceResponse<B>, Error = actix_web::Error> + 'static,
+    B: MessageBody + 'static,
+{
+    type Response = ServiceResponse<EitherBody<B>>;
+    type Error = actix_web::Error;
+    type Future = Pin<Box<dyn Future<Output = Reply<B>>>>;
+
+    actix_web::dev::forward_ready!(service);
+
+    fn call(&self, req: ServiceRequest) -> Self::Future {
+        Box::pin(handle(
+            self.service.clone(),
+            self.contract.clone(),
+            self.scope_fn.clone(),
+            req,
+        ))
+    }
+}
+
+async fn handle<S, B>(
+    service: Rc<S>,
+    contract: Contract,
+    scope_fn: Option<ScopeFn>,
+    mut req: ServiceRequest,
+) -> Reply<B>
+where
+    S: Service<ServiceRequest, Response = ServiceResponse<B>, Error = actix_web::Error>,
+    B: MessageBody + 'static,
+{
+    if !contract.covers(req.method().as_str()) {
+        return pass_through(&service, req).await;
+    }
+    let keys: Vec<&[u8]> = req
+        .headers()
+        .get_all(KEY_HEADER)
+        .map(HeaderValue::as_bytes)
+        .collect();
+    let key = match contract.parse_key(&keys) {
+        Err(problem) => return Ok(reject(req, &problem)),
+        Ok(None) => return pass_through(&service, req).await,
+        Ok(Some(key)) => key,
+    };
+    let scope = match &scope_fn {
+        Some(f) => match f(req.request()) {
+            Some(s) => s,
+            None => return Ok(reject(req, &contract.scope_missing())),
+        },
+        None => {
+            let values: Vec<&[u8]> = match contract.config().scope_header_name() {
+                Some(name) => req
+                    .headers()
+                    .get_all(name)
+                    .map(HeaderValue::as_bytes)
+                    .collect(),
+                None => Vec::new(),
+            };
+            match contract.scope_from_header(&values) {
+                Ok(scope) => scope.unwrap_or_default(),
+                Err(problem) => return Ok(reject(req, &problem)),
+            }
+        }
+    };
+    let limit = contract.config().request_limit();
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Ok(reject(req, &contract.body_too_large()));
+    }
+    let payload = BodyStream::new(req.take_payload());
+    let bytes = match actix_web::body::to_bytes_limited(payload, limit).await {
+        Ok(Ok(bytes)) => bytes,
+        Err(_) => return Ok(reject(req, &contract.body_too_large())),
+        Ok(Err(_)) => {
+            return Ok(plain(
+                req,
+                StatusCode::BAD_REQUEST,
+                "the request body could not be read",
+            ));
+        }
+    };
+    let path = req
+        .uri()
+        .path_and_query()
+        .map_or_else(|| req.path(), |pq| pq.as_str());
+    let content_type = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .map(HeaderValue::as_bytes);
+    let begin = contract
+        .begin(
+            scope,
+            key,
+            req.method().as_str(),
+            path,
+            content_type,
+            &bytes,
+        )
+        .await;
+    let pending = match begin {
+        Begin::Replay(stored) => {
+            let (http_req, _) = req.into_parts();
+            return Ok(
+                ServiceResponse::new(http_req, stored_response(stored)).map_into_right_body()
+            );
+        }
+        Begin::Reject(problem) => return Ok(reject(req, &problem)),
+        Begin::Run(pending) => pending,
+    };
+    // From here until `finish`, an error, a panic or a dropped future drops `pending`, which
+    // releases the key.
+    req.set_payload(Payload::from(bytes));
+    let response = service.call(req).await?;
+    let (http_req, response) = response.into_parts();
+    let (mut head, body) = response.into_parts();
+    let status = head.status().as_u16();
+    let headers = header_list(head.headers());
+    let body = match buffer(body, contract.config().response_limit()).await {
+        Buffered::Whole(body) => {
+            let outcome = pending.finish(status, &headers, &body).await;
+            mark_unstored(head.headers_mut(), &outcome);
+            BoxBody::new(body)
+        }
+        Buffered::TooLarge { prefix, rest, size } => {
+            let outcome = pending.finish_oversized(status).await;
+            mark_unstored(head.headers_mut(), &outcome);
+            BoxBody::new(Prefixed {
+                prefix: prefix.into(),
+                rest,
+                size,
+            })
+        }
+        Buffered::Failed => {
+            drop(pending);
+            let response = HttpResponse::with_body(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the response body failed while it was being produced",
+            );
+            return Ok(
+                ServiceResponse::new(http_req, response.map_into_boxed_body())
+                    .map_into_right_body(),
+            );
+        }
+    };
+    Ok(ServiceResponse::new(http_req, head.set_body(body)).map_into_right_body())
+}
+
+async fn pass_through<S, B>(service: &S, req: ServiceRequest) -> Reply<B>
+where
+    S: Service<ServiceRequest, Response = ServiceResponse<B>, Error = actix_web::Error>,
+    B: MessageBody + 'static,
+{
+    Ok(service.call(req).await?.map_into_left_body())
+}
+
+fn reject<B>(req: ServiceRequest, problem: &Problem) -> ServiceResponse<EitherBody<B>> {
+    let (http_req, _) = req.into_parts();
+    ServiceResponse::new(http_req, problem_response(problem)).map_into_right_body()
+}
+
+fn plain<B>(
+    req: ServiceRequest,
+    status: StatusCode,
+    text: &'static str,
+) -> ServiceResponse<EitherBody<B>> {
+    let (http_req, _) = req.into_parts();
+    let response = HttpResponse::with_body(status, text).map_into_boxed_body();
+    ServiceResponse::new(http_req, response).map_into_right_body()
+}
+
+fn mark_unstored(headers: &mut HeaderMap, outcome: &Finished) {
+    if let Finished::Failed(e) = outcome {
+        tracing::warn!(error = %e, "idempotency: the response was sent but could not be stored");
+        headers.insert(
+            HeaderName::from_static(STORED_HEADER),
+            HeaderValue::from_static("false"),
+        );
+    }
+}
+
+enum Buffered<B> {
+    Whole(Bytes),
+    TooLarge {
+        prefix: Vec<Bytes>,
+        rest: Option<Pin<Box<B>>>,
+        size: BodySize,
+    },
+    Failed,
+}
+
+/// Reads the body until it ends or passes `limit` bytes.
+async fn buffer<B: MessageBody>(body: B, limit: usize) -> Buffered<B> {
+    let size = body.size();
+    let body = match body.try_into_bytes() {
+        // Already in memory (the usual case): no copy, whatever its size.
+        Ok(bytes) if bytes.len() <= limit => return Buffered::Whole(bytes),
+        Ok(bytes) => {
+            return Buffered::TooLarge {
+                prefix: vec![bytes],
+                rest: None,
+                size,
+            };
+        }
+        Err(body) => body,
+    };
+    let mut body = Box::pin(body);
+    let mut chunks: Vec<Bytes> = Vec::new();
+    let mut total = 0usize;
+    loop {
+        match poll_fn(|cx| body.as_mut().poll_next(cx)).await {
+            None => break,
+            Some(Err(_)) => return Buffered::Failed,
+            Some(Ok(chunk)) => {
+                total += chunk.len();
+                chunks.push(chunk);
+                if total > limit {
+                    return Buffered::TooLarge {
+                        prefix: chunks,
+                        rest: Some(body),
+                        size,
+                    };
+                }
+            }
+        }
+    }
+    Buffered::Whole(match chunks.len() {
+        0 => Bytes::new(),
+        1 => chunks.pop().unwrap_or_default(),
+        _ => {
+            let mut all = BytesMut::with_capacity(total);
+            for c in chunks {
+                all.extend_from_slice(&c);
+            }
+            all.freeze()
+        }
+    })
+}
+
+/// The buffered start of an over-limit body, followed by the rest of it, unbuffered.
+struct Prefixed<B> {
+    prefix: VecDeque<Bytes>,
+    rest: Option<Pin<Box<B>>>,
+    size: BodySize,
+}
+
+impl<B: MessageBody> MessageBody for Prefixed<B> {
+    type Error = B::Error;
+
+    fn size(&self) -> BodySize {
+        self.size
+    }
+
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Bytes, Self::Error>>> {
+        if let Some(chunk) = self.prefix.pop_front() {
+            return Poll::Ready(Some(Ok(chunk)));
+        }
+        match self.rest.as_mut() {
+            Some(rest) => rest.as_mut().poll_next(cx),
+            None => Poll::Ready(None),
+        }
+    }
+}
+
+fn header_list(headers: &HeaderMap) -> HeaderList {
+    headers
+        .iter()
+        .map(|(n, v)| (n.as_str().to_owned(), v.as_bytes().to_vec()))
+        .collect()
+}
+
+/// Builds a response from a stored one. Names or values that are not valid HTTP (a corrupt
+/// or foreign record) are skipped rather than failing the replay.
+fn stored_response(stored: StoredResponse) -> HttpResponse {
+    let Ok(status) = StatusCode::from_u16(stored.status) else {
+        return problem_response(&store_unavailable(&Error::Corrupt {
+            detail: format!("stored status {}", stored.status),
+        }));
+    };
+    let mut response = HttpResponse::with_body(status, stored.body).map_into_boxed_body();
+    let headers = response.headers_mut();
+    for (name, value) in stored.headers {
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_bytes(&value),
+        ) {
+            headers.append(n, v);
+        }
+    }
+    response
+}
+
+/// The problem+json response for a problem.
+fn problem_response(problem: &Problem) -> HttpResponse {
+    stored_response(problem.to_response())
+}

@@ -1,0 +1,1216 @@
+//! Every error path of the engine, through the public API: files that are not databases,
+//! read-only files and directories, newer schemas, corrupt rows, a closed engine, a full queue,
+//! lost leases, retention and cleanup, dropped and extended leases, mismatches, invalid input
+//! and (with the `fault-injection` feature) a writer thread that panics.
+
+use std::fs;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use idempotency_rs::{
+    ClaimOutcome, ClaimRequest, Engine, EngineConfig, Error, Fingerprint, IdempotencyKey, Lease,
+    ManualClock, StoredResponse,
+};
+use rusqlite::Connection;
+
+const T0: i64 = 1_700_000_000_000;
+
+fn fp(n: u8) -> Fingerprint {
+    Fingerprint::of_request("POST", "/payments", &[n])
+}
+
+fn key(k: &str) -> IdempotencyKey {
+    IdempotencyKey::new(k).unwrap()
+}
+
+fn req(scope: &str, k: &str, f: u8) -> ClaimRequest {
+    ClaimRequest::new(scope, key(k), fp(f))
+}
+
+fn claimed(outcome: ClaimOutcome) -> Lease {
+    match outcome {
+        ClaimOutcome::Claimed(lease) => lease,
+        other => panic!("expected Claimed, got {other:?}"),
+    }
+}
+
+fn replayed(outcome: ClaimOutcome) -> StoredResponse {
+    match outcome {
+        ClaimOutcome::Replay(r) => r,
+        other => panic!("expected Replay, got {other:?}"),
+    }
+}
+
+fn in_flight(outcome: ClaimOutcome) -> Duration {
+    match outcome {
+        ClaimOutcome::InFlight { retry_after } => retry_after,
+        other => panic!("expected InFlight, got {other:?}"),
+    }
+}
+
+fn response(body: &str) -> StoredResponse {
+    StoredResponse::new(201, body.as_bytes().to_vec())
+        .with_header("content-type", b"text/plain".to_vec())
+        .with_header("x-bin", vec![0u8, 159, 255])
+        .with_trailers(vec![("grpc-status".into(), b"0".to_vec())])
+}
+
+fn manual() -> Arc<ManualClock> {
+    Arc::new(ManualClock::new(T0))
+}
+
+fn file_config(path: &Path, clock: &Arc<ManualClock>) -> EngineConfig {
+    EngineConfig::new(path)
+        .lock_timeout(Duration::from_millis(100))
+        .retention(Duration::from_millis(1000))
+        .clock(clock.clone())
+}
+
+fn row_count(path: &Path) -> i64 {
+    let conn = Connection::open(path).unwrap();
+    conn.query_row("SELECT count(*) FROM idempotency_records", [], |r| r.get(0))
+        .unwrap()
+}
+
+/// Runs `f` on another thread and fails the test if it has not finished within `limit`: a
+/// guard against hangs, not a timing assertion (the limit is generous).
+fn within<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let handle = std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    match rx.recv_timeout(limit) {
+        Ok(v) => {
+            handle.join().unwrap();
+            v
+        }
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+            // The closure panicked: surface its panic.
+            std::panic::resume_unwind(handle.join().unwrap_err())
+        }
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => panic!("hung for {limit:?}"),
+    }
+}
+
+/// Polls a future once with a no-op waker (to get a claim queued without waiting for it).
+fn poll_once<F: Future>(fut: &mut Pin<Box<F>>) -> Poll<F::Output> {
+    fut.as_mut().poll(&mut Context::from_waker(Waker::noop()))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Opening
+
+#[test]
+fn a_file_that_is_not_a_database_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notes.db");
+    let garbage: Vec<u8> = (0..8192u32).map(|i| (i * 31 % 251) as u8).collect();
+    fs::write(&path, &garbage).unwrap();
+    match Engine::open(EngineConfig::new(&path)) {
+        Err(Error::NotADatabase { path: p }) => assert_eq!(p, path),
+        other => panic!("expected NotADatabase, got {other:?}"),
+    }
+    // Nothing was written to it.
+    assert_eq!(fs::read(&path).unwrap(), garbage);
+
+    // A text file too.
+    fs::write(&path, "this is not a database\n".repeat(100)).unwrap();
+    assert!(matches!(
+        Engine::open(EngineConfig::new(&path)),
+        Err(Error::NotADatabase { .. })
+    ));
+}
+
+#[test]
+fn a_path_in_a_missing_directory_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("no such directory").join("idem.db");
+    match Engine::open(EngineConfig::new(&path)) {
+        // SQLite says "cannot open"; the engine reports it as a path it cannot write.
+        Err(Error::ReadOnly { path: p }) => assert_eq!(p, path),
+        other => panic!("expected ReadOnly, got {other:?}"),
+    }
+    assert!(!path.exists());
+}
+
+/// Makes `path` (a file or a directory) unwritable and undoes it on drop. Tries `chmod` first;
+/// when that does not stop writes (tests often run as root, where permission bits are ignored)
+/// it sets the immutable attribute with `chattr +i`, which stops root too. `None` when neither
+/// works on this machine.
+struct ReadOnlyGuard {
+    path: PathBuf,
+    mode: u32,
+    immutable: bool,
+}
+
+impl ReadOnlyGuard {
+    fn new(path: &Path) -> Option<ReadOnlyGuard> {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = fs::metadata(path).unwrap().permissions().mode();
+        let readonly_mode = if path.is_dir() { 0o555 } else { 0o444 };
+        fs::set_permissions(path, fs::Permissions::from_mode(readonly_mode)).unwrap();
+        let mut guard = ReadOnlyGuard {
+            path: path.to_path_buf(),
+            mode,
+            immutable: false,
+        };
+        if !writable(path) {
+            return Some(guard);
+        }
+        let ok = std::process::Command::new("chattr")
+            .arg("+i")
+            .arg(path)
+            .status()
+            .is_ok_and(|s| s.success());
+        guard.immutable = ok;
+        if ok && !writable(path) {
+            return Some(guard);
+        }
+        None
+    }
+}
+
+impl Drop for ReadOnlyGuard {
+    fn drop(&mut self) {
+        use std::os::unix::fs::PermissionsExt;
+        if self.immutable {
+            let _ = std::process::Command::new("chattr")
+                .arg("-i")
+                .arg(&self.path)
+                .status();
+        }
+        let _ = fs::set_permissions(&self.path, fs::Permissions::from_mode(self.mode));
+    }
+}
+
+fn writable(path: &Path) -> bool {
+    if path.is_dir() {
+        let probe = path.join(".write-probe");
+        let ok = fs::File::create(&probe).is_ok();
+        let _ = fs::remove_file(&probe);
+        ok
+    } else {
+        fs::OpenOptions::new().append(true).open(path).is_ok()
+    }
+}
+
+/// A database file the process cannot write.
+#[test]
+fn a_read_only_file_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("idem.db");
+    let clock = manual();
+    {
+        let engine = Engine::open(file_config(&path, &clock)).unwrap();
+        claimed(engine.claim(req("s", "k", 1)).unwrap())
+            .complete(response("kept"))
+            .unwrap();
+        engine.shutdown().unwrap();
+    }
+    let Some(guard) = ReadOnlyGuard::new(&path) else {
+        eprintln!(
+            "SKIPPED: neither chmod nor chattr makes a file read-only for this user; only the \
+             missing-directory case of Error::ReadOnly is tested here"
+        );
+        return;
+    };
+    match Engine::open(file_config(&path, &clock)) {
+        Err(Error::ReadOnly { path: p }) => assert_eq!(p, path),
+        other => panic!("expected ReadOnly, got {other:?}"),
+    }
+    drop(guard);
+    // Writable again: the record is intact.
+    let engine = Engine::open(file_config(&path, &clock)).unwrap();
+    assert_eq!(
+        replayed(engine.claim(req("s", "k", 1)).unwrap()),
+        response("kept")
+    );
+}
+
+/// A writable database file in a directory where the WAL and shared-memory files cannot be
+/// created.
+#[test]
+fn a_read_only_directory_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let sub = dir.path().join("data");
+    fs::create_dir(&sub).unwrap();
+    let path = sub.join("idem.db");
+    let clock = manual();
+    {
+        let engine = Engine::open(file_config(&path, &clock)).unwrap();
+        claimed(engine.claim(req("s", "k", 1)).unwrap())
+            .complete(response("kept"))
+            .unwrap();
+        engine.shutdown().unwrap();
+    }
+    // The clean shutdown removed the WAL: reopening must create it again.
+    for leftover in ["idem.db-wal", "idem.db-shm"] {
+        let _ = fs::remove_file(sub.join(leftover));
+    }
+    let Some(guard) = ReadOnlyGuard::new(&sub) else {
+        eprintln!(
+            "SKIPPED: neither chmod nor chattr makes a directory read-only for this user; only \
+             the missing-directory case of Error::ReadOnly is tested here"
+        );
+        return;
+    };
+    let opened = Engine::open(file_config(&path, &clock));
+    drop(guard);
+    match opened {
+        Err(Error::ReadOnly { path: p }) => assert_eq!(p, path),
+        other => panic!("expected ReadOnly, got {other:?}"),
+    }
+    let engine = Engine::open(file_config(&path, &clock)).unwrap();
+    assert_eq!(
+        replayed(engine.claim(req("s", "k", 1)).unwrap()),
+        response("kept")
+    );
+}
+
+#[test]
+fn a_newer_schema_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("idem.db");
+    {
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch("CREATE TABLE future (x); PRAGMA user_version = 99;")
+            .unwrap();
+    }
+    match Engine::open(EngineConfig::new(&path)) {
+        Err(Error::SchemaTooNew { found, supported }) => {
+            assert_eq!(found, 99);
+            assert!(supported < 99);
+        }
+        other => panic!("expected SchemaTooNew, got {other:?}"),
+    }
+    // The newer schema was not touched.
+    let conn = Connection::open(&path).unwrap();
+    let v: i64 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .unwrap();
+    assert_eq!(v, 99);
+    let ours: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM sqlite_schema WHERE name LIKE 'idempotency%'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(ours, 0);
+}
+
+#[test]
+fn current_schema_version_without_the_tables_is_corrupt() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("idem.db");
+    {
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch("CREATE TABLE someone_elses (x); PRAGMA user_version = 1;")
+            .unwrap();
+    }
+    assert!(matches!(
+        Engine::open(EngineConfig::new(&path)),
+        Err(Error::Corrupt { .. })
+    ));
+}
+
+#[test]
+fn invalid_configurations_are_refused() {
+    let bad = [
+        EngineConfig::in_memory().queue_capacity(0),
+        EngineConfig::in_memory().max_batch(0),
+        EngineConfig::in_memory().lock_timeout(Duration::ZERO),
+        EngineConfig::in_memory().retention(Duration::ZERO),
+        EngineConfig::in_memory().cleanup(Duration::ZERO, 10),
+        EngineConfig::in_memory().cleanup(Duration::from_secs(1), 0),
+    ];
+    for config in bad {
+        let shown = format!("{config:?}");
+        assert!(
+            matches!(Engine::open(config), Err(Error::InvalidConfig { .. })),
+            "{shown}"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Corrupt rows
+
+/// Stores one completed record under (`scope`, `k`) with fingerprint 1, then lets `damage`
+/// change its row with plain SQL while the engine is closed.
+fn damaged_db(dir: &Path, damage: &str) -> PathBuf {
+    let path = dir.join("idem.db");
+    let clock = manual();
+    let engine = Engine::open(file_config(&path, &clock)).unwrap();
+    claimed(engine.claim(req("s", "k", 1)).unwrap())
+        .complete(response("original"))
+        .unwrap();
+    claimed(engine.claim(req("s", "healthy", 1)).unwrap())
+        .complete(response("healthy"))
+        .unwrap();
+    engine.shutdown().unwrap();
+    drop(engine);
+    let conn = Connection::open(&path).unwrap();
+    let n = conn
+        .execute(
+            &format!("UPDATE idempotency_records SET {damage} WHERE scope = 's' AND key = 'k'"),
+            [],
+        )
+        .unwrap();
+    assert_eq!(n, 1);
+    path
+}
+
+#[test]
+fn corrupt_rows_are_errors_never_panics_or_wrong_replays() {
+    let damages = [
+        "headers = x'ffffffffffff'",
+        "headers = x'0105616263'",
+        "headers = 'text, not a blob'",
+        "trailers = x'ff'",
+        "state = 7",
+        "state = 'completed'",
+        "status = 70000",
+        "status = -1",
+        "status = NULL",
+        "status = 'two hundred'",
+        "fingerprint = x'0102'",
+        "body = 42",
+        "locked_until = 'soon'",
+    ];
+    for damage in damages {
+        for readers in [4, 0] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = damaged_db(dir.path(), damage);
+            let clock = manual();
+            let engine =
+                Engine::open(file_config(&path, &clock).read_connections(readers)).unwrap();
+            for attempt in 0..2 {
+                let got = engine.claim(req("s", "k", 1));
+                assert!(
+                    matches!(got, Err(Error::Corrupt { .. })),
+                    "{damage} (readers {readers}, attempt {attempt}): expected Corrupt, got {got:?}"
+                );
+            }
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap();
+            let got = rt.block_on(engine.claim_async(req("s", "k", 1)));
+            assert!(
+                matches!(got, Err(Error::Corrupt { .. })),
+                "{damage} async: {got:?}"
+            );
+            // The engine keeps serving other records.
+            assert_eq!(
+                replayed(engine.claim(req("s", "healthy", 1)).unwrap()),
+                response("healthy"),
+                "{damage}"
+            );
+            claimed(engine.claim(req("s", "fresh", 1)).unwrap())
+                .complete(response("fresh"))
+                .unwrap();
+        }
+    }
+}
+
+#[test]
+fn a_corrupt_row_with_another_fingerprint_is_a_mismatch_not_a_replay() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = damaged_db(dir.path(), "headers = x'ffffffffff'");
+    let engine = Engine::open(file_config(&path, &manual())).unwrap();
+    assert!(matches!(
+        engine.claim(req("s", "k", 2)).unwrap(),
+        ClaimOutcome::Mismatch
+    ));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Closed engine
+
+#[test]
+fn a_closed_engine_refuses_everything() {
+    for on_file in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = manual();
+        let config = if on_file {
+            file_config(&dir.path().join("idem.db"), &clock)
+        } else {
+            EngineConfig::in_memory().clock(clock.clone())
+        };
+        let engine = Engine::open(config).unwrap();
+        let other_handle = engine.clone();
+        let to_complete = claimed(engine.claim(req("s", "a", 1)).unwrap());
+        let to_release = claimed(engine.claim(req("s", "b", 1)).unwrap());
+        let mut to_extend = claimed(engine.claim(req("s", "c", 1)).unwrap());
+        let to_drop = claimed(engine.claim(req("s", "d", 1)).unwrap());
+        let to_complete_async = claimed(engine.claim(req("s", "e", 1)).unwrap());
+        claimed(engine.claim(req("s", "done", 1)).unwrap())
+            .complete(response("done"))
+            .unwrap();
+
+        engine.shutdown().unwrap();
+
+        assert!(matches!(engine.claim(req("s", "x", 1)), Err(Error::Closed)));
+        // Even a replay of a completed record (the read-connection path) is refused.
+        assert!(matches!(
+            other_handle.claim(req("s", "done", 1)),
+            Err(Error::Closed)
+        ));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        assert!(matches!(
+            rt.block_on(engine.claim_async(req("s", "y", 1))),
+            Err(Error::Closed)
+        ));
+        assert!(matches!(
+            to_complete.complete(response("late")),
+            Err(Error::Closed)
+        ));
+        assert!(matches!(
+            rt.block_on(to_complete_async.complete_async(response("late"))),
+            Err(Error::Closed)
+        ));
+        assert!(matches!(to_release.release(), Err(Error::Closed)));
+        assert!(matches!(
+            to_extend.extend(Duration::from_secs(1)),
+            Err(Error::Closed)
+        ));
+        drop(to_drop);
+        drop(to_extend);
+        assert!(matches!(engine.shutdown(), Err(Error::Closed)));
+        assert!(matches!(other_handle.shutdown(), Err(Error::Closed)));
+        assert!(Error::Closed.is_closed());
+        assert!(!Error::Closed.is_transient());
+
+        if on_file {
+            // What was committed before the shutdown is there; the leases stay in flight until
+            // their lock times out.
+            drop((engine, other_handle));
+            let engine = Engine::open(file_config(&dir.path().join("idem.db"), &clock)).unwrap();
+            assert_eq!(
+                replayed(engine.claim(req("s", "done", 1)).unwrap()),
+                response("done")
+            );
+            for k in ["a", "b", "c", "d", "e"] {
+                in_flight(engine.claim(req("s", k, 1)).unwrap());
+            }
+        }
+    }
+}
+
+#[test]
+fn claims_racing_a_shutdown_all_get_an_answer() {
+    within(Duration::from_secs(300), || {
+        for round in 0..20 {
+            let engine = Engine::open(EngineConfig::in_memory().queue_capacity(4)).unwrap();
+            let barrier = Arc::new(std::sync::Barrier::new(9));
+            let callers: Vec<_> = (0..8)
+                .map(|t| {
+                    let (engine, barrier) = (engine.clone(), barrier.clone());
+                    std::thread::spawn(move || {
+                        barrier.wait();
+                        let rt = tokio::runtime::Builder::new_current_thread()
+                            .build()
+                            .unwrap();
+                        for i in 0.. {
+                            let r = req("s", &format!("{round}-{t}-{i}"), 1);
+                            let got = if i % 2 == 0 {
+                                engine.claim(r)
+                            } else {
+                                rt.block_on(engine.claim_async(r))
+                            };
+                            match got {
+                                Ok(ClaimOutcome::Claimed(lease)) => {
+                                    let _ = lease.complete(response("x"));
+                                }
+                                Err(Error::Closed) => return,
+                                Ok(_) | Err(Error::Overloaded { .. }) => {}
+                                Err(e) => panic!("unexpected {e:?}"),
+                            }
+                        }
+                    })
+                })
+                .collect();
+            barrier.wait();
+            for _ in 0..round * 50 {
+                std::thread::yield_now();
+            }
+            engine.shutdown().unwrap();
+            for c in callers {
+                c.join().unwrap();
+            }
+        }
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Overload
+
+/// Holds the database's write lock from another connection, so the writer thread blocks in
+/// `BEGIN IMMEDIATE` (for up to its busy timeout) and the claim queue cannot drain.
+fn block_writer(path: &Path) -> Connection {
+    let conn = Connection::open(path).unwrap();
+    conn.execute_batch("BEGIN IMMEDIATE").unwrap();
+    conn
+}
+
+fn spin_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !cond() {
+        assert!(Instant::now() < deadline, "gave up waiting for {what}");
+        std::thread::yield_now();
+    }
+}
+
+#[test]
+fn a_full_queue_is_overloaded_at_once_and_admitted_work_still_finishes() {
+    within(Duration::from_secs(300), full_queue);
+}
+
+fn full_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("idem.db");
+    let clock = manual();
+    let engine = Engine::open(
+        file_config(&path, &clock)
+            .queue_capacity(1)
+            .busy_timeout(Duration::from_secs(120)),
+    )
+    .unwrap();
+    // A lease admitted before the overload.
+    let admitted = claimed(engine.claim(req("s", "admitted", 1)).unwrap());
+
+    let blocker = block_writer(&path);
+    // Claim A reaches the writer, which then waits for the lock.
+    let mut a = Box::pin(engine.claim_async(req("s", "a", 1)));
+    assert!(poll_once(&mut a).is_pending());
+    spin_until("the writer to take claim A", || engine.queued() == 0);
+    // Claim B fills the queue (capacity 1).
+    let mut b = Box::pin(engine.claim_async(req("s", "b", 1)));
+    assert!(poll_once(&mut b).is_pending());
+    assert_eq!(engine.queued(), 1);
+
+    // Everyone else is refused at once, from any number of threads, sync or async.
+    let threads: Vec<_> = (0..32)
+        .map(|i| {
+            let engine = engine.clone();
+            std::thread::spawn(move || engine.claim(req("s", &format!("t{i}"), 1)))
+        })
+        .collect();
+    for t in threads {
+        match t.join().unwrap() {
+            Err(e @ Error::Overloaded { retry_after }) => {
+                assert!(e.is_transient());
+                assert!(!e.is_closed());
+                assert!(retry_after > Duration::ZERO);
+            }
+            other => panic!("expected Overloaded, got {other:?}"),
+        }
+    }
+    let mut c = Box::pin(engine.claim_async(req("s", "c", 1)));
+    assert!(matches!(
+        poll_once(&mut c),
+        Poll::Ready(Err(Error::Overloaded { .. }))
+    ));
+
+    // A lease admitted earlier may still complete: its command does not wait for queue space.
+    let completing = std::thread::spawn(move || admitted.complete(response("admitted")));
+
+    blocker.execute_batch("COMMIT").unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let lease_a = claimed(rt.block_on(a).unwrap());
+    let lease_b = claimed(rt.block_on(b).unwrap());
+    completing.join().unwrap().unwrap();
+    lease_a.complete(response("a")).unwrap();
+    lease_b.release().unwrap();
+    assert_eq!(
+        replayed(engine.claim(req("s", "admitted", 1)).unwrap()),
+        response("admitted")
+    );
+    // A refused claim left nothing behind.
+    for i in 0..32 {
+        claimed(engine.claim(req("s", &format!("t{i}"), 1)).unwrap())
+            .release()
+            .unwrap();
+    }
+    claimed(engine.claim(req("s", "c", 1)).unwrap())
+        .release()
+        .unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fencing
+
+#[test]
+fn a_taken_over_lease_is_lost_and_changes_nothing() {
+    for on_file in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = manual();
+        let config = if on_file {
+            file_config(&dir.path().join("idem.db"), &clock)
+        } else {
+            EngineConfig::in_memory()
+                .lock_timeout(Duration::from_millis(100))
+                .retention(Duration::from_millis(1000))
+                .clock(clock.clone())
+        };
+        let engine = Engine::open(config).unwrap();
+
+        // complete + extend of a lost lease.
+        let mut old = claimed(engine.claim(req("s", "k", 1)).unwrap());
+        // Still locked one millisecond before the timeout.
+        clock.advance(Duration::from_millis(99));
+        assert_eq!(
+            in_flight(engine.claim(req("s", "k", 1)).unwrap()),
+            Duration::from_millis(1)
+        );
+        clock.advance(Duration::from_millis(1));
+        let new = claimed(engine.claim(req("s", "k", 1)).unwrap());
+        assert!(new.fencing_token() > old.fencing_token());
+        assert!(matches!(
+            old.extend(Duration::from_secs(10)),
+            Err(Error::LeaseLost)
+        ));
+        assert!(matches!(
+            old.complete(response("stale")),
+            Err(Error::LeaseLost)
+        ));
+        // The newer holder is unaffected and its result is the one kept.
+        in_flight(engine.claim(req("s", "k", 1)).unwrap());
+        new.complete(response("fresh")).unwrap();
+        assert_eq!(
+            replayed(engine.claim(req("s", "k", 1)).unwrap()),
+            response("fresh")
+        );
+
+        // release of a lost lease.
+        let old = claimed(engine.claim(req("s", "r", 1)).unwrap());
+        clock.advance(Duration::from_millis(100));
+        let new = claimed(engine.claim(req("s", "r", 1)).unwrap());
+        assert!(matches!(old.release(), Err(Error::LeaseLost)));
+        in_flight(engine.claim(req("s", "r", 1)).unwrap());
+        new.complete(response("kept")).unwrap();
+        assert_eq!(
+            replayed(engine.claim(req("s", "r", 1)).unwrap()),
+            response("kept")
+        );
+
+        // A lost lease completing after the newer one did: still lost, the result unchanged.
+        let old = claimed(engine.claim(req("s", "q", 1)).unwrap());
+        clock.advance(Duration::from_millis(150));
+        claimed(engine.claim(req("s", "q", 1)).unwrap())
+            .complete(response("winner"))
+            .unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        assert!(matches!(
+            rt.block_on(old.complete_async(response("loser"))),
+            Err(Error::LeaseLost)
+        ));
+        assert_eq!(
+            replayed(engine.claim(req("s", "q", 1)).unwrap()),
+            response("winner")
+        );
+
+        // A lease whose record expired and was claimed again by another request.
+        let old = claimed(engine.claim(req("s", "e", 1)).unwrap());
+        clock.advance(Duration::from_millis(1100)); // past lock + retention
+        let new = claimed(engine.claim(req("s", "e", 2)).unwrap());
+        assert!(matches!(old.complete(response("x")), Err(Error::LeaseLost)));
+        new.release().unwrap();
+        assert!(!Error::LeaseLost.is_transient());
+    }
+}
+
+#[test]
+fn fencing_tokens_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("idem.db");
+    let clock = manual();
+    let mut last = 0;
+    for round in 0..3 {
+        let engine = Engine::open(file_config(&path, &clock)).unwrap();
+        for i in 0..5 {
+            let lease = claimed(engine.claim(req("s", &format!("{round}-{i}"), 1)).unwrap());
+            assert!(lease.fencing_token() > last);
+            last = lease.fencing_token();
+            if i % 2 == 0 {
+                lease.complete(response("r")).unwrap();
+            } else {
+                lease.release().unwrap();
+            }
+        }
+        engine.shutdown().unwrap();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Retention and cleanup
+
+#[test]
+fn a_completed_record_replays_until_its_retention_then_is_absent() {
+    for on_file in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("idem.db");
+        let clock = manual();
+        let config = if on_file {
+            file_config(&path, &clock)
+        } else {
+            EngineConfig::in_memory()
+                .lock_timeout(Duration::from_millis(100))
+                .retention(Duration::from_millis(1000))
+                .clock(clock.clone())
+        };
+        let engine = Engine::open(config).unwrap();
+        claimed(engine.claim(req("s", "k", 1)).unwrap())
+            .complete(response("r"))
+            .unwrap();
+        clock.advance(Duration::from_millis(999));
+        assert_eq!(
+            replayed(engine.claim(req("s", "k", 1)).unwrap()),
+            response("r")
+        );
+        assert!(matches!(
+            engine.claim(req("s", "k", 2)).unwrap(),
+            ClaimOutcome::Mismatch
+        ));
+        clock.advance(Duration::from_millis(1));
+        if on_file {
+            // The row is still there (cleanup runs every 60 s by default)...
+            assert_eq!(row_count(&path), 1);
+        }
+        // ...but the record is gone: even another fingerprint may claim the key.
+        let lease = claimed(engine.claim(req("s", "k", 2)).unwrap());
+        lease.complete(response("second")).unwrap();
+        assert_eq!(
+            replayed(engine.claim(req("s", "k", 2)).unwrap()),
+            response("second")
+        );
+
+        // A per-claim retention overrides the engine's.
+        claimed(
+            engine
+                .claim(req("s", "short", 1).retention(Duration::from_millis(10)))
+                .unwrap(),
+        )
+        .complete(response("short"))
+        .unwrap();
+        clock.advance(Duration::from_millis(9));
+        replayed(engine.claim(req("s", "short", 1)).unwrap());
+        clock.advance(Duration::from_millis(1));
+        claimed(engine.claim(req("s", "short", 1)).unwrap())
+            .release()
+            .unwrap();
+    }
+}
+
+#[test]
+fn cleanup_deletes_expired_records_and_only_those() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("idem.db");
+    let clock = manual();
+    // Cleanup every 5 ms in batches of 2: several batches are needed.
+    let engine =
+        Engine::open(file_config(&path, &clock).cleanup(Duration::from_millis(5), 2)).unwrap();
+    for i in 0..7 {
+        claimed(engine.claim(req("s", &format!("old{i}"), 1)).unwrap())
+            .complete(response("old"))
+            .unwrap();
+    }
+    // An abandoned lease: its record expires at lock timeout + retention.
+    let abandoned = claimed(engine.claim(req("s", "abandoned", 1)).unwrap());
+    // A record kept longer than the others.
+    claimed(
+        engine
+            .claim(req("s", "kept", 1).retention(Duration::from_secs(3600)))
+            .unwrap(),
+    )
+    .complete(response("kept"))
+    .unwrap();
+    assert_eq!(row_count(&path), 9);
+
+    clock.advance(Duration::from_millis(1100));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while row_count(&path) != 1 {
+        assert!(
+            Instant::now() < deadline,
+            "cleanup left {} rows",
+            row_count(&path)
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let conn = Connection::open(&path).unwrap();
+    let left: String = conn
+        .query_row("SELECT key FROM idempotency_records", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(left, "kept");
+    assert_eq!(
+        replayed(engine.claim(req("s", "kept", 1)).unwrap()),
+        response("kept")
+    );
+    // The abandoned lease's record is gone.
+    assert!(matches!(
+        abandoned.complete(response("late")),
+        Err(Error::LeaseLost)
+    ));
+    claimed(engine.claim(req("s", "old0", 2)).unwrap())
+        .release()
+        .unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Leases
+
+#[test]
+fn dropping_a_lease_releases_the_key() {
+    for on_file in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = manual();
+        let config = if on_file {
+            file_config(&dir.path().join("idem.db"), &clock)
+        } else {
+            EngineConfig::in_memory().clock(clock.clone())
+        };
+        let engine = Engine::open(config).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        // Many times, sync and async, with another fingerprint each time: a claim right after
+        // the drop must never find the key still held (Mismatch or InFlight). The clock never
+        // moves, so only the release can free the key.
+        for i in 0..300u32 {
+            let k = format!("k{}", i % 3);
+            let f = (i % 251) as u8;
+            let lease = claimed(engine.claim(req("s", &k, f)).unwrap());
+            drop(lease);
+            let next = if i % 2 == 0 {
+                engine.claim(req("s", &k, f.wrapping_add(1)))
+            } else {
+                rt.block_on(engine.claim_async(req("s", &k, f.wrapping_add(1))))
+            };
+            let lease = claimed(next.unwrap());
+            drop(lease);
+            // Several dropped leases, then claims of all of them.
+            let leases: Vec<_> = (0..4)
+                .map(|j| claimed(engine.claim(req("t", &format!("{i}-{j}"), 1)).unwrap()))
+                .collect();
+            drop(leases);
+            for j in 0..4 {
+                claimed(engine.claim(req("t", &format!("{i}-{j}"), 2)).unwrap())
+                    .complete(response("x"))
+                    .unwrap();
+            }
+        }
+    }
+}
+
+#[test]
+fn extend_keeps_a_lease_alive_past_its_original_timeout() {
+    let clock = manual();
+    let engine = Engine::open(
+        EngineConfig::in_memory()
+            .lock_timeout(Duration::from_millis(100))
+            .retention(Duration::from_millis(1000))
+            .clock(clock.clone()),
+    )
+    .unwrap();
+    let mut lease = claimed(engine.claim(req("s", "k", 1)).unwrap());
+    let original = lease.locked_until();
+    clock.advance(Duration::from_millis(50));
+    lease.extend(Duration::from_millis(500)).unwrap();
+    assert_eq!(lease.locked_until(), original + Duration::from_millis(450));
+    // Past the original timeout the record is still held, with the new retry time.
+    clock.advance(Duration::from_millis(300));
+    assert_eq!(
+        in_flight(engine.claim(req("s", "k", 1)).unwrap()),
+        Duration::from_millis(200)
+    );
+    // Extended again, asynchronously.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    rt.block_on(lease.extend_async(Duration::from_millis(1000)))
+        .unwrap();
+    clock.advance(Duration::from_millis(999));
+    in_flight(engine.claim(req("s", "k", 1)).unwrap());
+    lease.complete(response("late but owned")).unwrap();
+    assert_eq!(
+        replayed(engine.claim(req("s", "k", 1)).unwrap()),
+        response("late but owned")
+    );
+
+    // Without extend, the same wait loses the record.
+    let lease = claimed(engine.claim(req("s", "j", 1)).unwrap());
+    clock.advance(Duration::from_millis(100));
+    let newer = claimed(engine.claim(req("s", "j", 1)).unwrap());
+    assert!(matches!(
+        lease.complete(response("x")),
+        Err(Error::LeaseLost)
+    ));
+    newer.release().unwrap();
+}
+
+#[test]
+fn a_timed_out_lease_nobody_took_over_may_still_complete() {
+    let clock = manual();
+    let engine = Engine::open(
+        EngineConfig::in_memory()
+            .lock_timeout(Duration::from_millis(100))
+            .clock(clock.clone()),
+    )
+    .unwrap();
+    let lease = claimed(engine.claim(req("s", "k", 1)).unwrap());
+    clock.advance(Duration::from_millis(500));
+    lease.complete(response("slow")).unwrap();
+    assert_eq!(
+        replayed(engine.claim(req("s", "k", 1)).unwrap()),
+        response("slow")
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Mismatch
+
+#[test]
+fn mismatch_is_decided_before_in_flight() {
+    for on_file in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = manual();
+        let config = if on_file {
+            file_config(&dir.path().join("idem.db"), &clock)
+        } else {
+            EngineConfig::in_memory()
+                .lock_timeout(Duration::from_millis(100))
+                .retention(Duration::from_millis(1000))
+                .clock(clock.clone())
+        };
+        let engine = Engine::open(config).unwrap();
+        let lease = claimed(engine.claim(req("s", "k", 1)).unwrap());
+        // Held by fingerprint 1: another fingerprint is a mismatch, not "in flight".
+        assert!(matches!(
+            engine.claim(req("s", "k", 2)).unwrap(),
+            ClaimOutcome::Mismatch
+        ));
+        in_flight(engine.claim(req("s", "k", 1)).unwrap());
+        // After the lock timed out the record is still live: still a mismatch, and another
+        // fingerprint cannot take it over.
+        clock.advance(Duration::from_millis(100));
+        assert!(matches!(
+            engine.claim(req("s", "k", 2)).unwrap(),
+            ClaimOutcome::Mismatch
+        ));
+        lease.complete(response("one")).unwrap();
+        // Completed: the replay goes to fingerprint 1 only.
+        assert!(matches!(
+            engine.claim(req("s", "k", 2)).unwrap(),
+            ClaimOutcome::Mismatch
+        ));
+        assert_eq!(
+            replayed(engine.claim(req("s", "k", 1)).unwrap()),
+            response("one")
+        );
+        // The same key in another scope is another record.
+        claimed(engine.claim(req("other", "k", 2)).unwrap())
+            .release()
+            .unwrap();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Invalid input
+
+#[test]
+fn invalid_keys_and_scopes_are_refused() {
+    for bad in [
+        "",
+        " leading",
+        "trailing ",
+        "tab\there",
+        "caf\u{e9}",
+        "\u{7f}",
+    ] {
+        assert!(
+            matches!(IdempotencyKey::new(bad), Err(Error::InvalidKey { .. })),
+            "{bad:?}"
+        );
+    }
+    assert!(matches!(
+        IdempotencyKey::new("k".repeat(256)),
+        Err(Error::InvalidKey { .. })
+    ));
+    assert!(IdempotencyKey::new("k".repeat(255)).is_ok());
+
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::open(EngineConfig::new(dir.path().join("idem.db"))).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    for scope in ["a\0b".to_owned(), "s".repeat(1025)] {
+        assert!(matches!(
+            engine.claim(ClaimRequest::new(scope.clone(), key("k"), fp(1))),
+            Err(Error::InvalidScope { .. })
+        ));
+        assert!(matches!(
+            rt.block_on(engine.claim_async(ClaimRequest::new(scope, key("k"), fp(1)))),
+            Err(Error::InvalidScope { .. })
+        ));
+    }
+    // The longest valid scope and key work, and the engine is unharmed.
+    claimed(
+        engine
+            .claim(ClaimRequest::new(
+                "s".repeat(1024),
+                key(&"k".repeat(255)),
+                fp(1),
+            ))
+            .unwrap(),
+    )
+    .complete(response("long"))
+    .unwrap();
+    assert_eq!(
+        replayed(
+            engine
+                .claim(ClaimRequest::new(
+                    "s".repeat(1024),
+                    key(&"k".repeat(255)),
+                    fp(1)
+                ))
+                .unwrap()
+        ),
+        response("long")
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Writer panic (fault-injection feature)
+
+#[cfg(feature = "fault-injection")]
+#[test]
+fn a_panicked_writer_fails_every_caller_promptly() {
+    within(Duration::from_secs(120), || {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = manual();
+        let engine = Engine::open(file_config(&dir.path().join("idem.db"), &clock)).unwrap();
+        claimed(engine.claim(req("s", "done", 1)).unwrap())
+            .complete(response("done"))
+            .unwrap();
+        let to_complete = claimed(engine.claim(req("s", "a", 1)).unwrap());
+        let to_release = claimed(engine.claim(req("s", "b", 1)).unwrap());
+        let mut to_extend = claimed(engine.claim(req("s", "c", 1)).unwrap());
+        let to_drop = claimed(engine.claim(req("s", "d", 1)).unwrap());
+
+        // Callers hammering the engine while the writer dies: each gets an answer, and once
+        // the writer is gone every claim fails with WriterPanicked.
+        let hammers: Vec<_> = (0..8)
+            .map(|t| {
+                let engine = engine.clone();
+                std::thread::spawn(move || {
+                    for i in 0u64.. {
+                        match engine.claim(req("h", &format!("{t}-{i}"), 1)) {
+                            Ok(ClaimOutcome::Claimed(lease)) => {
+                                let _ = lease.complete(response("h"));
+                            }
+                            Ok(_) | Err(Error::Overloaded { .. }) => {}
+                            Err(Error::WriterPanicked { message }) => return message,
+                            Err(e) => panic!("unexpected {e:?}"),
+                        }
+                    }
+                    unreachable!()
+                })
+            })
+            .collect();
+
+        engine.inject_writer_panic();
+        for h in hammers {
+            let message = h.join().unwrap();
+            assert!(message.contains("injected"), "{message}");
+        }
+
+        let is_panicked = |r: &Result<(), Error>| matches!(r, Err(e @ Error::WriterPanicked { .. }) if e.is_closed());
+        assert!(matches!(
+            engine.claim(req("s", "x", 1)),
+            Err(Error::WriterPanicked { .. })
+        ));
+        // A replay that the read connections could serve is refused too.
+        assert!(matches!(
+            engine.claim(req("s", "done", 1)),
+            Err(Error::WriterPanicked { .. })
+        ));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        assert!(matches!(
+            rt.block_on(engine.claim_async(req("s", "y", 1))),
+            Err(Error::WriterPanicked { .. })
+        ));
+        assert!(is_panicked(&to_complete.complete(response("late"))));
+        assert!(is_panicked(&to_release.release()));
+        assert!(is_panicked(&to_extend.extend(Duration::from_secs(1))));
+        drop(to_drop);
+        drop(to_extend);
+        assert!(is_panicked(&engine.shutdown()));
+        drop(engine);
+
+        // The database is intact: a new engine serves it.
+        let engine = Engine::open(file_config(&dir.path().join("idem.db"), &clock)).unwrap();
+        assert_eq!(
+            replayed(engine.claim(req("s", "done", 1)).unwrap()),
+            response("done")
+        );
+    });
+}
+
+#[cfg(feature = "fault-injection")]
+#[test]
+fn a_writer_panic_wakes_callers_already_waiting() {
+    within(Duration::from_secs(120), || {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("idem.db");
+        let engine = Engine::open(
+            file_config(&path, &manual())
+                .queue_capacity(8)
+                .busy_timeout(Duration::from_secs(120)),
+        )
+        .unwrap();
+        // Hold the writer in BEGIN IMMEDIATE with claims queued behind it, then queue the
+        // panic: every waiting caller must be answered once the writer gets to it.
+        let blocker = block_writer(&path);
+        let mut first = Box::pin(engine.claim_async(req("s", "first", 1)));
+        assert!(poll_once(&mut first).is_pending());
+        spin_until("the writer to take the first claim", || {
+            engine.queued() == 0
+        });
+        let waiting: Vec<_> = (0..4)
+            .map(|i| {
+                let engine = engine.clone();
+                std::thread::spawn(move || engine.claim(req("s", &format!("w{i}"), 1)))
+            })
+            .collect();
+        spin_until("the claims to queue", || engine.queued() == 4);
+        engine.inject_writer_panic();
+        blocker.execute_batch("COMMIT").unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        // The first claim was in the batch being committed: it may have succeeded.
+        match rt.block_on(first) {
+            Ok(ClaimOutcome::Claimed(_)) | Err(Error::WriterPanicked { .. }) => {}
+            other => panic!("{other:?}"),
+        }
+        for w in waiting {
+            match w.join().unwrap() {
+                // Lease commands are taken before claims, so the panic comes first.
+                Err(Error::WriterPanicked { .. }) => {}
+                other => panic!("expected WriterPanicked, got {other:?}"),
+            }
+        }
+    });
+}
