@@ -368,7 +368,7 @@ mod tests {
 
     #[test]
     fn urls() {
-        assert!(matches!(parse_url("sqlite::memory:"), Ok(_)));
+        assert!(parse_url("sqlite::memory:").is_ok());
         assert!(parse_url(":memory:").is_ok());
         assert!(parse_url("sqlite:idempotency.db").is_ok());
         assert!(parse_url("sqlite://data/idempotency.db?mode=rwc").is_ok());

@@ -463,22 +463,31 @@ pub async fn dropped_client_releases_key(s: &Server) {
     task.abort();
     let _ = task.await;
     // The server notices the closed connection and drops the request; the key is released
-    // at once (not after the 30 s lock timeout). Retry until it is (bounded).
-    s.probe.gate.add_permits(1);
+    // at once (not after the 30 s lock timeout). Retry until a retry gets into the handler
+    // (bounded); only then open the gate, so the first request cannot finish in the window
+    // before the server has noticed the disconnect.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let r = post(&c, url.clone(), Some(&k), Some("u1"), &json!({"n": 1})).await;
-        if r.status() == 200 {
-            assert!(r.headers().get("idempotent-replayed").is_none());
-            break;
+    let retry = loop {
+        let t = tokio::spawn({
+            let (c, url, k) = (c.clone(), url.clone(), k.clone());
+            async move { post(&c, url, Some(&k), Some("u1"), &json!({"n": 1})).await }
+        });
+        wait_for(|| s.probe.slow.load(Ordering::SeqCst) == 2 || t.is_finished()).await;
+        if s.probe.slow.load(Ordering::SeqCst) == 2 {
+            break t;
         }
+        let r = t.await.unwrap();
         assert_eq!(r.status(), 409, "only in-flight may precede the release");
         assert!(
             std::time::Instant::now() < deadline,
             "key still locked after 10 s"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    };
+    s.probe.gate.add_permits(1);
+    let r = retry.await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().get("idempotent-replayed").is_none());
     assert_eq!(s.probe.slow.load(Ordering::SeqCst), 2);
 }
 
