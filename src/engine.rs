@@ -150,7 +150,7 @@ impl Engine {
     /// Opens (or creates) the database and starts the writer thread.
     ///
     /// # Errors
-    /// [`Error::InvalidConfig`], [`Error::NotADatabase`], [`Error::ReadOnly`],
+    /// [`Error::InvalidConfig`], [`Error::NotADatabase`], [`Error::CannotOpen`], [`Error::ReadOnly`],
     /// [`Error::SchemaTooNew`], [`Error::NotWal`], [`Error::Busy`] or [`Error::Storage`].
     pub fn open(config: EngineConfig) -> Result<Engine> {
         config.validate()?;

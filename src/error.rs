@@ -33,6 +33,14 @@ pub enum Error {
         /// The file that was opened.
         path: PathBuf,
     },
+    /// The database file cannot be opened at all: its directory does not exist, or the path
+    /// names a directory.
+    CannotOpen {
+        /// The file that was opened.
+        path: PathBuf,
+        /// Why it cannot be opened.
+        reason: &'static str,
+    },
     /// The database (or its directory) cannot be written.
     ReadOnly {
         /// The file that was opened.
@@ -66,7 +74,8 @@ pub enum Error {
         detail: String,
     },
     /// The lease no longer owns its record: its lock timed out and another caller took the record
-    /// over (or the record expired). Nothing was changed.
+    /// over with a newer fencing token. Nothing was changed. (A lease whose lock timed out but
+    /// that nobody took over still owns its record and may complete it.)
     LeaseLost,
     /// The engine's command queue is full. Retry after a short pause.
     Overloaded {
@@ -108,6 +117,9 @@ impl fmt::Display for Error {
             Error::InvalidConfig { reason } => write!(f, "invalid engine configuration: {reason}"),
             Error::NotADatabase { path } => {
                 write!(f, "{} is not an SQLite database", path.display())
+            }
+            Error::CannotOpen { path, reason } => {
+                write!(f, "cannot open the database {}: {reason}", path.display())
             }
             Error::ReadOnly { path } => write!(
                 f,

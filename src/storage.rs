@@ -67,6 +67,9 @@ pub(crate) fn open_writer(config: &EngineConfig) -> Result<Connection> {
         Location::Memory => Path::new(":memory:"),
     };
     conn.busy_timeout(config.busy_timeout)?;
+    // Refuse a newer schema (and a file that is not a database) before anything is changed: the
+    // journal mode switch below would already write to the file.
+    schema_version(&conn).map_err(|e| open_error_any(e, path))?;
     let mode: String = conn
         .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))
         .map_err(|e| open_error(e, path))?;
@@ -128,6 +131,22 @@ fn open_error_any(e: Error, path: &Path) -> Error {
                     path: path.to_path_buf(),
                 };
             }
+            C::CannotOpen if path.is_dir() => {
+                return Error::CannotOpen {
+                    path: path.to_path_buf(),
+                    reason: "the path is a directory",
+                };
+            }
+            C::CannotOpen
+                if path
+                    .parent()
+                    .is_some_and(|d| !d.as_os_str().is_empty() && !d.is_dir()) =>
+            {
+                return Error::CannotOpen {
+                    path: path.to_path_buf(),
+                    reason: "its directory does not exist",
+                };
+            }
             C::ReadOnly | C::CannotOpen | C::PermissionDenied => {
                 return Error::ReadOnly {
                     path: path.to_path_buf(),
@@ -139,7 +158,8 @@ fn open_error_any(e: Error, path: &Path) -> Error {
     e
 }
 
-fn migrate(conn: &Connection) -> Result<()> {
+/// The file's schema version, or `SchemaTooNew` when this build cannot read it.
+fn schema_version(conn: &Connection) -> Result<i64> {
     let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
     if version > SCHEMA_VERSION {
         return Err(Error::SchemaTooNew {
@@ -147,6 +167,11 @@ fn migrate(conn: &Connection) -> Result<()> {
             supported: SCHEMA_VERSION,
         });
     }
+    Ok(version)
+}
+
+fn migrate(conn: &Connection) -> Result<()> {
+    let version = schema_version(conn)?;
     if version == SCHEMA_VERSION {
         // Check the tables really are ours: a foreign database with user_version 1 must not be
         // written to.

@@ -130,11 +130,24 @@ fn a_path_in_a_missing_directory_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("no such directory").join("idem.db");
     match Engine::open(EngineConfig::new(&path)) {
-        // SQLite says "cannot open"; the engine reports it as a path it cannot write.
-        Err(Error::ReadOnly { path: p }) => assert_eq!(p, path),
-        other => panic!("expected ReadOnly, got {other:?}"),
+        Err(Error::CannotOpen { path: p, reason }) => {
+            assert_eq!(p, path);
+            assert_eq!(reason, "its directory does not exist");
+        }
+        other => panic!("expected CannotOpen, got {other:?}"),
     }
     assert!(!path.exists());
+}
+
+#[test]
+fn a_directory_is_not_a_database_file() {
+    let dir = tempfile::tempdir().unwrap();
+    match Engine::open(EngineConfig::new(dir.path())) {
+        Err(e @ Error::CannotOpen { .. }) => {
+            assert!(e.to_string().contains("is a directory"), "{e}");
+        }
+        other => panic!("expected CannotOpen, got {other:?}"),
+    }
 }
 
 /// Makes `path` (a file or a directory) unwritable and undoes it on drop. Tries `chmod` first;
@@ -214,7 +227,7 @@ fn a_read_only_file_is_refused() {
     let Some(guard) = ReadOnlyGuard::new(&path) else {
         eprintln!(
             "SKIPPED: neither chmod nor chattr makes a file read-only for this user; only the \
-             missing-directory case of Error::ReadOnly is tested here"
+             missing-directory case (Error::CannotOpen) is tested here"
         );
         return;
     };
@@ -254,7 +267,7 @@ fn a_read_only_directory_is_refused() {
     let Some(guard) = ReadOnlyGuard::new(&sub) else {
         eprintln!(
             "SKIPPED: neither chmod nor chattr makes a directory read-only for this user; only \
-             the missing-directory case of Error::ReadOnly is tested here"
+             the missing-directory case (Error::CannotOpen) is tested here"
         );
         return;
     };
@@ -301,6 +314,11 @@ fn a_newer_schema_is_refused() {
         )
         .unwrap();
     assert_eq!(ours, 0);
+    // Not even its journal mode: the refusal comes before the switch to WAL.
+    let mode: String = conn
+        .pragma_query_value(None, "journal_mode", |r| r.get(0))
+        .unwrap();
+    assert_eq!(mode, "delete");
 }
 
 #[test]
