@@ -997,16 +997,9 @@ fn run_child(args: &Args, id: &str) {
 }
 
 // ------------------------------------------------------------------------------------------
-// PART 5: HTTP end-to-end (Axum layer over loopback) -- NOT WRITTEN YET.
-//
-// The plan: an Axum server on 127.0.0.1:0 in the child process with the idempotency layer, a
-// handler that answers 201 with `common::BODY`; reqwest clients from the same 1/8/64 tasks
-// POSTing with fresh `Idempotency-Key` headers (fresh) and repeated ones (replay); the same
-// server without the layer as the baseline. Add `Case::Http { layer: bool, workload, callers }`
-// (id `http-layer/fresh/64`, `http-bare/...`), a section name "http" in `plan`, a
-// `fn http_case(args, dir, ...) -> Outcome` called from `run_child`, and labels in
-// `Case::labels` ("HTTP POST fresh" / "HTTP POST replay"); the table, CSV and ratios pick the
-// rows up from there.
+// PART 5, HTTP end to end, is `benches/http.rs` (it needs the `axum-integration` feature, which
+// this bench does not): `scripts/bench-compare.sh` runs it after this bench and appends its
+// tables to the same report files.
 // ------------------------------------------------------------------------------------------
 
 // ------------------------------------------------------------------------------------------
@@ -1225,9 +1218,6 @@ impl Report {
             }
         }
 
-        s.push_str(
-            "\n### Part 5: HTTP end-to-end (Axum layer over loopback)\n\nNot measured yet (see the PART 5 marker in benches/compare.rs).\n",
-        );
         if !self.notes.is_empty() {
             s.push_str("\n### Notes\n\n");
             for n in &self.notes {

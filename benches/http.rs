@@ -7,8 +7,19 @@
 //! cargo bench --bench http --features axum-integration            # 5 s per case
 //! HTTP_BENCH_SECS=10 HTTP_BENCH_CONNS=64 cargo bench --bench http --features axum-integration
 //! ```
-//! `HTTP_BENCH_CSV=path` also writes the rows as CSV.
+//! `HTTP_BENCH_CSV=path` also writes the rows as CSV, `HTTP_BENCH_MD=path` the tables as
+//! markdown.
+//!
+//! With `HTTP_BENCH_SERVER=path/to/axum_server` (the example, built in release mode; `make
+//! bench-compare` does this) a second part runs the **example itself** as a child process on a
+//! table pre-filled with `HTTP_BENCH_GROWTH` records (default `0,100000,1000000`): fresh keys and
+//! replays under the same load, and the server's peak resident memory (VmHWM) read from
+//! `/proc/<pid>/status`, to show that the server's memory does not grow with the table.
 
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -175,15 +186,141 @@ async fn load(
     }
 }
 
-fn peak_rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+/// One run of the example server on a pre-filled table.
+struct GrowthRow {
+    records: u64,
+    fresh: Row,
+    replay: Row,
+    server_peak_kib: u64,
+    db_bytes_after: u64,
+}
+
+/// The example as a child process in its own directory (its store is `./idempotency.db`).
+struct Server {
+    child: Child,
+    addr: std::net::SocketAddr,
+}
+
+impl Server {
+    fn start(binary: &Path, dir: &Path) -> Server {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .unwrap()
+            .port();
+        let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+        let child = Command::new(binary)
+            .current_dir(dir)
+            .env("ADDR", addr.to_string())
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary.display()));
+        let server = Server { child, addr };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while std::net::TcpStream::connect(addr).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the example did not start listening"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        server
+    }
+
+    fn peak_rss_kib(&self) -> u64 {
+        common::proc_status_kib(&self.child.id().to_string(), "VmHWM").unwrap_or(0)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn example_growth(
+    rt: &tokio::runtime::Runtime,
+    binary: &Path,
+    sizes: &[u64],
+    conns: usize,
+    secs: u64,
+) -> Vec<GrowthRow> {
+    sizes
+        .iter()
+        .map(|&records| {
+            let dir = tempfile::tempdir().unwrap();
+            let db = dir.path().join("idempotency.db");
+            common::create_schema(&db);
+            if records > 0 {
+                let took = common::prefill(&db, records, 50_000);
+                eprintln!("prefilled {records} records in {:.1} s", took.as_secs_f64());
+            }
+            let server = Server::start(binary, dir.path());
+            let replay_keys: Arc<Vec<String>> = Arc::new(
+                (0..1024)
+                    .map(|_| uuid::Uuid::new_v4().to_string())
+                    .collect(),
+            );
+            let (fresh, replay) = rt.block_on(async {
+                let fresh = load(
+                    "example, fresh keys",
+                    server.addr,
+                    Keys::Fresh,
+                    conns,
+                    secs,
+                    Arc::new(Vec::new()),
+                )
+                .await;
+                prefill(server.addr, &replay_keys).await;
+                let replay = load(
+                    "example, replays",
+                    server.addr,
+                    Keys::Replay,
+                    conns,
+                    secs,
+                    replay_keys,
+                )
+                .await;
+                (fresh, replay)
+            });
+            let server_peak_kib = server.peak_rss_kib();
+            drop(server);
+            GrowthRow {
+                records,
+                fresh,
+                replay,
+                server_peak_kib,
+                db_bytes_after: common::db_size(&db),
+            }
         })
-        .unwrap_or(0)
+        .collect()
+}
+
+fn growth_markdown(rows: &[GrowthRow], conns: usize, secs: u64) -> String {
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    let mut s = format!(
+        "\nThe `axum_server` example (release build, its own process), {conns} connections, {secs} s \
+         per case, on a table pre-filled with N completed records\n\n\
+         | records before | fresh req/s | fresh p99 ms | replay req/s | replay p99 ms | errors | \
+         server peak RSS MiB | db+wal after MiB |\n|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+    );
+    for g in rows {
+        s.push_str(&format!(
+            "| {} | {:.0} | {:.2} | {:.0} | {:.2} | {} | {:.1} | {:.1} |\n",
+            g.records,
+            g.fresh.requests as f64 / g.fresh.secs,
+            g.fresh.p99_us as f64 / 1000.0,
+            g.replay.requests as f64 / g.replay.secs,
+            g.replay.p99_us as f64 / 1000.0,
+            g.fresh.errors + g.replay.errors,
+            g.server_peak_kib as f64 / 1024.0,
+            mib(g.db_bytes_after),
+        ));
+    }
+    s
 }
 
 fn main() {
@@ -239,25 +376,27 @@ fn main() {
         ]
     });
     let base = rows[0].requests as f64 / rows[0].secs;
-    println!(
-        "\nHTTP end to end, {conns} connections, {secs} s per case, Durability::Full, file database\n"
+    let mut md = format!(
+        "HTTP end to end, in process: {conns} connections, {secs} s per case, Durability::Full, \
+         file database\n\n| case | requests/s | p50 ms | p99 ms | errors | vs bare |\n\
+         |---|---:|---:|---:|---:|---:|\n"
     );
-    println!("| case | requests/s | p50 ms | p99 ms | errors | vs bare |");
-    println!("|---|---:|---:|---:|---:|---:|");
-    let mut csv = String::from("case,requests_per_s,p50_ms,p99_ms,errors,ratio_vs_bare\n");
+    let mut csv = String::from(
+        "case,records_before,requests_per_s,p50_ms,p99_ms,errors,ratio_vs_bare,server_peak_rss_mib\n",
+    );
     for r in &rows {
         let rps = r.requests as f64 / r.secs;
-        println!(
-            "| {} | {:.0} | {:.2} | {:.2} | {} | {:.2}x |",
+        md.push_str(&format!(
+            "| {} | {:.0} | {:.2} | {:.2} | {} | {:.2}x |\n",
             r.name,
             rps,
             r.p50_us as f64 / 1000.0,
             r.p99_us as f64 / 1000.0,
             r.errors,
             rps / base
-        );
+        ));
         csv.push_str(&format!(
-            "{},{:.0},{:.3},{:.3},{},{:.3}\n",
+            "{},0,{:.0},{:.3},{:.3},{},{:.3},\n",
             r.name,
             rps,
             r.p50_us as f64 / 1000.0,
@@ -266,11 +405,38 @@ fn main() {
             rps / base
         ));
     }
-    println!(
-        "\npeak RSS of the bench process: {} MiB",
-        peak_rss_kib() / 1024
-    );
+    md.push_str(&format!(
+        "\nPeak RSS of the in-process bench (server and clients): {:.1} MiB\n",
+        common::peak_rss_kib().unwrap_or(0) as f64 / 1024.0
+    ));
+    if let Ok(binary) = std::env::var("HTTP_BENCH_SERVER") {
+        let sizes: Vec<u64> = std::env::var("HTTP_BENCH_GROWTH")
+            .unwrap_or_else(|_| "0,100000,1000000".into())
+            .split(',')
+            .map(|n| n.trim().parse().expect("HTTP_BENCH_GROWTH: numbers"))
+            .collect();
+        let growth = example_growth(&rt, Path::new(&binary), &sizes, conns, secs);
+        md.push_str(&growth_markdown(&growth, conns, secs));
+        for g in &growth {
+            for r in [&g.fresh, &g.replay] {
+                csv.push_str(&format!(
+                    "{},{},{:.0},{:.3},{:.3},{},,{:.1}\n",
+                    r.name,
+                    g.records,
+                    r.requests as f64 / r.secs,
+                    r.p50_us as f64 / 1000.0,
+                    r.p99_us as f64 / 1000.0,
+                    r.errors,
+                    g.server_peak_kib as f64 / 1024.0
+                ));
+            }
+        }
+    }
+    println!("\n{md}");
     if let Ok(path) = std::env::var("HTTP_BENCH_CSV") {
         std::fs::write(path, csv).unwrap();
+    }
+    if let Ok(path) = std::env::var("HTTP_BENCH_MD") {
+        std::fs::write(path, md).unwrap();
     }
 }

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # `make bench-compare`: the engine against naive SQLite, the raw SQLite ceiling and Redis (without
 # persistence, and with appendonly yes + appendfsync always), in one run, plus the engine on a
-# pre-filled table (10k, 1M, 5M records). Writes bench-results/compare-<date>.{md,csv} and
+# pre-filled table (10k, 1M, 5M records), then HTTP end to end (benches/http.rs: the same Axum
+# handler bare and behind the layer, and the axum_server example itself on a growing table, with
+# its peak memory). Writes bench-results/compare-<date>.{md,csv} (+ http-<date>.csv) and
 # bench-results/compare-latest.{md,csv}.
 #
 # Usage: scripts/bench-compare.sh [--quick] [--no-redis] [options for benches/compare.rs]
@@ -12,7 +14,8 @@
 #                  N microseconds longer (an LD_PRELOAD shim built here with gcc), to see each
 #                  system on a disk with slow flushes; writes compare-<date>.* only, not -latest
 #   --skip-5m      growth without the 5M-record case
-#   --skip-growth  no growth cases
+#   --skip-growth  no growth cases (the HTTP part runs the example on an empty table only)
+#   --skip-http    no HTTP end-to-end part
 #   --secs S, --warmup S, --callers 1,8,64, --growth N,N,..., --dir DIR (where the databases go)
 #
 # Redis: installs Debian's redis-server if it is missing (apt-get; needs root), starts two
@@ -24,12 +27,24 @@ cd "$(dirname "$0")/.."
 
 command="scripts/bench-compare.sh${*:+ $*}"
 want_redis=1
+want_http=1
 slow_us=""
+http_secs=5
+http_growth="0,1000000"
 pass=()
 while [[ $# -gt 0 ]]; do
     case "$1" in
-        --quick) pass+=(--secs 1 --warmup 0.3 --growth 10000,1000000) ;;
+        --quick)
+            pass+=(--secs 1 --warmup 0.3 --growth 10000,1000000)
+            http_secs=2
+            http_growth="0,100000"
+            ;;
         --no-redis) want_redis=0 ;;
+        --skip-http) want_http=0 ;;
+        --skip-growth)
+            pass+=("$1")
+            http_growth="0"
+            ;;
         --slow-fsync-us)
             slow_us="${2:?--slow-fsync-us needs a number}"
             shift
@@ -136,3 +151,28 @@ fi
 
 stamp="$(date -u +%Y-%m-%dT%H:%M:%SZ)${slow_us:+-slow-fsync-${slow_us}us}"
 "${preload[@]}" cargo bench --bench compare -- "${redis_args[@]}" --stamp "$stamp" --command "$command" "${pass[@]}"
+
+# Part 5: HTTP end to end. The example server is built in release mode and run as its own process.
+if [[ "$want_http" == 1 ]]; then
+    cargo build --release --example axum_server --features axum-integration
+    target_dir="$(cargo metadata --format-version 1 --no-deps |
+        python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')"
+    file_stamp="$(printf '%s' "$stamp" | sed 's/[^A-Za-z0-9]/-/g')"
+    mkdir -p bench-results
+    "${preload[@]}" env HTTP_BENCH_SECS="$http_secs" HTTP_BENCH_GROWTH="$http_growth" \
+        HTTP_BENCH_SERVER="$target_dir/release/examples/axum_server" \
+        HTTP_BENCH_MD="$tmp/http.md" HTTP_BENCH_CSV="bench-results/http-$file_stamp.csv" \
+        cargo bench --bench http --features axum-integration
+    targets=("bench-results/compare-$file_stamp.md")
+    if [[ -z "$slow_us" ]]; then
+        targets+=(bench-results/compare-latest.md)
+        cp "bench-results/http-$file_stamp.csv" bench-results/http-latest.csv
+    fi
+    for f in "${targets[@]}"; do
+        if [[ -f "$f" ]]; then
+            printf '\n### Part 5: HTTP end to end (Axum, loopback)\n\n' >>"$f"
+            cat "$tmp/http.md" >>"$f"
+        fi
+    done
+    echo "appended the HTTP part to ${targets[*]}" >&2
+fi
