@@ -227,6 +227,9 @@ enum Case {
     },
     Prefill(u64),
     Growth(u64),
+    /// The growth workload on a table of `n` records that have all expired, with the cleanup
+    /// running every 50 ms: what deleting them costs the claims' p99.
+    Expiry(u64),
 }
 
 fn durability_name(d: Durability) -> &'static str {
@@ -271,6 +274,7 @@ impl Case {
             ),
             Case::Prefill(n) => format!("prefill/{n}"),
             Case::Growth(n) => format!("growth/{n}"),
+            Case::Expiry(n) => format!("expiry/{n}"),
         }
     }
 
@@ -301,6 +305,7 @@ impl Case {
             },
             ["prefill", n] => Case::Prefill(num(n)),
             ["growth", n] => Case::Growth(num(n)),
+            ["expiry", n] => Case::Expiry(num(n)),
             _ => panic!("unknown case {id}"),
         }
     }
@@ -338,7 +343,7 @@ impl Case {
                 if aof { "always" } else { "none" },
                 callers,
             ),
-            Case::Prefill(_) | Case::Growth(_) => {
+            Case::Prefill(_) | Case::Growth(_) | Case::Expiry(_) => {
                 (w(Workload::Fresh), "engine (tasks)", "full", 64)
             }
         }
@@ -384,6 +389,11 @@ fn plan(args: &Args) -> Vec<Case> {
         }
     }
     if args.runs("growth") {
+        // Cleanup cost, on the largest table up to 1M records (5M would take minutes to fill
+        // for no new information).
+        if let Some(&n) = args.growth.iter().filter(|&&n| n <= 1_000_000).max() {
+            cases.push(Case::Expiry(n));
+        }
         for &n in &args.growth {
             cases.push(Case::Prefill(n));
             cases.push(Case::Growth(n));
@@ -977,6 +987,49 @@ fn growth_case(args: &Args, dir: &Path, records: u64) -> Outcome {
     out
 }
 
+/// A table of `records` expired records, the cleanup every 50 ms in batches of 1000 (the
+/// default batch), and the growth workload on top; the note says how many were deleted.
+fn expiry_case(args: &Args, dir: &Path, records: u64) -> Outcome {
+    let path = dir.join(format!("expiry-{records}.db"));
+    common::create_schema(&path);
+    let took = common::prefill_expired(&path, records, 100_000);
+    let size_before = common::db_size(&path);
+    let rt = runtime();
+    let engine = Engine::open(
+        EngineConfig::new(&path)
+            .durability(Durability::Full)
+            .cleanup(Duration::from_millis(50), 1000),
+    )
+    .unwrap();
+    common::reset_peak_rss("self");
+    let op = engine_fresh_op(engine.clone(), Arc::new(Keys::new("expiry")));
+    let m = drive_tasks(&rt, 64, args.warmup(), args.secs(), op);
+    let mut out = Outcome::from_measured(&m);
+    peaks(&mut out, None);
+    engine.shutdown().unwrap();
+    drop(engine);
+    let left: i64 = rusqlite::Connection::open(&path)
+        .unwrap()
+        .query_row(
+            "SELECT count(*) FROM idempotency_records WHERE expires_at <= ?1",
+            [common::now_ms()],
+            |r| r.get(0),
+        )
+        .unwrap();
+    out.note = format!(
+        "{} of {records} expired records deleted during the run ({:.1} s warm-up + measured)",
+        records as i64 - left,
+        args.warmup().as_secs_f64() + args.secs().as_secs_f64(),
+    );
+    out.size_before = Some(size_before);
+    out.size_after = Some(common::db_size(&path));
+    out.prefill_secs = Some(took.as_secs_f64());
+    for ext in ["db", "db-wal", "db-shm"] {
+        let _ = std::fs::remove_file(path.with_extension(ext));
+    }
+    out
+}
+
 /// Child mode: runs one case and prints its outcome.
 fn run_child(args: &Args, id: &str) {
     let dir = args.workdir.as_deref().expect("--case needs --workdir");
@@ -991,6 +1044,7 @@ fn run_child(args: &Args, id: &str) {
         } => redis_case(args, aof, workload, callers),
         Case::Prefill(n) => prefill_case(dir, n),
         Case::Growth(n) => growth_case(args, dir, n),
+        Case::Expiry(n) => expiry_case(args, dir, n),
     };
     println!("{}", out.encode());
     let _ = std::io::stdout().flush();
@@ -1075,6 +1129,8 @@ fn mib(kib: Option<u64>) -> String {
 struct Report {
     rows: Vec<(Case, Outcome)>,
     growth: Vec<(u64, Outcome, Outcome)>,
+    /// The cleanup case: records expired before, and the outcome.
+    expiry: Option<(u64, Outcome)>,
     notes: Vec<String>,
 }
 
@@ -1115,6 +1171,20 @@ impl Report {
                 mib(g.peak_kib),
                 g.size_after.unwrap_or(0),
                 pre.prefill_secs.unwrap_or(f64::NAN),
+            );
+        }
+        if let Some((records, e)) = &self.expiry {
+            let _ = writeln!(
+                s,
+                "expiry,fresh claim+complete,engine (tasks),full,64,{:.1},{:.1},{:.4},{:.4},{},n/a,{records},{},{:.1},{}",
+                e.rate(),
+                e.slowest_rate(),
+                e.p50_ms,
+                e.p99_ms,
+                mib(e.peak_kib),
+                e.size_after.unwrap_or(0),
+                e.prefill_secs.unwrap_or(f64::NAN),
+                e.note.replace(',', ";"),
             );
         }
         s
@@ -1218,6 +1288,42 @@ impl Report {
             }
         }
 
+        if let Some((records, e)) = &self.expiry {
+            let live = self.growth.iter().find(|(n, _, _)| n == records);
+            let _ = write!(
+                s,
+                "\n### Cleanup: the same workload on {records} records that have all expired, cleanup \
+                 every 50 ms (batches of 1000)\n\n| table | claims/s | p50 ms | p99 ms | peak RSS MiB |\n\
+                 |---|---:|---:|---:|---:|\n"
+            );
+            if let Some((_, _, g)) = live {
+                let _ = writeln!(
+                    s,
+                    "| {records} live records (growth row above) | {:.0} | {:.3} | {:.3} | {} |",
+                    g.rate(),
+                    g.p50_ms,
+                    g.p99_ms,
+                    mib(g.peak_kib)
+                );
+            }
+            let _ = writeln!(
+                s,
+                "| {records} expired records, cleanup running | {:.0} | {:.3} | {:.3} | {} |\n\n{}",
+                e.rate(),
+                e.p50_ms,
+                e.p99_ms,
+                mib(e.peak_kib),
+                e.note
+            );
+            if let Some((_, _, g)) = live {
+                let _ = writeln!(
+                    s,
+                    "\np99 with the cleanup running / p99 on live records: {:.2}x",
+                    e.p99_ms / g.p99_ms
+                );
+            }
+        }
+
         if !self.notes.is_empty() {
             s.push_str("\n### Notes\n\n");
             for n in &self.notes {
@@ -1253,6 +1359,7 @@ fn run_parent(args: &Args) {
     let mut report = Report {
         rows: Vec::new(),
         growth: Vec::new(),
+        expiry: None,
         notes: Vec::new(),
     };
     let mut prefilled: Option<(u64, Outcome)> = None;
@@ -1303,6 +1410,16 @@ fn run_parent(args: &Args) {
                     _ => Outcome::default(),
                 };
                 report.growth.push((n, pre, out));
+            }
+            Case::Expiry(n) => {
+                eprintln!(
+                    "  {id}: {:.0} claims/s, p50 {:.3} ms, p99 {:.3} ms; {}",
+                    out.rate(),
+                    out.p50_ms,
+                    out.p99_ms,
+                    out.note
+                );
+                report.expiry = Some((n, out));
             }
             _ => {
                 eprintln!(

@@ -293,6 +293,15 @@ pub(crate) fn raw_claim_complete_batch(conn: &Connection, keys: &[String], fence
 /// transactions of `chunk` rows with `synchronous=OFF` and a large cache. Returns the time it
 /// took. Keys are `prefill-<i>`, so the ids land in random B-tree order, as real ones do.
 pub(crate) fn prefill(path: &Path, n: u64, chunk: u64) -> Duration {
+    prefill_records(path, n, chunk, false)
+}
+
+/// Like [`prefill`], but every record expired an hour ago: work for the engine's cleanup.
+pub(crate) fn prefill_expired(path: &Path, n: u64, chunk: u64) -> Duration {
+    prefill_records(path, n, chunk, true)
+}
+
+fn prefill_records(path: &Path, n: u64, chunk: u64, expired: bool) -> Duration {
     let start = Instant::now();
     let conn = baseline_connection(path, "OFF");
     conn.pragma_update(None, "cache_size", -1024 * 1024)
@@ -310,7 +319,11 @@ pub(crate) fn prefill(path: &Path, n: u64, chunk: u64) -> Duration {
                 let key = format!("prefill-{j}");
                 let id = record_id(SCOPE, &key);
                 // Spread expiries over the next day, as a day of traffic would.
-                let expires = now + DAY_MS - (n - j) as i64 * DAY_MS / n.max(1) as i64 + 3_600_000;
+                let expires = if expired {
+                    now - 3_600_000 - j as i64
+                } else {
+                    now + DAY_MS - (n - j) as i64 * DAY_MS / n.max(1) as i64 + 3_600_000
+                };
                 stmt.execute(params![
                     &id[..],
                     SCOPE,
