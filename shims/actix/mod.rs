@@ -40,17 +40,17 @@ use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use actix_web::body::{BodySize, BodyStream, BoxBody, EitherBody, MessageBody};
 use actix_web::dev::{Payload, Service, ServiceRequest, ServiceResponse, Transform};
 use actix_web::http::StatusCode;
 use actix_web::http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use actix_web::{HttpMessage as _, HttpRequest, HttpResponse};
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 
+use crate::http::body::concat;
 use crate::http::{
-    Begin, Config, Contract, Finished, KEY_HEADER, KeyPolicy, Problem, STORED_HEADER,
+    Begin, Config, Contract, Finished, KEY_HEADER, Problem, STORED_HEADER, config_setters,
     store_unavailable,
 };
 use crate::{Engine, Error, HeaderList, StoredResponse};
@@ -89,76 +89,7 @@ impl Idempotency {
         }
     }
 
-    /// Replaces all shared settings at once.
-    pub fn config(mut self, config: Config) -> Self {
-        self.config = config;
-        self
-    }
-
-    /// See [`Config::key_policy`].
-    pub fn key_policy(mut self, policy: KeyPolicy) -> Self {
-        self.config = self.config.key_policy(policy);
-        self
-    }
-
-    /// See [`Config::require_key`].
-    pub fn require_key(mut self, required: bool) -> Self {
-        self.config = self.config.require_key(required);
-        self
-    }
-
-    /// See [`Config::methods`].
-    pub fn methods<I, S>(mut self, methods: I) -> Self
-    where
-        I: IntoIterator<Item = S>,
-        S: AsRef<str>,
-    {
-        self.config = self.config.methods(methods);
-        self
-    }
-
-    /// See [`Config::max_request_bytes`].
-    pub fn max_request_bytes(mut self, limit: usize) -> Self {
-        self.config = self.config.max_request_bytes(limit);
-        self
-    }
-
-    /// See [`Config::max_response_bytes`].
-    pub fn max_response_bytes(mut self, limit: usize) -> Self {
-        self.config = self.config.max_response_bytes(limit);
-        self
-    }
-
-    /// See [`Config::canonicalize_json`].
-    pub fn canonicalize_json(mut self, on: bool) -> Self {
-        self.config = self.config.canonicalize_json(on);
-        self
-    }
-
-    /// See [`Config::store_when`].
-    pub fn store_when(mut self, predicate: impl Fn(u16) -> bool + Send + Sync + 'static) -> Self {
-        self.config = self.config.store_when(predicate);
-        self
-    }
-
-    /// See [`Config::lock_timeout`].
-    pub fn lock_timeout(mut self, timeout: Duration) -> Self {
-        self.config = self.config.lock_timeout(timeout);
-        self
-    }
-
-    /// See [`Config::retention`].
-    pub fn retention(mut self, retention: Duration) -> Self {
-        self.config = self.config.retention(retention);
-        self
-    }
-
-    /// Takes the scope from a request header (see [`Config::scope_header`]). Only as
-    /// trustworthy as the client that sets it.
-    pub fn scope_header(mut self, name: impl Into<String>) -> Self {
-        self.config = self.config.scope_header(name);
-        self
-    }
+    config_setters!(forward: config, all);
 
     /// Takes the scope from the request, typically from an extension an authentication
     /// middleware put there. `None` answers 400 `scope-missing`. Overrides
@@ -451,17 +382,7 @@ async fn buffer<B: MessageBody>(body: B, limit: usize) -> Buffered<B> {
             }
         }
     }
-    Buffered::Whole(match chunks.len() {
-        0 => Bytes::new(),
-        1 => chunks.pop().unwrap_or_default(),
-        _ => {
-            let mut all = BytesMut::with_capacity(total);
-            for c in chunks {
-                all.extend_from_slice(&c);
-            }
-            all.freeze()
-        }
-    })
+    Buffered::Whole(concat(chunks, total))
 }
 
 /// The buffered start of an over-limit body, followed by the rest of it, unbuffered.

@@ -26,22 +26,22 @@
 
 use std::fmt;
 use std::future::Future;
-use std::pin::Pin;
+use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use axum::body::Body;
-use bytes::{Bytes, BytesMut};
-use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, request::Parts};
-use http_body_util::{BodyExt, Limited};
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode, request::Parts};
 use tower::{Layer, Service};
 
-use crate::http::{
-    Begin, Config, Contract, Finished, KEY_HEADER, KeyPolicy, Problem, STORED_HEADER,
-    store_unavailable,
+use crate::http::body::{
+    BoxError, Collected, Prefixed, collect, header_list, header_map, mark_unstored,
 };
-use crate::{Engine, Error, HeaderList, StoredResponse};
+use crate::http::{
+    Begin, Config, Contract, Finished, KEY_HEADER, Problem, config_setters, store_unavailable,
+};
+use crate::{Engine, Error, StoredResponse};
 
 type ScopeFn = Arc<dyn Fn(&Parts) -> Option<String> + Send + Sync>;
 
@@ -80,76 +80,7 @@ impl IdempotencyLayer {
         }
     }
 
-    /// Replaces all shared settings at once.
-    pub fn config(mut self, config: Config) -> Self {
-        self.config = config;
-        self
-    }
-
-    /// See [`Config::key_policy`].
-    pub fn key_policy(mut self, policy: KeyPolicy) -> Self {
-        self.config = self.config.key_policy(policy);
-        self
-    }
-
-    /// See [`Config::require_key`].
-    pub fn require_key(mut self, required: bool) -> Self {
-        self.config = self.config.require_key(required);
-        self
-    }
-
-    /// See [`Config::methods`].
-    pub fn methods<I, S>(mut self, methods: I) -> Self
-    where
-        I: IntoIterator<Item = S>,
-        S: AsRef<str>,
-    {
-        self.config = self.config.methods(methods);
-        self
-    }
-
-    /// See [`Config::max_request_bytes`].
-    pub fn max_request_bytes(mut self, limit: usize) -> Self {
-        self.config = self.config.max_request_bytes(limit);
-        self
-    }
-
-    /// See [`Config::max_response_bytes`].
-    pub fn max_response_bytes(mut self, limit: usize) -> Self {
-        self.config = self.config.max_response_bytes(limit);
-        self
-    }
-
-    /// See [`Config::canonicalize_json`].
-    pub fn canonicalize_json(mut self, on: bool) -> Self {
-        self.config = self.config.canonicalize_json(on);
-        self
-    }
-
-    /// See [`Config::store_when`].
-    pub fn store_when(mut self, predicate: impl Fn(u16) -> bool + Send + Sync + 'static) -> Self {
-        self.config = self.config.store_when(predicate);
-        self
-    }
-
-    /// See [`Config::lock_timeout`].
-    pub fn lock_timeout(mut self, timeout: Duration) -> Self {
-        self.config = self.config.lock_timeout(timeout);
-        self
-    }
-
-    /// See [`Config::retention`].
-    pub fn retention(mut self, retention: Duration) -> Self {
-        self.config = self.config.retention(retention);
-        self
-    }
-
-    /// Takes the scope from a request header (see [`Config::scope_header`]). Only as
-    /// trustworthy as the client that sets it.
-    pub fn scope_header(mut self, name: impl Into<String>) -> Self {
-        self.config = self.config.scope_header(name);
-        self
-    }
+    config_setters!(forward: config, all);
 
     /// Takes the scope from the request, typically from an extension an authentication layer
     /// put there. `None` answers 400 `scope-missing`. Overrides [`Self::scope_header`].
@@ -200,8 +131,6 @@ impl<S: fmt::Debug> fmt::Debug for IdempotencyService<S> {
             .finish()
     }
 }
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for IdempotencyService<S>
 where
@@ -287,12 +216,11 @@ where
     if body.size_hint().lower() > limit as u64 {
         return Ok(problem_response(&contract.body_too_large()));
     }
-    let bytes = match Limited::new(body, limit).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            return Ok(problem_response(&contract.body_too_large()));
-        }
-        Err(_) => {
+    let bytes = match collect(pin!(body), Some(limit)).await {
+        Collected::Whole { data, .. } => data,
+        Collected::TooLarge { .. } => return Ok(problem_response(&contract.body_too_large())),
+        Collected::Failed(e) => {
+            tracing::debug!(error = %e, "idempotency: the request body could not be read");
             return Ok(plain(
                 StatusCode::BAD_REQUEST,
                 "the request body could not be read",
@@ -349,22 +277,23 @@ where
     let (mut rparts, rbody) = response.into_parts();
     let status = rparts.status.as_u16();
     let headers = header_list(&rparts.headers);
-    match buffer(Box::pin(rbody), contract.config().response_limit()).await {
-        Buffered::Whole(body) => {
-            let outcome = pending.finish(status, &headers, &body).await;
-            mark_unstored(&mut rparts.headers, &outcome);
-            Ok(Response::from_parts(rparts, Body::from(body)))
+    // Trailers of an HTTP response are not kept (HTTP/1.1 clients rarely see them); the gRPC
+    // layer keeps them.
+    let limit = contract.config().response_limit();
+    match collect(Box::pin(rbody), Some(limit)).await {
+        Collected::Whole { data, .. } => {
+            let outcome = pending.finish(status, &headers, &data).await;
+            mark(&mut rparts.headers, &outcome);
+            Ok(Response::from_parts(rparts, Body::from(data)))
         }
-        Buffered::TooLarge { prefix, rest } => {
+        Collected::TooLarge { prefix, rest } => {
             let outcome = pending.finish_oversized(status).await;
-            mark_unstored(&mut rparts.headers, &outcome);
-            let body = Prefixed {
-                prefix: prefix.into(),
-                rest,
-            };
+            mark(&mut rparts.headers, &outcome);
+            let body = Prefixed::new(prefix, rest);
             Ok(Response::from_parts(rparts, Body::new(body)))
         }
-        Buffered::Failed => {
+        Collected::Failed(e) => {
+            tracing::debug!(error = %e, "idempotency: the response body failed; key released");
             drop(pending);
             Ok(plain(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -392,97 +321,10 @@ where
     Ok(response.map(Body::new))
 }
 
-fn mark_unstored(headers: &mut HeaderMap, outcome: &Finished) {
+fn mark(headers: &mut http::HeaderMap, outcome: &Finished) {
     if let Finished::Failed(e) = outcome {
-        tracing::warn!(error = %e, "idempotency: the response was sent but could not be stored");
-        headers.insert(
-            HeaderName::from_static(STORED_HEADER),
-            HeaderValue::from_static("false"),
-        );
+        mark_unstored(headers, e);
     }
-}
-
-enum Buffered<B> {
-    Whole(Bytes),
-    TooLarge { prefix: Vec<Bytes>, rest: B },
-    Failed,
-}
-
-/// Reads the body until it ends or passes `limit` bytes. Trailers of an HTTP response are not
-/// kept (HTTP/1.1 clients rarely see them); gRPC has its own layer that keeps them.
-async fn buffer<B>(mut body: B, limit: usize) -> Buffered<B>
-where
-    B: http_body::Body<Data = Bytes> + Unpin,
-{
-    let mut chunks: Vec<Bytes> = Vec::new();
-    let mut size = 0usize;
-    loop {
-        match body.frame().await {
-            None => break,
-            Some(Err(_)) => return Buffered::Failed,
-            Some(Ok(frame)) => {
-                if let Ok(data) = frame.into_data() {
-                    size += data.len();
-                    chunks.push(data);
-                    if size > limit {
-                        return Buffered::TooLarge {
-                            prefix: chunks,
-                            rest: body,
-                        };
-                    }
-                }
-            }
-        }
-    }
-    Buffered::Whole(match chunks.len() {
-        0 => Bytes::new(),
-        1 => chunks.pop().unwrap_or_default(),
-        _ => {
-            let mut all = BytesMut::with_capacity(size);
-            for c in chunks {
-                all.extend_from_slice(&c);
-            }
-            all.freeze()
-        }
-    })
-}
-
-/// The buffered start of an over-limit body, followed by the rest of it, unbuffered.
-struct Prefixed<B> {
-    prefix: std::collections::VecDeque<Bytes>,
-    rest: B,
-}
-
-impl<B> http_body::Body for Prefixed<B>
-where
-    B: http_body::Body<Data = Bytes> + Unpin,
-    B::Error: Into<BoxError>,
-{
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
-        if let Some(chunk) = self.prefix.pop_front() {
-            return Poll::Ready(Some(Ok(http_body::Frame::data(chunk))));
-        }
-        Pin::new(&mut self.rest)
-            .poll_frame(cx)
-            .map(|f| f.map(|r| r.map_err(Into::into)))
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.prefix.is_empty() && self.rest.is_end_stream()
-    }
-}
-
-fn header_list(headers: &HeaderMap) -> HeaderList {
-    headers
-        .iter()
-        .map(|(n, v)| (n.as_str().to_owned(), v.as_bytes().to_vec()))
-        .collect()
 }
 
 /// Builds a response from a stored one. Names or values that are not valid HTTP (a corrupt
@@ -495,15 +337,7 @@ pub(crate) fn stored_response(stored: StoredResponse) -> Response<Body> {
     };
     let mut response = Response::new(Body::from(stored.body));
     *response.status_mut() = status;
-    let headers = response.headers_mut();
-    for (name, value) in stored.headers {
-        if let (Ok(n), Ok(v)) = (
-            HeaderName::from_bytes(name.as_bytes()),
-            HeaderValue::from_bytes(&value),
-        ) {
-            headers.append(n, v);
-        }
-    }
+    *response.headers_mut() = header_map(&stored.headers);
     response
 }
 

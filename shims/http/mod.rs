@@ -67,8 +67,15 @@
 //! **Expiry.** A completed record is replayed for the retention (default 24 h, set with
 //! [`Config::retention`]) and then forgotten; a lease lives for the lock timeout (default 30 s).
 
+#[cfg(any(
+    feature = "axum-integration",
+    feature = "actix-integration",
+    feature = "tonic-integration"
+))]
+pub(crate) mod body;
 mod canonical;
 mod problem;
+mod setters;
 
 use std::fmt;
 use std::sync::Arc;
@@ -76,6 +83,7 @@ use std::time::Duration;
 
 pub use canonical::{canonical_json, canonical_value};
 pub use problem::{Problem, ProblemKind};
+pub(crate) use setters::config_setters;
 
 use crate::{
     ClaimOutcome, ClaimRequest, Engine, Error, Fingerprint, HeaderList, IdempotencyKey, Lease,
@@ -157,76 +165,7 @@ impl fmt::Debug for Config {
 }
 
 impl Config {
-    /// Which keys are accepted. Default [`KeyPolicy::Uuid`].
-    pub fn key_policy(mut self, policy: KeyPolicy) -> Self {
-        self.key_policy = policy;
-        self
-    }
-
-    /// Whether a covered request without a key is refused (400) instead of passed through.
-    /// Default `false`.
-    pub fn require_key(mut self, required: bool) -> Self {
-        self.require_key = required;
-        self
-    }
-
-    /// The covered methods (case-insensitive). Default POST and PATCH.
-    pub fn methods<I, S>(mut self, methods: I) -> Self
-    where
-        I: IntoIterator<Item = S>,
-        S: AsRef<str>,
-    {
-        self.methods = methods
-            .into_iter()
-            .map(|m| m.as_ref().to_ascii_uppercase())
-            .collect();
-        self
-    }
-
-    /// The largest request body accepted on a covered request. Default 1 MiB.
-    pub fn max_request_bytes(mut self, limit: usize) -> Self {
-        self.max_request_bytes = limit;
-        self
-    }
-
-    /// The largest response stored for replay. Default 1 MiB.
-    pub fn max_response_bytes(mut self, limit: usize) -> Self {
-        self.max_response_bytes = limit;
-        self
-    }
-
-    /// Fingerprint JSON bodies in canonical form (key order and white space ignored). Default
-    /// `false`: the body bytes as received.
-    pub fn canonicalize_json(mut self, on: bool) -> Self {
-        self.canonicalize_json = on;
-        self
-    }
-
-    /// Replaces the rule deciding which statuses are stored (default
-    /// [`default_store_policy`]).
-    pub fn store_when(mut self, predicate: impl Fn(u16) -> bool + Send + Sync + 'static) -> Self {
-        self.store_when = Arc::new(predicate);
-        self
-    }
-
-    /// The lock timeout of leases taken by this layer (default: the engine's).
-    pub fn lock_timeout(mut self, timeout: Duration) -> Self {
-        self.lock_timeout = Some(timeout);
-        self
-    }
-
-    /// How long completed records of this layer are replayed (default: the engine's).
-    pub fn retention(mut self, retention: Duration) -> Self {
-        self.retention = Some(retention);
-        self
-    }
-
-    /// Takes the scope from this request header (e.g. `X-User-ID`). A request without it gets
-    /// 400 `scope-missing`. Without a scope header or function, all requests share one scope.
-    pub fn scope_header(mut self, name: impl Into<String>) -> Self {
-        self.scope_header = Some(name.into().to_ascii_lowercase());
-        self
-    }
+    config_setters!(config: all);
 
     /// The scope header, if set (lower case).
     pub fn scope_header_name(&self) -> Option<&str> {
@@ -376,6 +315,24 @@ impl Contract {
         Fingerprint::of_request(&method, path_and_query, body)
     }
 
+    /// The claim of `key` in `scope` for a request with this fingerprint, with the configured
+    /// lock timeout and retention.
+    pub(crate) fn claim_request(
+        &self,
+        scope: String,
+        key: IdempotencyKey,
+        fingerprint: Fingerprint,
+    ) -> ClaimRequest {
+        let mut req = ClaimRequest::new(scope, key, fingerprint);
+        if let Some(t) = self.config.lock_timeout {
+            req = req.lock_timeout(t);
+        }
+        if let Some(r) = self.config.retention {
+            req = req.retention(r);
+        }
+        req
+    }
+
     /// Claims the key for this request and decides what happens to it.
     pub async fn begin(
         &self,
@@ -387,14 +344,11 @@ impl Contract {
         body: &[u8],
     ) -> Begin {
         let fp = self.fingerprint(method, path_and_query, content_type, body);
-        let mut req = ClaimRequest::new(scope, key, fp);
-        if let Some(t) = self.config.lock_timeout {
-            req = req.lock_timeout(t);
-        }
-        if let Some(r) = self.config.retention {
-            req = req.retention(r);
-        }
-        match self.engine.claim_async(req).await {
+        match self
+            .engine
+            .claim_async(self.claim_request(scope, key, fp))
+            .await
+        {
             Ok(ClaimOutcome::Claimed(lease)) => Begin::Run(Pending {
                 lease,
                 config: self.config.clone(),
@@ -426,11 +380,7 @@ impl Contract {
 
 /// 503 `store-unavailable` for an engine error.
 pub fn store_unavailable(e: &Error) -> Problem {
-    let (what, after) = match e {
-        Error::Overloaded { retry_after } => ("is overloaded", *retry_after),
-        Error::Closed | Error::WriterPanicked { .. } => ("is shut down", Duration::from_secs(5)),
-        _ => ("is failing", Duration::from_secs(1)),
-    };
+    let (what, after) = unavailable(e);
     Problem::new(
         ProblemKind::StoreUnavailable,
         format!(
@@ -439,6 +389,16 @@ pub fn store_unavailable(e: &Error) -> Problem {
         ),
     )
     .retry_after(after)
+}
+
+/// How the store fails, as the end of "the idempotency store ...", and how long a retry
+/// should wait.
+pub(crate) fn unavailable(e: &Error) -> (&'static str, Duration) {
+    match e {
+        Error::Overloaded { retry_after } => ("is overloaded", *retry_after),
+        Error::Closed | Error::WriterPanicked { .. } => ("is shut down", Duration::from_secs(5)),
+        _ => ("is failing", Duration::from_secs(1)),
+    }
 }
 
 fn repeated() -> Problem {

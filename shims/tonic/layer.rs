@@ -3,14 +3,12 @@
 use std::collections::BTreeSet;
 use std::fmt;
 use std::sync::Arc;
-use std::time::Duration;
-
 use tonic::{Code, Status};
 use tower::Layer;
 
 use super::service::IdempotencyService;
 use crate::Engine;
-use crate::http::KeyPolicy;
+use crate::http::{Config, Contract, config_setters};
 
 /// Decides from a response's `grpc-status` whether it is stored for replay.
 pub(crate) type StorePredicate = Arc<dyn Fn(Code) -> bool + Send + Sync>;
@@ -101,41 +99,45 @@ fn scope_metadata_missing(name: &str) -> Status {
     ))
 }
 
-/// The settings shared by every clone of the layer and its services.
-#[derive(Clone)]
-pub(crate) struct Config {
-    pub(crate) engine: Engine,
+/// What the services of one layer share: the contract (engine and shared settings) and the
+/// gRPC settings.
+pub(crate) struct Settings {
+    pub(crate) contract: Contract,
     pub(crate) methods: BTreeSet<String>,
-    pub(crate) key_policy: KeyPolicy,
-    pub(crate) require_key: bool,
     pub(crate) scope: Scope,
-    pub(crate) max_message_bytes: usize,
-    pub(crate) max_response_bytes: usize,
     pub(crate) store_when: StorePredicate,
-    pub(crate) lock_timeout: Option<Duration>,
-    pub(crate) retention: Option<Duration>,
 }
 
-impl Config {
-    pub(crate) fn covers(&self, path: &str) -> bool {
-        self.methods.contains(path)
-    }
-}
-
-impl fmt::Debug for Config {
+impl fmt::Debug for Settings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("IdempotencyLayer")
-            .field("engine", &self.engine)
-            .field("methods", &self.methods)
-            .field("key_policy", &self.key_policy)
-            .field("require_key", &self.require_key)
-            .field("scope", &self.scope)
-            .field("max_message_bytes", &self.max_message_bytes)
-            .field("max_response_bytes", &self.max_response_bytes)
-            .field("lock_timeout", &self.lock_timeout)
-            .field("retention", &self.retention)
-            .finish_non_exhaustive()
+        debug(
+            f,
+            self.contract.engine(),
+            self.contract.config(),
+            &self.methods,
+            &self.scope,
+        )
     }
+}
+
+fn debug(
+    f: &mut fmt::Formatter<'_>,
+    engine: &Engine,
+    config: &Config,
+    methods: &BTreeSet<String>,
+    scope: &Scope,
+) -> fmt::Result {
+    f.debug_struct("IdempotencyLayer")
+        .field("engine", engine)
+        .field("methods", methods)
+        .field("key_policy", &config.key_policy)
+        .field("require_key", &config.require_key)
+        .field("scope", scope)
+        .field("max_message_bytes", &config.max_request_bytes)
+        .field("max_response_bytes", &config.max_response_bytes)
+        .field("lock_timeout", &config.lock_timeout)
+        .field("retention", &config.retention)
+        .finish_non_exhaustive()
 }
 
 /// The tower layer for `tonic::transport::Server::builder().layer(..)`. Cheap to clone.
@@ -144,75 +146,65 @@ impl fmt::Debug for Config {
 /// method with [`IdempotencyLayer::method`]. See the [module docs](super) for the behaviour.
 #[derive(Clone)]
 pub struct IdempotencyLayer {
-    config: Arc<Config>,
+    engine: Engine,
+    /// The settings shared with the HTTP shims; its HTTP-only ones (methods, scope header,
+    /// JSON canonicalisation, status predicate) are not used.
+    config: Config,
+    methods: BTreeSet<String>,
+    scope: Scope,
+    store_when: StorePredicate,
 }
 
 impl fmt::Debug for IdempotencyLayer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.config.fmt(f)
+        debug(f, &self.engine, &self.config, &self.methods, &self.scope)
     }
 }
 
 impl IdempotencyLayer {
     /// A layer over an engine (or a store) covering no method yet, with the defaults of the
-    /// HTTP shims where they apply: UUID keys ([`KeyPolicy::Uuid`]), optional; one shared
+    /// HTTP shims where they apply: UUID keys
+    /// ([`KeyPolicy::Uuid`](crate::http::KeyPolicy::Uuid)), optional; one shared
     /// scope; and gRPC's own: 4 MiB message and response limits, [`default_store_policy`]; the
     /// engine's lock timeout and retention.
     pub fn new(engine: impl Into<Engine>) -> Self {
         IdempotencyLayer {
-            config: Arc::new(Config {
-                engine: engine.into(),
-                methods: BTreeSet::new(),
-                key_policy: KeyPolicy::Uuid,
-                require_key: false,
-                scope: Scope::Global,
-                max_message_bytes: 4 * 1024 * 1024,
-                max_response_bytes: 4 * 1024 * 1024,
-                store_when: Arc::new(default_store_policy),
-                lock_timeout: None,
-                retention: None,
-            }),
+            engine: engine.into(),
+            config: Config::default()
+                .max_request_bytes(4 * 1024 * 1024)
+                .max_response_bytes(4 * 1024 * 1024),
+            methods: BTreeSet::new(),
+            scope: Scope::Global,
+            store_when: Arc::new(default_store_policy),
         }
     }
 
-    fn with(mut self, f: impl FnOnce(&mut Config)) -> Self {
-        f(Arc::make_mut(&mut self.config));
-        self
-    }
+    config_setters!(
+        forward: key_policy,
+        require_key,
+        max_response_bytes,
+        lock_timeout,
+        retention,
+    );
 
     /// Covers the unary method with this full path, `/package.Service/Method` (as in the
     /// generated server's routes, e.g. `/orders.Orders/CreateOrder`).
     ///
     /// Name only unary methods: the layer buffers a covered call's whole request and response,
     /// which would break a streaming method.
-    pub fn method(self, path: impl Into<String>) -> Self {
-        let path = path.into();
-        self.with(|c| {
-            c.methods.insert(path);
-        })
+    pub fn method(mut self, path: impl Into<String>) -> Self {
+        self.methods.insert(path.into());
+        self
     }
 
     /// Covers each of these unary methods (see [`IdempotencyLayer::method`]).
-    pub fn methods<I, P>(self, paths: I) -> Self
+    pub fn methods<I, P>(mut self, paths: I) -> Self
     where
         I: IntoIterator<Item = P>,
         P: Into<String>,
     {
-        self.with(|c| c.methods.extend(paths.into_iter().map(Into::into)))
-    }
-
-    /// Whether a covered call without `idempotency-key` metadata is refused with
-    /// `INVALID_ARGUMENT` (`true`) or passed through without deduplication (`false`, the
-    /// default, which lets clients adopt keys one at a time).
-    pub fn require_key(self, required: bool) -> Self {
-        self.with(|c| c.require_key = required)
-    }
-
-    /// Which keys are accepted: [`KeyPolicy::Uuid`] (the default, as in the HTTP shims) or
-    /// [`KeyPolicy::Opaque`] (1 to 255 printable ASCII characters). Others get
-    /// `INVALID_ARGUMENT`.
-    pub fn key_policy(self, policy: KeyPolicy) -> Self {
-        self.with(|c| c.key_policy = policy)
+        self.methods.extend(paths.into_iter().map(Into::into));
+        self
     }
 
     /// Takes the scope from this metadata entry (such as `x-tenant-id`). A covered call without
@@ -222,9 +214,9 @@ impl IdempotencyLayer {
     /// A scope taken from client metadata is only as trustworthy as the client: behind real
     /// authentication, use [`IdempotencyLayer::scope_fn`] on what the authentication layer put
     /// into the request extensions.
-    pub fn scope_metadata(self, name: impl Into<String>) -> Self {
-        let name = name.into().to_ascii_lowercase();
-        self.with(|c| c.scope = Scope::Metadata(name))
+    pub fn scope_metadata(mut self, name: impl Into<String>) -> Self {
+        self.scope = Scope::Metadata(name.into().to_ascii_lowercase());
+        self
     }
 
     /// Takes the scope from the request head (method path, metadata as headers, extensions),
@@ -242,46 +234,31 @@ impl IdempotencyLayer {
     /// # let _ = layer;
     /// ```
     pub fn scope_fn(
-        self,
+        mut self,
         scope_of: impl Fn(&http::request::Parts) -> Option<String> + Send + Sync + 'static,
     ) -> Self {
-        let f: Arc<ScopeFn> = Arc::new(scope_of);
-        self.with(|c| c.scope = Scope::Function(f))
+        self.scope = Scope::Function(Arc::new(scope_of));
+        self
     }
 
     /// The largest request body (the gRPC-framed message) accepted on a covered call; a larger
     /// one gets `RESOURCE_EXHAUSTED` and the handler does not run. Default 4 MiB, gRPC's default
     /// receive limit.
-    pub fn max_message_bytes(self, limit: usize) -> Self {
-        self.with(|c| c.max_message_bytes = limit)
-    }
-
-    /// The largest response (headers, message and trailers) stored for replay. A larger one is
-    /// still sent, and the record is completed with an `ALREADY_EXISTS` marker. Default 4 MiB.
-    pub fn max_response_bytes(self, limit: usize) -> Self {
-        self.with(|c| c.max_response_bytes = limit)
+    pub fn max_message_bytes(mut self, limit: usize) -> Self {
+        self.config = self.config.max_request_bytes(limit);
+        self
     }
 
     /// Replaces the rule deciding, from the response's `grpc-status`, whether it is stored
     /// (default [`default_store_policy`]). A response that is not stored releases the key.
-    pub fn store_when(self, predicate: impl Fn(Code) -> bool + Send + Sync + 'static) -> Self {
-        let predicate: StorePredicate = Arc::new(predicate);
-        self.with(|c| c.store_when = predicate)
-    }
-
-    /// The lock timeout of the leases this layer takes (default: the engine's).
-    pub fn lock_timeout(self, timeout: Duration) -> Self {
-        self.with(|c| c.lock_timeout = Some(timeout))
-    }
-
-    /// How long completed calls of this layer are replayed (default: the engine's retention).
-    pub fn retention(self, retention: Duration) -> Self {
-        self.with(|c| c.retention = Some(retention))
+    pub fn store_when(mut self, predicate: impl Fn(Code) -> bool + Send + Sync + 'static) -> Self {
+        self.store_when = Arc::new(predicate);
+        self
     }
 
     /// Whether calls to this method path go through the idempotency check.
     pub fn covers(&self, path: &str) -> bool {
-        self.config.covers(path)
+        self.methods.contains(path)
     }
 }
 
@@ -289,6 +266,12 @@ impl<S> Layer<S> for IdempotencyLayer {
     type Service = IdempotencyService<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        IdempotencyService::new(inner, self.config.clone())
+        let settings = Settings {
+            contract: Contract::new(self.engine.clone(), self.config.clone()),
+            methods: self.methods.clone(),
+            scope: self.scope.clone(),
+            store_when: self.store_when.clone(),
+        };
+        IdempotencyService::new(inner, Arc::new(settings))
     }
 }

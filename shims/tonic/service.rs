@@ -2,29 +2,23 @@
 
 use std::fmt;
 use std::future::Future;
-use std::pin::Pin;
+use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
-use http::header::{CONTENT_LENGTH, DATE};
-use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode};
-use http_body_util::BodyExt;
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
 use tonic::body::Body;
 use tonic::{Code, Status};
 use tower::Service;
 
 use super::body::Buffered;
-use super::layer::Config;
-use super::{KEY_METADATA, REPLAYED_METADATA, RETRY_PUSHBACK_METADATA, STORED_METADATA};
-use crate::http::{KeyPolicy, parse_key_value};
-use crate::{
-    ClaimOutcome, ClaimRequest, Error, Fingerprint, HeaderList, IdempotencyKey, Lease,
-    StoredResponse,
-};
-
-type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+use super::layer::Settings;
+use super::{KEY_METADATA, REPLAYED_METADATA, RETRY_PUSHBACK_METADATA};
+use crate::http::body::{BoxError, Collected, collect, header_list, header_map, mark_unstored};
+use crate::http::{KeyPolicy, ProblemKind, is_stored_header, unavailable};
+use crate::{ClaimOutcome, Error, Fingerprint, HeaderList, IdempotencyKey, Lease, StoredResponse};
 
 /// The service made by [`IdempotencyLayer`](super::IdempotencyLayer) around tonic's routes.
 ///
@@ -32,12 +26,12 @@ type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 #[derive(Clone)]
 pub struct IdempotencyService<S> {
     inner: S,
-    config: Arc<Config>,
+    settings: Arc<Settings>,
 }
 
 impl<S> IdempotencyService<S> {
-    pub(crate) fn new(inner: S, config: Arc<Config>) -> Self {
-        IdempotencyService { inner, config }
+    pub(crate) fn new(inner: S, settings: Arc<Settings>) -> Self {
+        IdempotencyService { inner, settings }
     }
 
     /// The wrapped service.
@@ -50,7 +44,7 @@ impl<S: fmt::Debug> fmt::Debug for IdempotencyService<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("IdempotencyService")
             .field("inner", &self.inner)
-            .field("config", &self.config)
+            .field("layer", &self.settings)
             .finish()
     }
 }
@@ -74,19 +68,19 @@ where
     }
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
-        if !self.config.covers(req.uri().path()) {
+        if !self.settings.methods.contains(req.uri().path()) {
             let fut = self.inner.call(req.map(Body::new));
             return Box::pin(async move { Ok(fut.await?.map(Body::new)) });
         }
         // The ready service goes into the future; a fresh clone stays for the next poll_ready.
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
-        Box::pin(handle(self.config.clone(), inner, req))
+        Box::pin(handle(self.settings.clone(), inner, req))
     }
 }
 
 async fn handle<S, ReqBody, ResBody>(
-    config: Arc<Config>,
+    settings: Arc<Settings>,
     mut inner: S,
     req: Request<ReqBody>,
 ) -> Result<Response<Body>, S::Error>
@@ -98,7 +92,7 @@ where
     ResBody::Error: Into<BoxError>,
 {
     let (parts, body) = req.into_parts();
-    let key = match read_key(&parts.headers, &config) {
+    let key = match read_key(&parts.headers, &settings) {
         Ok(Some(key)) => key,
         Ok(None) => {
             let req = Request::from_parts(parts, Body::new(body));
@@ -106,24 +100,25 @@ where
         }
         Err(status) => return Ok(reject(status)),
     };
-    let scope = match config.scope.extract(&parts) {
+    let scope = match settings.scope.extract(&parts) {
         Ok(scope) => scope,
         Err(status) => return Ok(reject(status)),
     };
-    let (message, request_trailers) = match read_request(body, config.max_message_bytes).await {
-        Ok(read) => read,
-        Err(status) => return Ok(reject(status)),
+    let limit = settings.contract.config().request_limit();
+    let (message, request_trailers) = match collect(pin!(body), Some(limit)).await {
+        Collected::Whole { data, trailers } => (data, trailers),
+        Collected::TooLarge { .. } => {
+            return Ok(reject(Status::resource_exhausted(format!(
+                "the request message is larger than {limit} bytes, the limit for idempotent \
+                 calls of this method; send a smaller message"
+            ))));
+        }
+        Collected::Failed(e) => return Ok(reject(Status::from_error(e))),
     };
 
     let fingerprint = Fingerprint::of_parts(&[parts.uri.path().as_bytes(), &message]);
-    let mut claim = ClaimRequest::new(scope, key, fingerprint);
-    if let Some(t) = config.lock_timeout {
-        claim = claim.lock_timeout(t);
-    }
-    if let Some(r) = config.retention {
-        claim = claim.retention(r);
-    }
-    let lease = match config.engine.claim_async(claim).await {
+    let claim = settings.contract.claim_request(scope, key, fingerprint);
+    let lease = match settings.contract.engine().claim_async(claim).await {
         Ok(ClaimOutcome::Claimed(lease)) => lease,
         Ok(ClaimOutcome::Replay(stored)) => return Ok(replay(stored)),
         Ok(ClaimOutcome::InFlight { retry_after }) => {
@@ -157,34 +152,31 @@ where
         }
     };
     let (mut head, body) = response.into_parts();
-    let (data, trailers) = match read_response(body).await {
-        Ok(read) => read,
-        Err(status) => {
+    // The whole response is read: its grpc-status, which decides whether it is stored, comes
+    // last, in the trailers.
+    let (data, trailers) = match collect(pin!(body), None).await {
+        Collected::Whole { data, trailers } => (data, trailers),
+        Collected::TooLarge { .. } => unreachable!("no limit"),
+        Collected::Failed(e) => {
             release(lease).await;
-            return Ok(reject(status));
+            return Ok(reject(Status::from_error(e)));
         }
     };
 
     let code = grpc_code(&head.headers, trailers.as_ref());
     match code {
-        Some(code) if head.status == StatusCode::OK && (config.store_when)(code) => {
+        Some(code) if head.status == StatusCode::OK && (settings.store_when)(code) => {
             let mut stored = StoredResponse {
                 status: head.status.as_u16(),
-                headers: header_list(&head.headers, true),
+                headers: stored_headers(&head.headers),
                 body: data.to_vec(),
-                trailers: trailers.as_ref().map(|t| header_list(t, false)),
+                trailers: trailers.as_ref().map(header_list),
             };
-            if stored.size() > config.max_response_bytes {
+            if stored.size() > settings.contract.config().response_limit() {
                 stored = not_stored_marker(code, stored.size());
             }
             if let Err(e) = lease.complete_async(stored).await {
-                tracing::warn!(
-                    error = %e,
-                    "idempotency: the gRPC response could not be stored; it is sent anyway and \
-                     the key stays locked until its lock timeout"
-                );
-                head.headers
-                    .insert(STORED_METADATA, HeaderValue::from_static("false"));
+                mark_unstored(&mut head.headers, &e);
             }
         }
         _ => release(lease).await,
@@ -197,104 +189,31 @@ where
 
 /// The key from the metadata, under the HTTP shims' key rules. `Ok(None)`: no key, and none
 /// is required.
-fn read_key(headers: &HeaderMap, config: &Config) -> Result<Option<IdempotencyKey>, Status> {
+fn read_key(headers: &HeaderMap, settings: &Settings) -> Result<Option<IdempotencyKey>, Status> {
     let values: Vec<&[u8]> = headers
         .get_all(KEY_METADATA)
         .iter()
         .map(HeaderValue::as_bytes)
         .collect();
-    match values.as_slice() {
-        [] if config.require_key => Err(Status::invalid_argument(format!(
-            "this method requires an idempotency key: send a new {} in the `idempotency-key` \
-             metadata with each new request, and the same one when you retry it",
-            match config.key_policy {
-                KeyPolicy::Uuid => "UUID",
-                _ => "unique key (1 to 255 printable ASCII characters, a UUID is a good choice)",
-            }
-        ))),
-        [] => Ok(None),
-        [value] => parse_key_value(value, config.key_policy)
-            .map(Some)
-            .map_err(|problem| Status::invalid_argument(problem.detail)),
-        _ => Err(Status::invalid_argument(
-            "send exactly one `idempotency-key` metadata entry",
-        )),
-    }
-}
-
-/// Buffers the request body up to `limit` bytes of data.
-async fn read_request<B>(body: B, limit: usize) -> Result<(Bytes, Option<HeaderMap>), Status>
-where
-    B: http_body::Body<Data = Bytes>,
-    B::Error: Into<BoxError>,
-{
-    read_all(body, Some(limit)).await.map_err(|e| match e {
-        ReadError::TooLarge => Status::resource_exhausted(format!(
-            "the request message is larger than {limit} bytes, the limit for idempotent calls \
-             of this method; send a smaller message"
-        )),
-        ReadError::Body(status) => status,
-    })
-}
-
-/// Buffers the whole response body: data and trailers.
-async fn read_response<B>(body: B) -> Result<(Bytes, Option<HeaderMap>), Status>
-where
-    B: http_body::Body<Data = Bytes>,
-    B::Error: Into<BoxError>,
-{
-    read_all(body, None).await.map_err(|e| match e {
-        ReadError::TooLarge => Status::internal("unreachable: no response limit"),
-        ReadError::Body(status) => status,
-    })
-}
-
-enum ReadError {
-    TooLarge,
-    Body(Status),
-}
-
-async fn read_all<B>(body: B, limit: Option<usize>) -> Result<(Bytes, Option<HeaderMap>), ReadError>
-where
-    B: http_body::Body<Data = Bytes>,
-    B::Error: Into<BoxError>,
-{
-    let mut body = std::pin::pin!(body);
-    let mut chunks: Vec<Bytes> = Vec::new();
-    let mut len = 0usize;
-    let mut trailers: Option<HeaderMap> = None;
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| ReadError::Body(Status::from_error(e.into())))?;
-        match frame.into_data() {
-            Ok(data) => {
-                len += data.len();
-                if limit.is_some_and(|limit| len > limit) {
-                    return Err(ReadError::TooLarge);
+    settings
+        .contract
+        .parse_key(&values)
+        .map_err(|problem| match problem.kind {
+            ProblemKind::KeyMissing => Status::invalid_argument(format!(
+                "this method requires an idempotency key: send a new {} in the \
+                 `idempotency-key` metadata with each new request, and the same one when you \
+                 retry it",
+                match settings.contract.config().key_policy {
+                    KeyPolicy::Uuid => "UUID",
+                    _ =>
+                        "unique key (1 to 255 printable ASCII characters, a UUID is a good choice)",
                 }
-                chunks.push(data);
+            )),
+            ProblemKind::KeyRepeated => {
+                Status::invalid_argument("send exactly one `idempotency-key` metadata entry")
             }
-            Err(frame) => {
-                if let Ok(t) = frame.into_trailers() {
-                    match &mut trailers {
-                        Some(all) => all.extend(t),
-                        None => trailers = Some(t),
-                    }
-                }
-            }
-        }
-    }
-    let data = match chunks.len() {
-        0 => Bytes::new(),
-        1 => chunks.pop().unwrap_or_default(),
-        _ => {
-            let mut all = BytesMut::with_capacity(len);
-            for c in &chunks {
-                all.extend_from_slice(c);
-            }
-            all.freeze()
-        }
-    };
-    Ok((data, trailers))
+            _ => Status::invalid_argument(problem.detail),
+        })
 }
 
 /// The call's `grpc-status`: from the trailers, or from the headers of a trailers-only
@@ -306,32 +225,12 @@ fn grpc_code(headers: &HeaderMap, trailers: Option<&HeaderMap>) -> Option<Code> 
         .map(|v| Code::from_bytes(v.as_bytes()))
 }
 
-/// A header map as a stored list, in order; `date` and `content-length` are left out of
-/// response headers (they describe one transmission, not the response).
-fn header_list(map: &HeaderMap, skip_transmission: bool) -> HeaderList {
-    map.iter()
-        .filter(|(name, _)| !skip_transmission || (**name != DATE && **name != CONTENT_LENGTH))
-        .map(|(name, value)| (name.as_str().to_owned(), value.as_bytes().to_vec()))
-        .collect()
-}
-
-fn header_map(list: &HeaderList) -> HeaderMap {
-    let mut map = HeaderMap::with_capacity(list.len());
-    for (name, value) in list {
-        match (
-            HeaderName::from_bytes(name.as_bytes()),
-            HeaderValue::from_bytes(value),
-        ) {
-            (Ok(name), Ok(value)) => {
-                map.append(name, value);
-            }
-            _ => tracing::warn!(
-                header = %name,
-                "idempotency: a stored gRPC header is not a valid header and was not replayed"
-            ),
-        }
-    }
-    map
+/// Response headers as a stored list, in order, without those that describe one
+/// transmission rather than the response (`date`, `content-length`, hop-by-hop headers).
+fn stored_headers(headers: &HeaderMap) -> HeaderList {
+    let mut list = header_list(headers);
+    list.retain(|(name, _)| is_stored_header(name));
+    list
 }
 
 /// The stored response, played back: headers (plus `idempotent-replayed: true`), the message
@@ -363,11 +262,7 @@ fn with_pushback(mut response: Response<Body>, after: Duration) -> Response<Body
 
 /// `UNAVAILABLE` for an engine error: the handler did not run.
 fn store_unavailable(e: &Error) -> Response<Body> {
-    let (what, after) = match e {
-        Error::Overloaded { retry_after } => ("is overloaded", *retry_after),
-        Error::Closed | Error::WriterPanicked { .. } => ("is shut down", Duration::from_secs(5)),
-        _ => ("is failing", Duration::from_secs(1)),
-    };
+    let (what, after) = unavailable(e);
     tracing::warn!(error = %e, "idempotency: claim failed; answering UNAVAILABLE");
     with_pushback(
         reject(Status::unavailable(format!(
@@ -390,7 +285,7 @@ fn not_stored_marker(code: Code, size: usize) -> StoredResponse {
     .into_http();
     StoredResponse {
         status: marker.status().as_u16(),
-        headers: header_list(marker.headers(), true),
+        headers: stored_headers(marker.headers()),
         body: Vec::new(),
         trailers: None,
     }
