@@ -17,7 +17,14 @@
 //!
 //! Send it again: the same `order_id` comes back with `Idempotent-Replayed: true`, and the log
 //! shows the order was created once.
+//!
+//! [`server`] is the whole service minus `main`'s setup; `tests/abuse.rs` runs it (and its
+//! [`routes`] and [`idempotency`] middleware) on a real socket.
 
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use actix_web::dev::Server;
 use actix_web::{App, HttpResponse, HttpServer, web};
 use idempotency_rs::SqliteIdempotencyStore;
 use idempotency_rs::actix_integration::Idempotency;
@@ -37,7 +44,22 @@ struct Order {
     total: f64,
 }
 
-async fn create_order(req: web::Json<CreateOrder>) -> HttpResponse {
+/// The service's state: how many orders it has created (a stand-in for its own database).
+#[derive(Default)]
+pub(crate) struct Orders {
+    created: AtomicUsize,
+}
+
+impl Orders {
+    /// How many times the handler created an order (`tests/abuse.rs` counts runs with it).
+    #[allow(dead_code)]
+    pub(crate) fn created(&self) -> usize {
+        self.created.load(Ordering::SeqCst)
+    }
+}
+
+async fn create_order(orders: web::Data<Orders>, req: web::Json<CreateOrder>) -> HttpResponse {
+    orders.created.fetch_add(1, Ordering::SeqCst);
     let order = Order {
         order_id: uuid::Uuid::new_v4().to_string(),
         status: "created",
@@ -45,6 +67,42 @@ async fn create_order(req: web::Json<CreateOrder>) -> HttpResponse {
     };
     tracing::info!(order_id = %order.order_id, symbol = %req.symbol, "order created");
     HttpResponse::Created().json(order)
+}
+
+/// The idempotency middleware: scope from `X-User-ID`, everything else the defaults (UUID
+/// keys, optional; POST and PATCH; 1 MiB request and response limits).
+pub(crate) fn idempotency(store: &SqliteIdempotencyStore) -> Idempotency {
+    Idempotency::new(store).scope_header("X-User-ID")
+}
+
+/// The routes (they need `web::Data<Orders>` in the app).
+pub(crate) fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/orders", web::post().to(create_order));
+}
+
+/// The service, listening on `addr` (every address it resolves to, each logged): await the
+/// returned `Server` until it stops. Also returns the bound addresses. Call it inside an
+/// Actix system.
+pub(crate) fn server(
+    store: &SqliteIdempotencyStore,
+    orders: web::Data<Orders>,
+    addr: &str,
+) -> std::io::Result<(Server, Vec<SocketAddr>)> {
+    let idempotency = idempotency(store);
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(orders.clone())
+            .wrap(idempotency.clone())
+            .configure(routes)
+    })
+    // A client that hangs up drops its request, which releases the key at once.
+    .h1_allow_half_closed(false)
+    .bind(addr)?;
+    let addrs = server.addrs();
+    for a in &addrs {
+        tracing::info!("listening on http://{a}");
+    }
+    Ok((server.run(), addrs))
 }
 
 #[actix_web::main]
@@ -62,20 +120,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .unwrap_or_else(|| "127.0.0.1:3000".into());
 
     let store = SqliteIdempotencyStore::new("sqlite:idempotency.db").await?;
-    let idempotency = Idempotency::new(&store).scope_header("X-User-ID");
-    let server = HttpServer::new(move || {
-        App::new()
-            .wrap(idempotency.clone())
-            .route("/orders", web::post().to(create_order))
-    })
-    // A client that hangs up drops its request, which releases the key at once.
-    .h1_allow_half_closed(false)
-    .bind(&addr)?;
-    for a in server.addrs() {
-        tracing::info!("listening on http://{a}");
-    }
+    let (server, _addrs) = server(&store, web::Data::new(Orders::default()), &addr)?;
     // Actix stops gracefully on Ctrl-C.
-    server.run().await?;
+    server.await?;
     store.engine().shutdown()?;
     Ok(())
 }

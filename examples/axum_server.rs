@@ -8,12 +8,19 @@
 //! `POST /orders` with `{"symbol","quantity","price"}` answers `{"order_id","status","total"}`
 //! with a fresh UUID. The scope comes from `X-User-ID`; the store is `idempotency.db` in the
 //! working directory.
+//!
+//! [`app`] is the whole service minus the listener; `tests/abuse.rs` runs it (and its
+//! [`routes`] and [`layer`]) on a real socket.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::post;
 use axum::{Json, Router};
 use idempotency_rs::SqliteIdempotencyStore;
-use idempotency_rs::axum_integration::idempotency_layer;
+use idempotency_rs::axum_integration::{IdempotencyLayer, idempotency_layer};
 use serde::{Deserialize, Serialize};
 
 #[derive(Deserialize)]
@@ -30,7 +37,25 @@ struct Order {
     total: f64,
 }
 
-async fn create_order(Json(req): Json<CreateOrder>) -> (StatusCode, Json<Order>) {
+/// The service's state: how many orders it has created (a stand-in for its own database).
+#[derive(Default)]
+pub(crate) struct Orders {
+    created: AtomicUsize,
+}
+
+impl Orders {
+    /// How many times the handler created an order (`tests/abuse.rs` counts runs with it).
+    #[allow(dead_code)]
+    pub(crate) fn created(&self) -> usize {
+        self.created.load(Ordering::SeqCst)
+    }
+}
+
+async fn create_order(
+    State(orders): State<Arc<Orders>>,
+    Json(req): Json<CreateOrder>,
+) -> (StatusCode, Json<Order>) {
+    orders.created.fetch_add(1, Ordering::SeqCst);
     let order = Order {
         order_id: uuid::Uuid::new_v4().to_string(),
         status: "created",
@@ -38,6 +63,24 @@ async fn create_order(Json(req): Json<CreateOrder>) -> (StatusCode, Json<Order>)
     };
     tracing::info!(order_id = %order.order_id, symbol = %req.symbol, "order created");
     (StatusCode::CREATED, Json(order))
+}
+
+/// The idempotency layer: scope from `X-User-ID`, everything else the defaults (UUID keys,
+/// optional; POST and PATCH; 1 MiB request and response limits).
+pub(crate) fn layer(store: &SqliteIdempotencyStore) -> IdempotencyLayer {
+    idempotency_layer(store).scope_header("X-User-ID")
+}
+
+/// The routes, without the layer.
+pub(crate) fn routes(orders: Arc<Orders>) -> Router {
+    Router::new()
+        .route("/orders", post(create_order))
+        .with_state(orders)
+}
+
+/// The service: the routes behind the layer.
+pub(crate) fn app(store: &SqliteIdempotencyStore, orders: Arc<Orders>) -> Router {
+    routes(orders).layer(layer(store))
 }
 
 #[tokio::main]
@@ -55,9 +98,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .unwrap_or_else(|| "127.0.0.1:3000".into());
 
     let store = SqliteIdempotencyStore::new("sqlite:idempotency.db").await?;
-    let app = Router::new()
-        .route("/orders", post(create_order))
-        .layer(idempotency_layer(&store).scope_header("X-User-ID"));
+    let app = app(&store, Arc::default());
 
     let listener = tokio::net::TcpListener::bind(&addr).await?;
     tracing::info!("listening on http://{}", listener.local_addr()?);
