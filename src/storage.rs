@@ -41,8 +41,11 @@ CREATE TABLE idempotency_meta (
 INSERT INTO idempotency_meta (name, value) VALUES ('fence', 0);
 ";
 
-/// Opens the writer connection: WAL (checked), synchronous from the durability, schema created
-/// or checked.
+/// Opens the writer connection: WAL (checked), synchronous from the durability, no automatic
+/// checkpoints, schema created or checked.
+///
+/// Checkpoints are run by the checkpointer thread on its own connection
+/// ([`open_checkpointer`]), never inline in a commit of this one.
 pub(crate) fn open_writer(config: &EngineConfig) -> Result<Connection> {
     let conn = match &config.location {
         Location::Memory => Connection::open_in_memory()?,
@@ -79,6 +82,7 @@ pub(crate) fn open_writer(config: &EngineConfig) -> Result<Connection> {
         return Err(Error::NotWal { actual: mode });
     }
     set_synchronous(&conn, config.durability)?;
+    conn.pragma_update(None, "wal_autocheckpoint", 0)?;
     conn.pragma_update(None, "cache_size", -config.cache_size_kib)?;
     conn.pragma_update(None, "temp_store", "MEMORY")?;
     conn.set_prepared_statement_cache_capacity(32);
@@ -111,6 +115,27 @@ pub(crate) fn set_synchronous(conn: &Connection, d: Durability) -> Result<()> {
     };
     conn.pragma_update(None, "synchronous", level)?;
     Ok(())
+}
+
+/// Opens the checkpointer's connection: read-write (a checkpoint writes the database file), a
+/// small page cache (a checkpoint copies WAL frames without it).
+///
+/// `synchronous=FULL` matters here: with any level but OFF, a checkpoint `fsync`s the WAL
+/// *before* it copies a frame into the database file, and `fsync`s the database file before it
+/// marks the frames as copied. So the database file never holds a page whose WAL frame is not on
+/// disk, whether or not the syncer has flushed that frame yet: a checkpoint can make a
+/// completion durable early (harmless), never out of order.
+pub(crate) fn open_checkpointer(path: &Path, config: &EngineConfig) -> Result<Connection> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|e| open_error(e, path))?;
+    conn.busy_timeout(config.busy_timeout)?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+    conn.pragma_update(None, "cache_size", -256)?;
+    Ok(conn)
 }
 
 fn open_error(e: rusqlite::Error, path: &Path) -> Error {
@@ -207,6 +232,20 @@ pub(crate) fn rollback(conn: &Connection) {
 pub(crate) fn checkpoint(conn: &Connection) -> Result<()> {
     conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
     Ok(())
+}
+
+/// What a passive checkpoint reported.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct WalState {
+    /// Frames in the WAL since it last restarted from its beginning.
+    pub frames: i64,
+}
+
+/// Copies into the database file every WAL frame no reader still needs, without waiting for
+/// (or blocking) the writer or any reader.
+pub(crate) fn checkpoint_passive(conn: &Connection) -> Result<WalState> {
+    let frames = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(1))?;
+    Ok(WalState { frames })
 }
 
 /// What a claim found when it could not take the record.

@@ -9,6 +9,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Select, TryRecvError};
 use parking_lot::{Condvar, Mutex};
 use rusqlite::Connection;
 
+use crate::checkpointer::Checkpointer;
 use crate::clock::Clock;
 use crate::config::{Durability, EngineConfig, Location};
 use crate::error::{Error, Result};
@@ -123,7 +124,12 @@ pub(crate) fn spawn(
     // still queued when the writer ends (a panic, or a claim racing a shutdown) would wait for
     // its answer forever. This second receiver sweeps the queue once the end is announced.
     let stranded = claims.clone();
+    let checkpointer = match &config.location {
+        Location::File(path) => Some(Checkpointer::spawn(path, config)?),
+        Location::Memory => None,
+    };
     let writer = Writer {
+        checkpointer,
         conn,
         claims,
         leases,
@@ -170,7 +176,11 @@ fn lease_commands_first(batch: &mut [Pending]) {
     batch.sort_by_key(|p| matches!(p, Pending::Claim(..)));
 }
 
+// Field order matters: when a panic drops the writer, the checkpointer stops before the
+// connection closes.
 struct Writer {
+    /// None for an in-memory database (it has no WAL).
+    checkpointer: Option<Checkpointer>,
     conn: Connection,
     claims: Receiver<ClaimCmd>,
     leases: Receiver<LeaseCmd>,
@@ -239,6 +249,17 @@ impl Writer {
             if Instant::now() >= self.next_cleanup {
                 self.cleanup();
             }
+            if let Some(c) = &self.checkpointer
+                && c.take_restart_request()
+            {
+                // The checkpointer cannot catch up with the WAL while batches keep coming: copy
+                // the last few frames here, between two batches, so the next one rewinds it.
+                let _ = storage::checkpoint_passive(&self.conn);
+            }
+        }
+        // The checkpointer stops before the final checkpoint, which then has the WAL to itself.
+        if let Some(mut c) = self.checkpointer.take() {
+            c.stop();
         }
         if self.checkpoint_on_exit {
             let _ = storage::checkpoint(&self.conn);
@@ -392,8 +413,15 @@ impl Writer {
             return self.fail_all(batch, e);
         }
         self.persisted_fence = fence;
+        self.poke_checkpointer();
         for p in batch {
             self.answer(p);
+        }
+    }
+
+    fn poke_checkpointer(&self) {
+        if let Some(c) = &self.checkpointer {
+            c.poke();
         }
     }
 
@@ -534,6 +562,7 @@ impl Writer {
             storage::begin(&self.conn)?;
             let n = storage::delete_expired(&self.conn, now, self.cleanup_batch)?;
             storage::commit(&self.conn)?;
+            self.poke_checkpointer();
             Ok(n)
         });
         match deleted {
