@@ -18,7 +18,10 @@
 //! Errors are not fatal here: a busy checkpoint (another process checkpointing) or an I/O error
 //! leaves the frames in the WAL, and SQLite marks frames as copied only once the database file
 //! has been synced, so the next checkpoint copies them again. A failed flush of the WAL itself
-//! is the syncer's business (it sees the same error on its own descriptor).
+//! is the syncer's business (Linux reports a write-back error to every descriptor open at the
+//! time, so the syncer's next `fdatasync` fails too); once one has failed, this thread stops.
+//! Why a checkpoint may run over WAL frames the syncer has not flushed yet: see
+//! `storage::open_checkpointer`.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -31,6 +34,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError, select
 use crate::config::EngineConfig;
 use crate::error::{Error, Result};
 use crate::storage;
+use crate::writer::Shared;
 
 /// The shortest time between two checkpoints.
 const INTERVAL: Duration = Duration::from_millis(10);
@@ -49,7 +53,11 @@ pub(crate) struct Checkpointer {
 
 impl Checkpointer {
     /// Opens the checkpointer's connection and starts its thread.
-    pub(crate) fn spawn(path: &Path, config: &EngineConfig) -> Result<Checkpointer> {
+    pub(crate) fn spawn(
+        path: &Path,
+        config: &EngineConfig,
+        shared: Arc<Shared>,
+    ) -> Result<Checkpointer> {
         let conn = storage::open_checkpointer(path, config)?;
         let (poke, poked) = crossbeam_channel::bounded(1);
         let (stop, stopped) = crossbeam_channel::bounded(0);
@@ -57,7 +65,7 @@ impl Checkpointer {
         let wanted = restart_wanted.clone();
         let handle = std::thread::Builder::new()
             .name("idempotency-ckpt".into())
-            .spawn(move || run(&conn, &poked, &stopped, &wanted))
+            .spawn(move || run(&conn, &poked, &stopped, &wanted, &shared))
             .map_err(|e| Error::Storage(Arc::new(e)))?;
         Ok(Checkpointer {
             poke,
@@ -100,12 +108,19 @@ fn run(
     poked: &Receiver<()>,
     stopped: &Receiver<()>,
     restart_wanted: &AtomicBool,
+    shared: &Shared,
 ) {
     loop {
         // Nothing is ever sent on `stopped`: it disconnects when the writer stops us.
         select! {
             recv(poked) -> msg => if msg.is_err() { return },
             recv(stopped) -> _ => return,
+        }
+        if shared.sync_failure().is_some() {
+            // A flush of the WAL failed: nothing more may be copied into the database file,
+            // not even when this connection closes (see `storage::no_checkpoint_on_close`).
+            storage::no_checkpoint_on_close(conn);
+            return;
         }
         if let Ok(state) = storage::checkpoint_passive(conn)
             && state.frames >= RESTART_FRAMES

@@ -12,6 +12,7 @@ mod key;
 mod middleware;
 mod response;
 mod storage;
+mod syncer;
 mod writer;
 
 pub use clock::{Clock, ManualClock, SystemClock};

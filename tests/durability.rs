@@ -135,3 +135,198 @@ fn the_wal_stays_bounded_under_steady_load() {
         "the WAL grew to {peak} bytes under steady load"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Durability::Full: a completion is acknowledged, and replayed, only once the WAL is flushed
+// (feature fault-injection: the syncer's flushes are held or failed on purpose).
+
+#[cfg(feature = "fault-injection")]
+mod flush {
+    use std::sync::mpsc;
+
+    use idempotency_rs::Error;
+
+    use super::*;
+
+    const WAIT: Duration = Duration::from_millis(300);
+
+    /// The record's state as another connection sees it (None: no row).
+    fn state(path: &Path, key: &str) -> Option<i64> {
+        let conn =
+            rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+                .unwrap();
+        conn.query_row(
+            "SELECT state FROM idempotency_records WHERE key = ?1",
+            [key],
+            |r| r.get(0),
+        )
+        .ok()
+    }
+
+    fn wait_until_committed(path: &Path, key: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while state(path, key) != Some(1) {
+            assert!(
+                Instant::now() < deadline,
+                "the completion was never committed"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Runs `f` on a thread; its result arrives on the receiver.
+    fn background<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> mpsc::Receiver<T> {
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx
+    }
+
+    /// While the flush is held, the completion is committed (other connections see the
+    /// completed row) but its caller is not answered, a retry is not answered with a replay
+    /// (it waits for the flush), and a claim with another payload is still refused at once.
+    /// Once the flush is done, both are answered and the key replays.
+    #[test]
+    fn a_completion_is_neither_acknowledged_nor_replayed_before_its_flush() {
+        for readers in [4, 0] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("idem.db");
+            let engine = Engine::open(config(&path).read_connections(readers)).unwrap();
+            // Something already durable replays while the flush is held.
+            claimed(engine.claim(request("before")).unwrap())
+                .complete(response("before"))
+                .unwrap();
+
+            let lease = claimed(engine.claim(request("k")).unwrap());
+            engine.inject_sync_pause(true);
+            let completed = background(move || lease.complete(response("k")));
+            wait_until_committed(&path, "k");
+
+            let retry = {
+                let engine = engine.clone();
+                background(move || engine.claim(request("k")))
+            };
+            assert!(
+                completed.recv_timeout(WAIT).is_err(),
+                "acknowledged before the flush"
+            );
+            match retry.recv_timeout(WAIT) {
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Ok(got) => panic!("readers={readers}: answered before the flush: {got:?}"),
+                Err(e) => panic!("{e:?}"),
+            }
+            let other = ClaimRequest::new(
+                "s",
+                IdempotencyKey::new("k").unwrap(),
+                Fingerprint::of_request("POST", "/", b"another payload"),
+            );
+            assert!(matches!(
+                engine.claim(other).unwrap(),
+                ClaimOutcome::Mismatch
+            ));
+            assert_eq!(
+                replayed(engine.claim(request("before")).unwrap()),
+                response("before")
+            );
+            assert!(completed.try_recv().is_err() && retry.try_recv().is_err());
+
+            engine.inject_sync_pause(false);
+            completed
+                .recv_timeout(Duration::from_secs(30))
+                .unwrap()
+                .unwrap();
+            assert_eq!(
+                replayed(
+                    retry
+                        .recv_timeout(Duration::from_secs(30))
+                        .unwrap()
+                        .unwrap()
+                ),
+                response("k")
+            );
+            assert_eq!(replayed(engine.claim(request("k")).unwrap()), response("k"));
+        }
+    }
+
+    /// A failed flush: the completion it covered gets `SyncFailed` (never Ok), its record is
+    /// not replayed, the engine stops (every later call fails with the same error), and no
+    /// checkpoint runs. A new engine recovers the WAL: what was acknowledged before replays.
+    #[test]
+    fn a_failed_flush_fails_its_completions_and_stops_the_engine() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("idem.db");
+        let engine = Engine::open(config(&path)).unwrap();
+        claimed(engine.claim(request("before")).unwrap())
+            .complete(response("before"))
+            .unwrap();
+        let held = claimed(engine.claim(request("held")).unwrap());
+        let lease = claimed(engine.claim(request("k")).unwrap());
+
+        engine.inject_sync_failure();
+        let err = lease.complete(response("k")).unwrap_err();
+        assert!(matches!(err, Error::SyncFailed { .. }), "{err:?}");
+        assert!(err.is_closed() && !err.is_transient());
+        // Committed, visible to other connections, but never replayed by this engine.
+        assert_eq!(state(&path, "k"), Some(1));
+        let err = engine.claim(request("k")).unwrap_err();
+        assert!(matches!(err, Error::SyncFailed { .. }), "{err:?}");
+        // The engine has stopped.
+        let err = held.complete(response("held")).unwrap_err();
+        assert!(matches!(err, Error::SyncFailed { .. }), "{err:?}");
+        let err = engine.shutdown().unwrap_err();
+        assert!(matches!(err, Error::SyncFailed { .. }), "{err:?}");
+        for key in ["before", "new"] {
+            let err = engine.claim(request(key)).unwrap_err();
+            assert!(matches!(err, Error::SyncFailed { .. }), "{key}: {err:?}");
+        }
+        drop(engine);
+
+        let engine = Engine::open(config(&path)).unwrap();
+        assert_eq!(
+            replayed(engine.claim(request("before")).unwrap()),
+            response("before")
+        );
+        // Whether `k` reached the disk is unknown to its caller; if it did, it is its response.
+        match engine.claim(request("k")).unwrap() {
+            ClaimOutcome::Replay(r) => assert_eq!(r, response("k")),
+            ClaimOutcome::InFlight { .. } => {}
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// A writer panic while completions wait for their flush: they are still flushed and
+    /// answered on the way down (the syncer is stopped and joined, a held flush let go), and
+    /// every caller is woken.
+    #[test]
+    fn a_writer_panic_still_answers_completions_waiting_for_their_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("idem.db");
+        let engine = Engine::open(config(&path)).unwrap();
+        let lease = claimed(engine.claim(request("k")).unwrap());
+        engine.inject_sync_pause(true);
+        let completed = background(move || lease.complete(response("k")));
+        wait_until_committed(&path, "k");
+        let retry = {
+            let engine = engine.clone();
+            background(move || engine.claim(request("k")))
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        engine.inject_writer_panic();
+        completed
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the completion's caller was never woken")
+            .unwrap();
+        match retry
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the retry's caller was never woken")
+        {
+            Ok(ClaimOutcome::Replay(r)) => assert_eq!(r, response("k")),
+            Err(Error::WriterPanicked { .. }) => {}
+            other => panic!("{other:?}"),
+        }
+        drop(engine);
+        let engine = Engine::open(config(&path)).unwrap();
+        assert_eq!(replayed(engine.claim(request("k")).unwrap()), response("k"));
+    }
+}

@@ -365,7 +365,7 @@ fn with_pushback(mut response: Response<Body>, after: Duration) -> Response<Body
 fn store_unavailable(e: &Error) -> Response<Body> {
     let (what, after) = match e {
         Error::Overloaded { retry_after } => ("is overloaded", *retry_after),
-        Error::Closed | Error::WriterPanicked { .. } => ("is shut down", Duration::from_secs(5)),
+        e if e.is_closed() => ("is shut down", Duration::from_secs(5)),
         _ => ("is failing", Duration::from_secs(1)),
     };
     tracing::warn!(error = %e, "idempotency: claim failed; answering UNAVAILABLE");
