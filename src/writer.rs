@@ -302,6 +302,7 @@ impl Writer {
             }
             if let Some(c) = &self.checkpointer
                 && c.take_restart_request()
+                && self.shared.sync_failure().is_none()
             {
                 // The checkpointer cannot catch up with the WAL while batches keep coming: copy
                 // the last few frames here, between two batches, so the next one rewinds it.
