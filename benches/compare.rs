@@ -8,11 +8,16 @@
 //! cargo bench --bench compare -- [--secs S] [--warmup S] [--callers 1,8,64]
 //!     [--redis-plain HOST:PORT] [--redis-aof HOST:PORT]
 //!     [--growth 10000,1000000,5000000 | --skip-growth | --skip-5m]
-//!     [--only engine-full,engine-normal,naive,raw,redis-plain,redis-aof,growth]
+//!     [--only engine-full,engine-normal,naive,raw,redis-plain,redis-aof,growth,raw-rowid]
 //!     [--out DIR] [--dir DIR] [--stamp TEXT] [--command TEXT] [--no-latest]
 //!     [--engine-readers N] [--engine-cache-kib N] [--engine-max-batch N]
 //!     [--engine-page-size BYTES]
 //! ```
+//!
+//! `raw-rowid` (only when named in `--only`) is an experiment: the raw baselines on a rowid
+//! table with a `UNIQUE` index on the record id instead of the engine's `WITHOUT ROWID` table
+//! (BENCHMARKS.md, "Fewer pages per operation"). Every raw row's note gives the bytes written
+//! per row (WAL frames and checkpoint copies).
 //!
 //! The `--engine-*` options change the engine's configuration in every engine case (tuning
 //! experiments); `--engine-page-size` creates the database file with that page size before the
@@ -217,8 +222,10 @@ enum Workload {
 enum Case {
     Engine(Durability, Workload, usize),
     Naive(usize),
+    /// `rowid`: the "fewer pages per operation" experiment (`common::create_rowid_schema`).
     Raw {
         engine_shaped: bool,
+        rowid: bool,
     },
     Redis {
         aof: bool,
@@ -253,14 +260,18 @@ impl Case {
                 format!("engine-{}/{}/{n}", durability_name(d), workload_name(w))
             }
             Case::Naive(n) => format!("naive/fresh/{n}"),
-            Case::Raw { engine_shaped } => {
+            Case::Raw {
+                engine_shaped,
+                rowid,
+            } => {
                 format!(
-                    "raw/{}",
+                    "raw/{}{}",
                     if engine_shaped {
                         "claim-complete64"
                     } else {
                         "insert64"
-                    }
+                    },
+                    if rowid { "-rowid" } else { "" }
                 )
             }
             Case::Redis {
@@ -292,11 +303,9 @@ impl Case {
                 Case::Engine(Durability::Normal, workload(w), num(n) as usize)
             }
             ["naive", "fresh", n] => Case::Naive(num(n) as usize),
-            ["raw", "insert64"] => Case::Raw {
-                engine_shaped: false,
-            },
-            ["raw", "claim-complete64"] => Case::Raw {
-                engine_shaped: true,
+            ["raw", shape] => Case::Raw {
+                engine_shaped: shape.starts_with("claim-complete64"),
+                rowid: shape.ends_with("-rowid"),
             },
             [r @ ("redis-plain" | "redis-aof"), w, n] => Case::Redis {
                 aof: *r == "redis-aof",
@@ -319,12 +328,16 @@ impl Case {
         match *self {
             Case::Engine(d, wl, n) => (w(wl), "engine (tasks)", durability_name(d), n),
             Case::Naive(n) => (w(Workload::Fresh), "naive SQLite (threads)", "full", n),
-            Case::Raw { engine_shaped } => (
+            Case::Raw {
+                engine_shaped,
+                rowid,
+            } => (
                 w(Workload::Fresh),
-                if engine_shaped {
-                    "raw SQLite claim+complete64"
-                } else {
-                    "raw SQLite insert64"
+                match (engine_shaped, rowid) {
+                    (true, false) => "raw SQLite claim+complete64",
+                    (false, false) => "raw SQLite insert64",
+                    (true, true) => "raw SQLite claim+complete64 (rowid table)",
+                    (false, true) => "raw SQLite insert64 (rowid table)",
                 },
                 "full",
                 1,
@@ -367,12 +380,25 @@ fn plan(args: &Args) -> Vec<Case> {
         cases.extend(args.callers.iter().map(|&n| Case::Naive(n)));
     }
     if args.runs("raw") {
-        cases.push(Case::Raw {
-            engine_shaped: false,
-        });
-        cases.push(Case::Raw {
-            engine_shaped: true,
-        });
+        for engine_shaped in [false, true] {
+            cases.push(Case::Raw {
+                engine_shaped,
+                rowid: false,
+            });
+        }
+    }
+    // Opt-in only (`--only ...,raw-rowid`): an experiment, not part of the standard run.
+    if args
+        .only
+        .as_ref()
+        .is_some_and(|o| o.iter().any(|s| s == "raw-rowid"))
+    {
+        for engine_shaped in [false, true] {
+            cases.push(Case::Raw {
+                engine_shaped,
+                rowid: true,
+            });
+        }
     }
     for (section, aof, addr) in [
         ("redis-plain", false, &args.redis_plain),
@@ -808,15 +834,23 @@ fn naive_case(args: &Args, dir: &Path, callers: usize) -> Outcome {
     out
 }
 
-fn raw_case(args: &Args, dir: &Path, engine_shaped: bool) -> Outcome {
-    let path = dir.join(format!("raw-{engine_shaped}.db"));
-    common::create_schema(&path);
+fn raw_case(args: &Args, dir: &Path, engine_shaped: bool, rowid: bool) -> Outcome {
+    let path = dir.join(format!("raw-{engine_shaped}-{rowid}.db"));
+    if rowid {
+        common::create_rowid_schema(&path);
+    } else {
+        common::create_schema(&path);
+    }
     let keys = Keys::new("raw");
     common::reset_peak_rss("self");
+    let rows = AtomicU64::new(0);
+    let written_before = common::written_bytes();
     let m = drive_threads(1, args.warmup(), args.secs(), |_| {
         let conn = common::baseline_connection(&path, "FULL");
         let keys = &keys;
+        let rows = &rows;
         move |n| {
+            rows.fetch_add(64, Ordering::Relaxed);
             let batch: Vec<String> = (0..64).map(|_| keys.next()).collect();
             let fence = n as i64 * 64;
             if engine_shaped {
@@ -830,6 +864,13 @@ fn raw_case(args: &Args, dir: &Path, engine_shaped: bool) -> Outcome {
     let mut out = Outcome::from_measured(&m);
     peaks(&mut out, None);
     out.note = "1 thread, 64 rows per batch; each row's latency is its batch's".into();
+    if let (Some(before), Some(after)) = (written_before, common::written_bytes()) {
+        let _ = write!(
+            out.note,
+            "; {:.1} KiB written per row (WAL + checkpoints)",
+            (after - before) as f64 / rows.load(Ordering::Relaxed).max(1) as f64 / 1024.0
+        );
+    }
     out
 }
 
@@ -1036,7 +1077,10 @@ fn run_child(args: &Args, id: &str) {
     let out = match Case::parse(id) {
         Case::Engine(d, w, n) => engine_case(args, dir, d, w, n),
         Case::Naive(n) => naive_case(args, dir, n),
-        Case::Raw { engine_shaped } => raw_case(args, dir, engine_shaped),
+        Case::Raw {
+            engine_shaped,
+            rowid,
+        } => raw_case(args, dir, engine_shaped, rowid),
         Case::Redis {
             aof,
             workload,
@@ -1247,6 +1291,18 @@ impl Report {
             e64,
             self.rate(fresh, "raw SQLite claim+complete64", "full", 1),
         );
+        for shape in ["insert64", "claim+complete64"] {
+            ratio(
+                format!("raw {shape}: rowid table / WITHOUT ROWID (experiment)"),
+                self.rate(
+                    fresh,
+                    &format!("raw SQLite {shape} (rowid table)"),
+                    "full",
+                    1,
+                ),
+                self.rate(fresh, &format!("raw SQLite {shape}"), "full", 1),
+            );
+        }
         ratio(
             "engine Normal @64 / engine Full @64".into(),
             self.rate(fresh, "engine (tasks)", "normal", 64),

@@ -10,16 +10,28 @@ use crate::error::{Error, Result};
 /// How hard a completion is pushed to disk before it is acknowledged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Durability {
-    /// `synchronous=FULL` for completions: when `complete` returns, the stored response survives
-    /// a power loss. Claims, releases and extensions are committed without waiting for `fsync`
-    /// (see the crate docs, *Design*): losing one to a power loss is the same as its holder
-    /// crashing, and the next completion's `fsync` makes them durable anyway.
+    /// When `complete` returns `Ok`, the stored response is on disk: it survives a power loss or
+    /// an OS crash.
+    ///
+    /// Every batch is committed without waiting for `fsync` (`synchronous=NORMAL`); claims,
+    /// releases and extensions are answered right after the commit, and a syncer thread then
+    /// flushes the WAL (`fdatasync`) and answers the batch's completions, while the writer is
+    /// already committing the next batch (one flush covers every completion committed before
+    /// it started). Losing an un-flushed claim, release or extension to a power loss is the
+    /// same as its holder crashing (see the crate docs, *Design*).
+    ///
+    /// Until its flush, a completion counts as in flight: nobody gets it as a replay, because a
+    /// power loss could still erase it. A retry arriving in that window waits for the flush
+    /// (one or two `fdatasync`s) and then gets the replay. If a flush fails, the completions it
+    /// covered get [`Error::SyncFailed`](crate::Error::SyncFailed) and the engine stops.
+    ///
+    /// On an in-memory database (nothing to flush) this behaves like [`Durability::Normal`].
     #[default]
     Full,
-    /// `synchronous=NORMAL` for everything: nothing waits for `fsync`. An application crash
-    /// loses nothing, but a power loss or OS crash can lose the last completions acknowledged
-    /// before it, and a retry of one of those runs the operation again. The database itself is
-    /// never corrupted.
+    /// Nothing waits for `fsync`: a completion is acknowledged, and replayed, as soon as it is
+    /// committed. An application crash loses nothing, but a power loss or OS crash can lose the
+    /// last completions acknowledged before it, and a retry of one of those runs the operation
+    /// again. The database itself is never corrupted.
     Normal,
 }
 

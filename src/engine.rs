@@ -18,6 +18,7 @@ use crate::fingerprint::Fingerprint;
 use crate::key::{IdempotencyKey, record_id, validate_scope};
 use crate::response::StoredResponse;
 use crate::storage::{self, Decision};
+use crate::syncer::Unsynced;
 use crate::writer::{self, ClaimCmd, ClaimReply, LeaseCmd, Shared};
 
 /// What a caller asks to run: a scope (tenant or user), a validated key and the request's
@@ -225,8 +226,9 @@ impl Engine {
     /// Blocks until the writer thread has finished its work.
     ///
     /// # Errors
-    /// [`Error::WriterPanicked`] if the writer had died; [`Error::Closed`] if it was already
-    /// shut down.
+    /// [`Error::WriterPanicked`] if the writer had died; [`Error::SyncFailed`] if a flush of the
+    /// WAL failed (before or during the shutdown; the WAL is then left for SQLite to recover
+    /// at the next open); [`Error::Closed`] if it was already shut down.
     pub fn shutdown(&self) -> Result<()> {
         if let Some(e) = self.inner.shared.ended() {
             return Err(e);
@@ -239,7 +241,7 @@ impl Engine {
             .leases
             .send(LeaseCmd::Shutdown(tx))
             .map_err(|_| self.inner.shared.gone())?;
-        rx.recv().map_err(|_| self.inner.shared.gone())
+        rx.recv().map_err(|_| self.inner.shared.gone())?
     }
 
     /// Commands waiting for the writer thread right now.
@@ -252,6 +254,23 @@ impl Engine {
     #[cfg(feature = "fault-injection")]
     pub fn inject_writer_panic(&self) {
         let _ = self.inner.leases.send(LeaseCmd::Panic);
+    }
+
+    /// Holds (`true`) or lets go (`false`) every flush of the WAL by the syncer thread: while
+    /// held, completions are committed (visible in the database file's WAL) but not
+    /// acknowledged, and not replayed. Only with [`Durability::Full`](crate::Durability::Full)
+    /// on a file, and the `fault-injection` feature; never enable it in production. A held
+    /// flush is let go when the engine shuts down.
+    #[cfg(feature = "fault-injection")]
+    pub fn inject_sync_pause(&self, paused: bool) {
+        self.inner.shared.sync_faults.set_paused(paused);
+    }
+
+    /// Makes the syncer's next flush of the WAL fail as if `fdatasync` had returned an I/O
+    /// error (see [`Error::SyncFailed`]). Only with the `fault-injection` feature.
+    #[cfg(feature = "fault-injection")]
+    pub fn inject_sync_failure(&self) {
+        self.inner.shared.sync_faults.fail_next();
     }
 
     fn check_open(&self) -> Result<()> {
@@ -270,7 +289,9 @@ impl Engine {
         let id = record_id(&req.scope, req.key.as_str());
         if let Some(readers) = &self.inner.readers {
             let now = self.inner.clock.now_ms();
-            if let Some(decision) = readers.lookup(&id, &req.fingerprint, now)? {
+            if let Some(decision) =
+                readers.lookup(&id, &req.fingerprint, now, &self.inner.shared.unsynced)?
+            {
                 return Ok(Started::Done(ClaimOutcome::from_decision(decision, now)));
             }
         }
@@ -363,7 +384,16 @@ struct ReaderPool {
 impl ReaderPool {
     /// `Ok(None)`: no completed record here; ask the writer. Errors other than a corrupt
     /// record also fall back to the writer, which has the final word.
-    fn lookup(&self, id: &[u8; 32], fp: &Fingerprint, now: i64) -> Result<Option<Decision>> {
+    ///
+    /// A completed record whose completion is not on disk yet is not replayed from here (it
+    /// could still vanish in a power loss): the writer answers that claim after the flush.
+    fn lookup(
+        &self,
+        id: &[u8; 32],
+        fp: &Fingerprint,
+        now: i64,
+        unsynced: &Unsynced,
+    ) -> Result<Option<Decision>> {
         let conn = match self.idle.lock().pop() {
             Some(c) => c,
             None => {
@@ -383,6 +413,8 @@ impl ReaderPool {
         let result = storage::inspect(&conn, id, fp, now, true);
         self.idle.lock().push(conn);
         match result {
+            // Checked after the read: see `Unsynced::contains`.
+            Ok(Some(Decision::Replay(_))) if unsynced.contains(id) => Ok(None),
             Ok(d) => Ok(d),
             Err(e @ Error::Corrupt { .. }) => Err(e),
             Err(_) => Ok(None),
@@ -440,8 +472,11 @@ impl Lease {
     /// # Errors
     /// [`Error::LeaseLost`] when the record was taken over; [`Error::TooLarge`],
     /// [`Error::DiskFull`] or another storage error when it could not be stored;
-    /// [`Error::Closed`]. On any error the record stays in flight until its lock timeout: a
-    /// failed completion never turns into an immediate re-run by a retry.
+    /// [`Error::Closed`]. On any of these errors the record stays in flight until its lock
+    /// timeout: a failed completion never turns into an immediate re-run by a retry.
+    /// [`Error::SyncFailed`] when the completion was committed but the flush that was to make
+    /// it durable failed: it may or may not have reached the disk, this engine never replays
+    /// it, and the engine stops.
     pub fn complete(mut self, response: StoredResponse) -> Result<()> {
         let rx = self.send_complete(response)?;
         rx.recv().map_err(|_| self.engine.inner.shared.gone())?

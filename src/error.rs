@@ -89,6 +89,22 @@ pub enum Error {
         /// The panic message.
         message: String,
     },
+    /// Flushing the write-ahead log to disk (`fdatasync`, with [`Durability::Full`]) failed.
+    ///
+    /// The completions that flush was to make durable get this error: each of them is
+    /// committed but may or may not survive a power loss, so none is acknowledged, and this
+    /// engine never replays them. The engine then stops, and every later call gets this error
+    /// too ([`Error::is_closed`]): after a failed flush the operating system may have dropped
+    /// the unwritten pages of the log, and since SQLite's recovery stops at the first missing
+    /// frame, nothing written after them could be recovered either, so no later completion
+    /// could honestly be acknowledged. Open a new engine on the same file: SQLite recovers the
+    /// log, and a completion that did reach the disk is replayed from then on.
+    ///
+    /// [`Durability::Full`]: crate::Durability::Full
+    SyncFailed {
+        /// The error `fdatasync` returned.
+        source: Arc<std::io::Error>,
+    },
     /// Any other SQLite or I/O failure.
     Storage(Arc<dyn std::error::Error + Send + Sync>),
 }
@@ -103,9 +119,13 @@ impl Error {
         )
     }
 
-    /// True when the engine can never serve another request (closed, or its writer died).
+    /// True when the engine can never serve another request (closed, its writer died, or a
+    /// flush of its log failed).
     pub fn is_closed(&self) -> bool {
-        matches!(self, Error::Closed | Error::WriterPanicked { .. })
+        matches!(
+            self,
+            Error::Closed | Error::WriterPanicked { .. } | Error::SyncFailed { .. }
+        )
     }
 }
 
@@ -150,6 +170,10 @@ impl fmt::Display for Error {
                     "the idempotency engine's writer thread panicked: {message}"
                 )
             }
+            Error::SyncFailed { source } => write!(
+                f,
+                "flushing the idempotency log to disk failed ({source}); the engine stopped and must be reopened"
+            ),
             Error::Storage(e) => write!(f, "storage error: {e}"),
         }
     }
@@ -159,6 +183,7 @@ impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             Error::Storage(e) => Some(&**e),
+            Error::SyncFailed { source } => Some(&**source),
             _ => None,
         }
     }

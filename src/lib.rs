@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod checkpointer;
 mod clock;
 mod config;
 mod engine;
@@ -11,6 +12,7 @@ mod key;
 mod middleware;
 mod response;
 mod storage;
+mod syncer;
 mod writer;
 
 pub use clock::{Clock, ManualClock, SystemClock};

@@ -1,11 +1,12 @@
 //! Every SQL statement of the crate lives here, so a second backend only has to replace this
 //! module. The rest of the engine speaks in [`Decision`]s and plain values.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
+use rusqlite::config::DbConfig;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 
-use crate::config::{Durability, EngineConfig, Location};
+use crate::config::{EngineConfig, Location};
 use crate::error::{Error, Result};
 use crate::fingerprint::Fingerprint;
 use crate::response::{HeaderList, StoredResponse, decode_headers, encode_headers};
@@ -41,8 +42,15 @@ CREATE TABLE idempotency_meta (
 INSERT INTO idempotency_meta (name, value) VALUES ('fence', 0);
 ";
 
-/// Opens the writer connection: WAL (checked), synchronous from the durability, schema created
-/// or checked.
+/// Opens the writer connection: WAL (checked), `synchronous=NORMAL`, no automatic checkpoints,
+/// schema created or checked.
+///
+/// `synchronous=NORMAL` whatever the durability: no commit waits for `fsync`. With
+/// [`Durability::Full`](crate::Durability::Full) the syncer thread flushes the WAL before a
+/// completion is acknowledged (see `syncer.rs`).
+///
+/// Checkpoints are run by the checkpointer thread on its own connection
+/// ([`open_checkpointer`]), never inline in a commit of this one.
 pub(crate) fn open_writer(config: &EngineConfig) -> Result<Connection> {
     let conn = match &config.location {
         Location::Memory => Connection::open_in_memory()?,
@@ -81,7 +89,8 @@ pub(crate) fn open_writer(config: &EngineConfig) -> Result<Connection> {
     if !mode.eq_ignore_ascii_case(wanted) {
         return Err(Error::NotWal { actual: mode });
     }
-    set_synchronous(&conn, config.durability)?;
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.pragma_update(None, "wal_autocheckpoint", 0)?;
     conn.pragma_update(None, "cache_size", -config.cache_size_kib)?;
     conn.pragma_update(None, "temp_store", "MEMORY")?;
     conn.set_prepared_statement_cache_capacity(32);
@@ -106,14 +115,40 @@ pub(crate) fn open_reader(path: &Path, config: &EngineConfig) -> Result<Connecti
     Ok(conn)
 }
 
-/// Sets `synchronous` for the durability: FULL or NORMAL.
-pub(crate) fn set_synchronous(conn: &Connection, d: Durability) -> Result<()> {
-    let level = match d {
-        Durability::Full => "FULL",
-        Durability::Normal => "NORMAL",
-    };
-    conn.pragma_update(None, "synchronous", level)?;
-    Ok(())
+/// The database's write-ahead log file (SQLite names it after the database).
+pub(crate) fn wal_path(db: &Path) -> PathBuf {
+    let mut p = db.as_os_str().to_owned();
+    p.push("-wal");
+    PathBuf::from(p)
+}
+
+/// Opens the checkpointer's connection: read-write (a checkpoint writes the database file), a
+/// small page cache (a checkpoint copies WAL frames without it).
+///
+/// Checkpoints and the syncer's pipelined flush: the writer commits without `fsync`, so the
+/// WAL holds committed frames that are not on disk yet, and a checkpoint copies committed
+/// frames into the database file. That is safe because the checkpointing connection does not
+/// run with `synchronous=OFF` (FULL here; NORMAL for the writer's own occasional checkpoint):
+/// SQLite then `fsync`s the WAL *before* it copies the first frame, and `fsync`s the database
+/// file before it records the frames as copied (`nBackfill`); the WAL is rewound only once
+/// every frame is copied and synced. So the database file never holds a page whose WAL frame is
+/// not on disk, and no frame is dropped from the WAL before its page is on disk: a checkpoint
+/// cannot reorder anything or lose a commit. What it can do is make an un-flushed completion
+/// durable before the syncer's own flush does. That is harmless: the completion stays
+/// registered as not yet durable (in flight for readers) until the syncer's flush, which is the
+/// only thing that acknowledges it, so the rule "acknowledged or replayed only once on disk"
+/// does not depend on the checkpointer at all.
+pub(crate) fn open_checkpointer(path: &Path, config: &EngineConfig) -> Result<Connection> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|e| open_error(e, path))?;
+    conn.busy_timeout(config.busy_timeout)?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+    conn.pragma_update(None, "cache_size", -256)?;
+    Ok(conn)
 }
 
 fn open_error(e: rusqlite::Error, path: &Path) -> Error {
@@ -232,6 +267,27 @@ pub(crate) fn rollback(conn: &Connection) {
 pub(crate) fn checkpoint(conn: &Connection) -> Result<()> {
     conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
     Ok(())
+}
+
+/// What a passive checkpoint reported.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct WalState {
+    /// Frames in the WAL since it last restarted from its beginning.
+    pub frames: i64,
+}
+
+/// Copies into the database file every WAL frame no reader still needs, without waiting for
+/// (or blocking) the writer or any reader.
+pub(crate) fn checkpoint_passive(conn: &Connection) -> Result<WalState> {
+    let frames = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(1))?;
+    Ok(WalState { frames })
+}
+
+/// After a failed flush of the WAL: closing this connection must not checkpoint (it would copy
+/// frames whose flush failed into the database file, and rewind the WAL); SQLite recovers the
+/// WAL at the next open instead.
+pub(crate) fn no_checkpoint_on_close(conn: &Connection) {
+    let _ = conn.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true);
 }
 
 /// What a claim found when it could not take the record.

@@ -1,20 +1,25 @@
 //! The writer thread: owns the write connection, drains the command queues into batches and
-//! commits each batch as one transaction (group commit).
+//! commits each batch as one transaction (group commit). With `Durability::Full` on a file, the
+//! batch's completions are answered by the syncer thread after it has flushed the WAL
+//! (`syncer.rs`); everything else is answered right after the commit.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Select, TryRecvError};
 use parking_lot::{Condvar, Mutex};
 use rusqlite::Connection;
 
+use crate::checkpointer::Checkpointer;
 use crate::clock::Clock;
 use crate::config::{Durability, EngineConfig, Location};
 use crate::error::{Error, Result};
 use crate::fingerprint::Fingerprint;
 use crate::response::StoredResponse;
 use crate::storage::{self, ClaimRow, Decision};
+use crate::syncer::{AfterSync, Syncer, Unsynced};
 
 /// A claim, as the writer sees it.
 pub(crate) struct ClaimCmd {
@@ -57,7 +62,9 @@ pub(crate) enum LeaseCmd {
         retention_ms: i64,
         reply: oneshot::Sender<Result<i64>>,
     },
-    Shutdown(oneshot::Sender<()>),
+    /// Answered once everything before it is committed (and flushed), with the error that
+    /// stopped the engine if a flush failed.
+    Shutdown(oneshot::Sender<Result<()>>),
     #[cfg(feature = "fault-injection")]
     Panic,
 }
@@ -67,16 +74,41 @@ pub(crate) enum LeaseCmd {
 pub(crate) enum Exit {
     Clean,
     Panicked(String),
+    /// A flush of the WAL failed ([`Error::SyncFailed`]).
+    Failed(Error),
 }
 
-/// State shared between the handles and the writer thread.
+/// State shared between the handles, the writer thread and its helper threads.
 #[derive(Debug, Default)]
 pub(crate) struct Shared {
     exit: Mutex<Option<Exit>>,
     exited: Condvar,
+    /// Completions committed but not yet flushed: never replayed (see `syncer.rs`).
+    pub(crate) unsynced: Unsynced,
+    /// Set once a flush of the WAL failed; the error stays.
+    sync_failed: AtomicBool,
+    sync_failure: Mutex<Option<Error>>,
+    #[cfg(feature = "fault-injection")]
+    pub(crate) sync_faults: crate::syncer::SyncFaults,
 }
 
 impl Shared {
+    /// The error of the first failed flush, if one failed.
+    pub(crate) fn sync_failure(&self) -> Option<Error> {
+        if !self.sync_failed.load(Ordering::Acquire) {
+            return None;
+        }
+        self.sync_failure.lock().clone()
+    }
+
+    pub(crate) fn set_sync_failure(&self, e: Error) {
+        let mut failure = self.sync_failure.lock();
+        if failure.is_none() {
+            *failure = Some(e);
+            self.sync_failed.store(true, Ordering::Release);
+        }
+    }
+
     fn set_exit(&self, exit: Exit) {
         *self.exit.lock() = Some(exit);
         self.exited.notify_all();
@@ -94,6 +126,7 @@ impl Shared {
             Some(Exit::Panicked(message)) => Error::WriterPanicked {
                 message: message.clone(),
             },
+            Some(Exit::Failed(e)) => e.clone(),
             _ => Error::Closed,
         }
     }
@@ -106,6 +139,7 @@ impl Shared {
             Some(Exit::Panicked(message)) => Some(Error::WriterPanicked {
                 message: message.clone(),
             }),
+            Some(Exit::Failed(e)) => Some(e.clone()),
         }
     }
 }
@@ -123,13 +157,25 @@ pub(crate) fn spawn(
     // still queued when the writer ends (a panic, or a claim racing a shutdown) would wait for
     // its answer forever. This second receiver sweeps the queue once the end is announced.
     let stranded = claims.clone();
+    let checkpointer = match &config.location {
+        Location::File(path) => Some(Checkpointer::spawn(path, config, shared.clone())?),
+        Location::Memory => None,
+    };
+    // An in-memory database has no WAL to flush: its completions are answered at commit.
+    let syncer = match &config.location {
+        Location::File(path) if config.durability == Durability::Full => {
+            Some(Syncer::spawn(path, shared.clone())?)
+        }
+        _ => None,
+    };
     let writer = Writer {
+        syncer,
+        checkpointer,
+        shared: shared.clone(),
         conn,
         claims,
         leases,
         clock: config.clock.clone(),
-        durability: config.durability,
-        sync_full: config.durability == Durability::Full,
         checkpoint_on_exit: matches!(config.location, Location::File(_)),
         max_batch: config.max_batch,
         cleanup_interval: config.cleanup_interval,
@@ -138,13 +184,14 @@ pub(crate) fn spawn(
         fence,
         persisted_fence: fence,
         requeued: Vec::new(),
+        registered: Vec::new(),
     };
     std::thread::Builder::new()
         .name("idempotency-writer".into())
         .spawn(move || {
             let result = catch_unwind(AssertUnwindSafe(move || writer.run()));
             let exit = match result {
-                Ok(()) => Exit::Clean,
+                Ok(exit) => exit,
                 Err(payload) => Exit::Panicked(
                     payload
                         .downcast_ref::<&str>()
@@ -170,14 +217,18 @@ fn lease_commands_first(batch: &mut [Pending]) {
     batch.sort_by_key(|p| matches!(p, Pending::Claim(..)));
 }
 
+// Field order matters: when a panic drops the writer, the syncer flushes and answers what it
+// was handed, and the checkpointer stops, before the connection closes.
 struct Writer {
+    /// `Durability::Full` on a file only.
+    syncer: Option<Syncer>,
+    /// None for an in-memory database (it has no WAL).
+    checkpointer: Option<Checkpointer>,
+    shared: Arc<Shared>,
     conn: Connection,
     claims: Receiver<ClaimCmd>,
     leases: Receiver<LeaseCmd>,
     clock: Arc<dyn Clock>,
-    durability: Durability,
-    /// The `synchronous` setting the connection has now (true: FULL).
-    sync_full: bool,
     checkpoint_on_exit: bool,
     max_batch: usize,
     cleanup_interval: Duration,
@@ -188,6 +239,9 @@ struct Writer {
     persisted_fence: u64,
     /// Releases of claims whose caller went away before the answer arrived.
     requeued: Vec<LeaseCmd>,
+    /// Completions of the open transaction registered in `shared.unsynced`, to unregister if
+    /// it rolls back.
+    registered: Vec<[u8; 32]>,
 }
 
 /// One command of a batch, with what its caller will be told.
@@ -197,7 +251,7 @@ enum Pending {
 }
 
 impl Writer {
-    fn run(mut self) {
+    fn run(mut self) -> Exit {
         let mut shutdown = None;
         let mut disconnected = false;
         loop {
@@ -216,7 +270,10 @@ impl Writer {
                     disconnected = true;
                 }
             }
-            if disconnected {
+            // A failed flush stops the engine: nothing more is committed, and every command
+            // still queued gets the error.
+            let failure = self.shared.sync_failure();
+            if disconnected || failure.is_some() {
                 // Take everything still queued: nothing a caller sent before the end is lost.
                 self.drain_all(&mut batch);
             }
@@ -232,6 +289,10 @@ impl Writer {
                     p => rest.push(p),
                 }
             }
+            if let Some(e) = failure {
+                self.fail_all(rest, e);
+                break;
+            }
             self.process(rest);
             if disconnected && self.requeued.is_empty() {
                 break;
@@ -239,13 +300,33 @@ impl Writer {
             if Instant::now() >= self.next_cleanup {
                 self.cleanup();
             }
+            if let Some(c) = &self.checkpointer
+                && c.take_restart_request()
+                && self.shared.sync_failure().is_none()
+            {
+                // The checkpointer cannot catch up with the WAL while batches keep coming: copy
+                // the last few frames here, between two batches, so the next one rewinds it.
+                let _ = storage::checkpoint_passive(&self.conn);
+            }
         }
-        if self.checkpoint_on_exit {
+        // The syncer flushes and answers everything it was handed; the checkpointer stops
+        // before the final checkpoint, which then has the WAL to itself.
+        if let Some(mut s) = self.syncer.take() {
+            s.stop();
+        }
+        if let Some(mut c) = self.checkpointer.take() {
+            c.stop();
+        }
+        let failure = self.shared.sync_failure();
+        if failure.is_some() {
+            storage::no_checkpoint_on_close(&self.conn);
+        } else if self.checkpoint_on_exit {
             let _ = storage::checkpoint(&self.conn);
         }
         if let Some(ack) = shutdown {
-            let _ = ack.send(());
+            let _ = ack.send(failure.clone().map_or(Ok(()), Err));
         }
+        failure.map_or(Exit::Clean, Exit::Failed)
     }
 
     /// Waits for the first command, or until the next cleanup is due.
@@ -309,48 +390,14 @@ impl Writer {
         batch.extend(self.claims.try_iter().map(|m| Pending::Claim(m, None)));
     }
 
-    /// Commits a batch. With [`Durability::Full`], claims, releases and extensions go in one
-    /// transaction committed without `fsync` and are answered at once; completions go in a
-    /// second transaction committed with `fsync`. See the crate docs, *Design*.
-    fn process(&mut self, batch: Vec<Pending>) {
+    /// Commits a batch in one transaction, without `fsync` (`synchronous=NORMAL`), and answers
+    /// it: with a syncer, completions (and replays of completions not yet on disk) after its
+    /// next flush of the WAL; everything else at once. See the crate docs, *Design*.
+    fn process(&mut self, mut batch: Vec<Pending>) {
         if batch.is_empty() {
             return;
         }
-        match self.durability {
-            Durability::Normal => self.run_phase(batch, false),
-            Durability::Full => {
-                let (heavy, light): (Vec<_>, Vec<_>) = batch
-                    .into_iter()
-                    .partition(|p| matches!(p, Pending::Lease(LeaseCmd::Complete { .. }, _)));
-                self.run_phase(light, false);
-                self.run_phase(heavy, true);
-            }
-        }
-    }
-
-    fn set_sync(&mut self, full: bool) -> Result<()> {
-        if self.sync_full != full {
-            storage::set_synchronous(
-                &self.conn,
-                if full {
-                    Durability::Full
-                } else {
-                    Durability::Normal
-                },
-            )?;
-            self.sync_full = full;
-        }
-        Ok(())
-    }
-
-    fn run_phase(&mut self, mut batch: Vec<Pending>, full: bool) {
-        if batch.is_empty() {
-            return;
-        }
-        if let Err(e) = self
-            .set_sync(full)
-            .and_then(|()| storage::begin(&self.conn))
-        {
+        if let Err(e) = storage::begin(&self.conn) {
             return self.fail_all(batch, e);
         }
         let now = self.clock.now_ms();
@@ -371,7 +418,7 @@ impl Writer {
             };
             if aborted {
                 // SQLite rolled the whole transaction back (disk full, I/O error): every
-                // command of the phase failed, including those that had succeeded.
+                // command of the batch failed, including those that had succeeded.
                 let e = match p {
                     Pending::Claim(_, Some(Err(e))) => e.clone(),
                     Pending::Lease(_, Some(Err(e))) => e.clone(),
@@ -392,13 +439,54 @@ impl Writer {
             return self.fail_all(batch, e);
         }
         self.persisted_fence = fence;
+        // The registered completions are the syncer's to unregister from now on.
+        self.registered.clear();
+        self.poke_checkpointer();
+        if let Some(syncer) = &self.syncer {
+            let mut after_sync = Vec::new();
+            let mut now = Vec::with_capacity(batch.len());
+            for p in batch {
+                match p {
+                    Pending::Lease(LeaseCmd::Complete { id, reply, .. }, Some(Ok(_))) => {
+                        after_sync.push(AfterSync::Completion { id, reply });
+                    }
+                    // A completed record whose completion is not on disk yet (committed in this
+                    // batch or in one whose flush is still running) is not replayed before
+                    // it is: the answer waits for the next flush, which covers that commit.
+                    Pending::Claim(
+                        cmd,
+                        Some(Ok(answer @ ClaimReply::Decided(Decision::Replay(_)))),
+                    ) if self.shared.unsynced.contains(&cmd.id) => {
+                        after_sync.push(AfterSync::Replay {
+                            reply: cmd.reply,
+                            answer,
+                        });
+                    }
+                    p => now.push(p),
+                }
+            }
+            // Hand over first, so the flush starts while the others are answered.
+            if !after_sync.is_empty() {
+                syncer.send(after_sync);
+            }
+            batch = now;
+        }
         for p in batch {
             self.answer(p);
         }
     }
 
+    fn poke_checkpointer(&self) {
+        if let Some(c) = &self.checkpointer {
+            c.poke();
+        }
+    }
+
     fn fail_all(&mut self, batch: Vec<Pending>, e: Error) {
         storage::rollback(&self.conn);
+        for id in self.registered.drain(..) {
+            self.shared.unsynced.remove(&id);
+        }
         for p in batch {
             match p {
                 Pending::Claim(cmd, _) => {
@@ -488,14 +576,23 @@ impl Writer {
                 response,
                 retention_ms,
                 ..
-            } => storage::complete(
-                &self.conn,
-                id,
-                *fence,
-                response,
-                now,
-                now.saturating_add(*retention_ms),
-            )?,
+            } => {
+                let done = storage::complete(
+                    &self.conn,
+                    id,
+                    *fence,
+                    response,
+                    now,
+                    now.saturating_add(*retention_ms),
+                )?;
+                if done && self.syncer.is_some() {
+                    // Before the commit that makes it visible: from then until its flush, no
+                    // connection replays it.
+                    self.shared.unsynced.add(id);
+                    self.registered.push(*id);
+                }
+                done
+            }
             LeaseCmd::Release { id, fence, .. } => storage::release(&self.conn, id, *fence)?,
             LeaseCmd::Extend {
                 id,
@@ -530,12 +627,13 @@ impl Writer {
 
     fn cleanup(&mut self) {
         let now = self.clock.now_ms();
-        let deleted = self.set_sync(false).and_then(|()| {
+        let deleted = (|| -> Result<usize> {
             storage::begin(&self.conn)?;
             let n = storage::delete_expired(&self.conn, now, self.cleanup_batch)?;
             storage::commit(&self.conn)?;
+            self.poke_checkpointer();
             Ok(n)
-        });
+        })();
         match deleted {
             // A full batch: there may be more; go on right after the next commands.
             Ok(n) if n >= self.cleanup_batch => self.next_cleanup = Instant::now(),

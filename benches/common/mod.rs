@@ -91,6 +91,47 @@ pub(crate) fn create_schema(path: &Path) {
     engine.shutdown().unwrap();
 }
 
+/// Experiment ("fewer pages per operation", BENCHMARKS.md): the engine's table as a rowid
+/// table with a `UNIQUE` index on the record id, instead of `WITHOUT ROWID` keyed by it. Rows
+/// are appended in claim order, so a batch's claims share a few table leaves and its
+/// completions update those same, adjacent rows; only the (small) index entries land on random
+/// leaves. Same columns and indexes otherwise, so the raw baselines' statements run unchanged.
+/// Not the engine's schema: a raw-ceiling measurement only.
+pub(crate) fn create_rowid_schema(path: &Path) {
+    let conn = baseline_connection(path, "FULL");
+    conn.execute_batch(
+        "CREATE TABLE idempotency_records (
+             seq          INTEGER PRIMARY KEY,
+             id           BLOB    NOT NULL UNIQUE,
+             scope        TEXT    NOT NULL,
+             key          TEXT    NOT NULL,
+             fingerprint  BLOB    NOT NULL,
+             state        INTEGER NOT NULL,
+             fence        INTEGER NOT NULL,
+             locked_until INTEGER NOT NULL,
+             expires_at   INTEGER NOT NULL,
+             created_at   INTEGER NOT NULL,
+             completed_at INTEGER,
+             status       INTEGER,
+             headers      BLOB,
+             body         BLOB,
+             trailers     BLOB
+         );
+         CREATE INDEX idempotency_records_expiry ON idempotency_records (expires_at);",
+    )
+    .unwrap();
+}
+
+/// Bytes this process has passed to `write`-family calls so far (`wchar` in `/proc/self/io`):
+/// WAL frames plus checkpoint copies, for the raw baselines' bytes per row.
+pub(crate) fn written_bytes() -> Option<u64> {
+    std::fs::read_to_string("/proc/self/io")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("wchar:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
 /// The record id the engine derives from (scope, key): the same SHA-256 as `src/key.rs`, so
 /// the baselines pay for the same hashing and write the same B-tree keys.
 pub(crate) fn record_id(scope: &str, key: &str) -> [u8; 32] {

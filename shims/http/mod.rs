@@ -396,7 +396,7 @@ pub fn store_unavailable(e: &Error) -> Problem {
 pub(crate) fn unavailable(e: &Error) -> (&'static str, Duration) {
     match e {
         Error::Overloaded { retry_after } => ("is overloaded", *retry_after),
-        Error::Closed | Error::WriterPanicked { .. } => ("is shut down", Duration::from_secs(5)),
+        e if e.is_closed() => ("is shut down", Duration::from_secs(5)),
         _ => ("is failing", Duration::from_secs(1)),
     }
 }
