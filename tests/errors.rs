@@ -597,6 +597,10 @@ fn full_queue() {
     let engine = Engine::open(
         file_config(&path, &clock)
             .queue_capacity(1)
+            // One command per batch: otherwise the writer, between taking claim A off the
+            // queue and starting its transaction, could also take claim B (sent the moment
+            // A left the queue), leaving room for one of the claims below.
+            .max_batch(1)
             .busy_timeout(Duration::from_secs(120)),
     )
     .unwrap();
@@ -620,6 +624,17 @@ fn full_queue() {
             std::thread::spawn(move || engine.claim(req("s", &format!("t{i}"), 1)))
         })
         .collect();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !threads.iter().all(|t| t.is_finished()) {
+        if Instant::now() > deadline {
+            panic!(
+                "a claim was admitted past the full queue; claim A: {:?}, queued: {}",
+                poll_once(&mut a).map(|r| r.map(|_| ())),
+                engine.queued()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
     for t in threads {
         match t.join().unwrap() {
             Err(e @ Error::Overloaded { retry_after }) => {
@@ -1195,6 +1210,8 @@ fn a_writer_panic_wakes_callers_already_waiting() {
         let engine = Engine::open(
             file_config(&path, &manual())
                 .queue_capacity(8)
+                // One command per batch, so the claims below cannot join the first one's.
+                .max_batch(1)
                 .busy_timeout(Duration::from_secs(120)),
         )
         .unwrap();
