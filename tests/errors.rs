@@ -1210,8 +1210,6 @@ fn a_writer_panic_wakes_callers_already_waiting() {
         let engine = Engine::open(
             file_config(&path, &manual())
                 .queue_capacity(8)
-                // One command per batch, so the claims below cannot join the first one's.
-                .max_batch(1)
                 .busy_timeout(Duration::from_secs(120)),
         )
         .unwrap();
