@@ -8,16 +8,17 @@
 //! cargo bench --bench compare -- [--secs S] [--warmup S] [--callers 1,8,64]
 //!     [--redis-plain HOST:PORT] [--redis-aof HOST:PORT]
 //!     [--growth 10000,1000000,5000000 | --skip-growth | --skip-5m]
-//!     [--only engine-full,engine-normal,naive,raw,redis-plain,redis-aof,growth,raw-rowid]
+//!     [--only engine-full,engine-normal,naive,raw,redis-plain,redis-aof,growth,raw-v1]
 //!     [--out DIR] [--dir DIR] [--stamp TEXT] [--command TEXT] [--no-latest]
 //!     [--engine-readers N] [--engine-cache-kib N] [--engine-max-batch N]
 //!     [--engine-page-size BYTES]
 //! ```
 //!
-//! `raw-rowid` (only when named in `--only`) is an experiment: the raw baselines on a rowid
-//! table with a `UNIQUE` index on the record id instead of the engine's `WITHOUT ROWID` table
-//! (BENCHMARKS.md, "Fewer pages per operation"). Every raw row's note gives the bytes written
-//! per row (WAL frames and checkpoint copies).
+//! `raw-v1` (only when named in `--only`) runs the raw baselines on schema version 1 too (a
+//! `WITHOUT ROWID` table keyed by the record id, where every row lands on a random page)
+//! instead of the engine's rowid table: the measurement behind schema version 2 (BENCHMARKS.md,
+//! "Fewer pages per operation"). Every raw row's note gives the bytes written per row (WAL
+//! frames and checkpoint copies).
 //!
 //! The `--engine-*` options change the engine's configuration in every engine case (tuning
 //! experiments); `--engine-page-size` creates the database file with that page size before the
@@ -222,10 +223,10 @@ enum Workload {
 enum Case {
     Engine(Durability, Workload, usize),
     Naive(usize),
-    /// `rowid`: the "fewer pages per operation" experiment (`common::create_rowid_schema`).
+    /// `v1`: on schema version 1 (`common::create_v1_schema`), for comparison.
     Raw {
         engine_shaped: bool,
-        rowid: bool,
+        v1: bool,
     },
     Redis {
         aof: bool,
@@ -260,10 +261,7 @@ impl Case {
                 format!("engine-{}/{}/{n}", durability_name(d), workload_name(w))
             }
             Case::Naive(n) => format!("naive/fresh/{n}"),
-            Case::Raw {
-                engine_shaped,
-                rowid,
-            } => {
+            Case::Raw { engine_shaped, v1 } => {
                 format!(
                     "raw/{}{}",
                     if engine_shaped {
@@ -271,7 +269,7 @@ impl Case {
                     } else {
                         "insert64"
                     },
-                    if rowid { "-rowid" } else { "" }
+                    if v1 { "-v1" } else { "" }
                 )
             }
             Case::Redis {
@@ -305,7 +303,7 @@ impl Case {
             ["naive", "fresh", n] => Case::Naive(num(n) as usize),
             ["raw", shape] => Case::Raw {
                 engine_shaped: shape.starts_with("claim-complete64"),
-                rowid: shape.ends_with("-rowid"),
+                v1: shape.ends_with("-v1"),
             },
             [r @ ("redis-plain" | "redis-aof"), w, n] => Case::Redis {
                 aof: *r == "redis-aof",
@@ -328,16 +326,13 @@ impl Case {
         match *self {
             Case::Engine(d, wl, n) => (w(wl), "engine (tasks)", durability_name(d), n),
             Case::Naive(n) => (w(Workload::Fresh), "naive SQLite (threads)", "full", n),
-            Case::Raw {
-                engine_shaped,
-                rowid,
-            } => (
+            Case::Raw { engine_shaped, v1 } => (
                 w(Workload::Fresh),
-                match (engine_shaped, rowid) {
+                match (engine_shaped, v1) {
                     (true, false) => "raw SQLite claim+complete64",
                     (false, false) => "raw SQLite insert64",
-                    (true, true) => "raw SQLite claim+complete64 (rowid table)",
-                    (false, true) => "raw SQLite insert64 (rowid table)",
+                    (true, true) => "raw SQLite claim+complete64 (schema v1)",
+                    (false, true) => "raw SQLite insert64 (schema v1)",
                 },
                 "full",
                 1,
@@ -383,20 +378,20 @@ fn plan(args: &Args) -> Vec<Case> {
         for engine_shaped in [false, true] {
             cases.push(Case::Raw {
                 engine_shaped,
-                rowid: false,
+                v1: false,
             });
         }
     }
-    // Opt-in only (`--only ...,raw-rowid`): an experiment, not part of the standard run.
+    // Opt-in only (`--only ...,raw-v1`): the schema comparison, not part of the standard run.
     if args
         .only
         .as_ref()
-        .is_some_and(|o| o.iter().any(|s| s == "raw-rowid"))
+        .is_some_and(|o| o.iter().any(|s| s == "raw-v1"))
     {
         for engine_shaped in [false, true] {
             cases.push(Case::Raw {
                 engine_shaped,
-                rowid: true,
+                v1: true,
             });
         }
     }
@@ -834,10 +829,10 @@ fn naive_case(args: &Args, dir: &Path, callers: usize) -> Outcome {
     out
 }
 
-fn raw_case(args: &Args, dir: &Path, engine_shaped: bool, rowid: bool) -> Outcome {
-    let path = dir.join(format!("raw-{engine_shaped}-{rowid}.db"));
-    if rowid {
-        common::create_rowid_schema(&path);
+fn raw_case(args: &Args, dir: &Path, engine_shaped: bool, v1: bool) -> Outcome {
+    let path = dir.join(format!("raw-{engine_shaped}-{v1}.db"));
+    if v1 {
+        common::create_v1_schema(&path);
     } else {
         common::create_schema(&path);
     }
@@ -1077,10 +1072,7 @@ fn run_child(args: &Args, id: &str) {
     let out = match Case::parse(id) {
         Case::Engine(d, w, n) => engine_case(args, dir, d, w, n),
         Case::Naive(n) => naive_case(args, dir, n),
-        Case::Raw {
-            engine_shaped,
-            rowid,
-        } => raw_case(args, dir, engine_shaped, rowid),
+        Case::Raw { engine_shaped, v1 } => raw_case(args, dir, engine_shaped, v1),
         Case::Redis {
             aof,
             workload,
@@ -1293,14 +1285,9 @@ impl Report {
         );
         for shape in ["insert64", "claim+complete64"] {
             ratio(
-                format!("raw {shape}: rowid table / WITHOUT ROWID (experiment)"),
-                self.rate(
-                    fresh,
-                    &format!("raw SQLite {shape} (rowid table)"),
-                    "full",
-                    1,
-                ),
+                format!("raw {shape}: schema v2 (rowid table) / schema v1 (WITHOUT ROWID)"),
                 self.rate(fresh, &format!("raw SQLite {shape}"), "full", 1),
+                self.rate(fresh, &format!("raw SQLite {shape} (schema v1)"), "full", 1),
             );
         }
         ratio(

@@ -12,14 +12,23 @@ use crate::fingerprint::Fingerprint;
 use crate::response::{HeaderList, StoredResponse, decode_headers, encode_headers};
 
 /// The schema version this build writes (`PRAGMA user_version`).
-pub(crate) const SCHEMA_VERSION: i64 = 1;
+///
+/// * 1: `idempotency_records` a `WITHOUT ROWID` table keyed by the record id.
+/// * 2: a rowid table (`seq INTEGER PRIMARY KEY`) with a `UNIQUE` index on the record id. Rows
+///   are appended in claim order, so the claims of one batch share a few table pages and their
+///   completions update those same pages; only the small index entries land on random pages.
+///   Measured on the raw ceiling: 1.6x-1.9x the rows/s and half the bytes written per row
+///   (BENCHMARKS.md). Version 1 files are migrated when opened.
+pub(crate) const SCHEMA_VERSION: i64 = 2;
 
 const STATE_IN_FLIGHT: i64 = 0;
 const STATE_COMPLETED: i64 = 1;
 
-const SCHEMA: &str = "
+/// The records table and its expiry index (version 2).
+const RECORDS_TABLE: &str = "
 CREATE TABLE idempotency_records (
-    id           BLOB    NOT NULL PRIMARY KEY, -- SHA-256 of (scope, key)
+    seq          INTEGER PRIMARY KEY,          -- rowid: rows are appended in claim order
+    id           BLOB    NOT NULL UNIQUE,      -- SHA-256 of (scope, key)
     scope        TEXT    NOT NULL,             -- kept readable for operators
     key          TEXT    NOT NULL,
     fingerprint  BLOB    NOT NULL,             -- SHA-256 of the request
@@ -33,13 +42,49 @@ CREATE TABLE idempotency_records (
     headers      BLOB,                         -- postcard-encoded [(name, value)]
     body         BLOB,
     trailers     BLOB                          -- NULL: no trailers
-) WITHOUT ROWID;
+);
 CREATE INDEX idempotency_records_expiry ON idempotency_records (expires_at);
+";
+
+/// The meta table (unchanged since version 1).
+const META_TABLE: &str = "
 CREATE TABLE idempotency_meta (
     name  TEXT    NOT NULL PRIMARY KEY,
     value INTEGER NOT NULL
 ) WITHOUT ROWID;
 INSERT INTO idempotency_meta (name, value) VALUES ('fence', 0);
+";
+
+/// Version 1 to 2: the same columns, copied into the rowid table in the order they were
+/// created, in the transaction that sets the new version (a crash leaves version 1 intact).
+const MIGRATE_1_TO_2: &str = "
+ALTER TABLE idempotency_records RENAME TO idempotency_records_v1;
+DROP INDEX idempotency_records_expiry;
+CREATE TABLE idempotency_records (
+    seq          INTEGER PRIMARY KEY,
+    id           BLOB    NOT NULL UNIQUE,
+    scope        TEXT    NOT NULL,
+    key          TEXT    NOT NULL,
+    fingerprint  BLOB    NOT NULL,
+    state        INTEGER NOT NULL,
+    fence        INTEGER NOT NULL,
+    locked_until INTEGER NOT NULL,
+    expires_at   INTEGER NOT NULL,
+    created_at   INTEGER NOT NULL,
+    completed_at INTEGER,
+    status       INTEGER,
+    headers      BLOB,
+    body         BLOB,
+    trailers     BLOB
+);
+INSERT INTO idempotency_records
+    (id, scope, key, fingerprint, state, fence, locked_until, expires_at, created_at,
+     completed_at, status, headers, body, trailers)
+SELECT id, scope, key, fingerprint, state, fence, locked_until, expires_at, created_at,
+       completed_at, status, headers, body, trailers
+FROM idempotency_records_v1 ORDER BY created_at;
+DROP TABLE idempotency_records_v1;
+CREATE INDEX idempotency_records_expiry ON idempotency_records (expires_at);
 ";
 
 /// Opens the writer connection: WAL (checked), `synchronous=NORMAL`, no automatic checkpoints,
@@ -207,9 +252,9 @@ fn schema_version(conn: &Connection) -> Result<i64> {
 
 fn migrate(conn: &Connection) -> Result<()> {
     let version = schema_version(conn)?;
-    if version == SCHEMA_VERSION {
-        // Check the tables really are ours: a foreign database with user_version 1 must not be
-        // written to.
+    if version > 0 {
+        // Check the tables really are ours: a foreign database with our version number must
+        // not be written to.
         let ok: i64 = conn.query_row(
             "SELECT count(*) FROM sqlite_schema WHERE type = 'table' AND name IN ('idempotency_records', 'idempotency_meta')",
             [],
@@ -217,13 +262,26 @@ fn migrate(conn: &Connection) -> Result<()> {
         )?;
         if ok != 2 {
             return Err(Error::Corrupt {
-                detail: "schema version 1 but the idempotency tables are missing".into(),
+                detail: format!("schema version {version} but the idempotency tables are missing"),
             });
         }
+    }
+    if version == SCHEMA_VERSION {
         return Ok(());
     }
     let tx = conn.unchecked_transaction()?;
-    tx.execute_batch(SCHEMA)?;
+    match version {
+        0 => {
+            tx.execute_batch(RECORDS_TABLE)?;
+            tx.execute_batch(META_TABLE)?;
+        }
+        1 => tx.execute_batch(MIGRATE_1_TO_2)?,
+        v => {
+            return Err(Error::Corrupt {
+                detail: format!("unknown schema version {v}"),
+            });
+        }
+    }
     tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
     tx.commit()?;
     Ok(())
@@ -502,8 +560,8 @@ pub(crate) fn extend(
 pub(crate) fn delete_expired(conn: &Connection, now: i64, limit: usize) -> Result<usize> {
     let n = conn
         .prepare_cached(
-            "DELETE FROM idempotency_records WHERE id IN
-                 (SELECT id FROM idempotency_records WHERE expires_at <= ?1 LIMIT ?2)",
+            "DELETE FROM idempotency_records WHERE seq IN
+                 (SELECT seq FROM idempotency_records WHERE expires_at <= ?1 LIMIT ?2)",
         )?
         .execute(params![now, limit as i64])?;
     Ok(n)

@@ -322,18 +322,124 @@ fn a_newer_schema_is_refused() {
 }
 
 #[test]
-fn current_schema_version_without_the_tables_is_corrupt() {
+fn a_known_schema_version_without_the_tables_is_corrupt() {
+    for version in [1, 2, -1] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("idem.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(&format!(
+                "CREATE TABLE someone_elses (x); PRAGMA user_version = {version};"
+            ))
+            .unwrap();
+        }
+        match Engine::open(EngineConfig::new(&path)) {
+            Err(Error::Corrupt { .. }) => {}
+            other => panic!("version {version}: expected Corrupt, got {other:?}"),
+        }
+        // Nothing was added to it.
+        let conn = Connection::open(&path).unwrap();
+        let ours: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM sqlite_schema WHERE name LIKE 'idempotency%'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(ours, 0, "version {version}");
+    }
+}
+
+/// The version 1 schema (a `WITHOUT ROWID` table keyed by the record id), as the first
+/// releases created it.
+const SCHEMA_V1_RECORDS: &str = "
+CREATE TABLE idempotency_records_v1 (
+    id BLOB NOT NULL PRIMARY KEY, scope TEXT NOT NULL, key TEXT NOT NULL,
+    fingerprint BLOB NOT NULL, state INTEGER NOT NULL, fence INTEGER NOT NULL,
+    locked_until INTEGER NOT NULL, expires_at INTEGER NOT NULL, created_at INTEGER NOT NULL,
+    completed_at INTEGER, status INTEGER, headers BLOB, body BLOB, trailers BLOB
+) WITHOUT ROWID;
+INSERT INTO idempotency_records_v1
+    SELECT id, scope, key, fingerprint, state, fence, locked_until, expires_at, created_at,
+           completed_at, status, headers, body, trailers FROM idempotency_records;
+DROP TABLE idempotency_records;
+ALTER TABLE idempotency_records_v1 RENAME TO idempotency_records;
+CREATE INDEX idempotency_records_expiry ON idempotency_records (expires_at);
+PRAGMA user_version = 1;
+";
+
+#[test]
+fn a_version_1_database_is_migrated_with_every_record() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("idem.db");
+    let clock = manual();
+    let (held_token, done_token) = {
+        let engine = Engine::open(file_config(&path, &clock)).unwrap();
+        let done = claimed(engine.claim(req("s", "done", 1)).unwrap());
+        let done_token = done.fencing_token();
+        done.complete(response("done")).unwrap();
+        let held = claimed(engine.claim(req("s", "held", 1)).unwrap());
+        let held_token = held.fencing_token();
+        engine.shutdown().unwrap();
+        std::mem::forget(held); // still in flight in the file
+        (held_token, done_token)
+    };
+    // Turn the file back into a version 1 database holding the same rows.
     {
         let conn = Connection::open(&path).unwrap();
-        conn.execute_batch("CREATE TABLE someone_elses (x); PRAGMA user_version = 1;")
+        conn.execute_batch(SCHEMA_V1_RECORDS).unwrap();
+        let without_rowid: String = conn
+            .query_row(
+                "SELECT sql FROM sqlite_schema WHERE name = 'idempotency_records'",
+                [],
+                |r| r.get(0),
+            )
             .unwrap();
+        assert!(without_rowid.contains("WITHOUT ROWID"));
     }
+
+    let engine = Engine::open(file_config(&path, &clock)).unwrap();
+    // The completed record replays, the in-flight one is still held, with the same fence.
+    assert_eq!(
+        replayed(engine.claim(req("s", "done", 1)).unwrap()),
+        response("done")
+    );
     assert!(matches!(
-        Engine::open(EngineConfig::new(&path)),
-        Err(Error::Corrupt { .. })
+        engine.claim(req("s", "done", 2)).unwrap(),
+        ClaimOutcome::Mismatch
     ));
+    in_flight(engine.claim(req("s", "held", 1)).unwrap());
+    clock.advance(Duration::from_millis(100));
+    let taken = claimed(engine.claim(req("s", "held", 1)).unwrap());
+    assert!(taken.fencing_token() > held_token.max(done_token));
+    taken.complete(response("held")).unwrap();
+    claimed(engine.claim(req("s", "new", 1)).unwrap())
+        .release()
+        .unwrap();
+    engine.shutdown().unwrap();
+
+    let conn = Connection::open(&path).unwrap();
+    let v: i64 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .unwrap();
+    assert_eq!(v, 2);
+    let sql: String = conn
+        .query_row(
+            "SELECT sql FROM sqlite_schema WHERE name = 'idempotency_records'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(!sql.contains("WITHOUT ROWID"), "{sql}");
+    assert_eq!(row_count(&path), 2);
+    let leftovers: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM sqlite_schema WHERE name = 'idempotency_records_v1'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(leftovers, 0);
 }
 
 #[test]

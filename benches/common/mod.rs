@@ -91,18 +91,15 @@ pub(crate) fn create_schema(path: &Path) {
     engine.shutdown().unwrap();
 }
 
-/// Experiment ("fewer pages per operation", BENCHMARKS.md): the engine's table as a rowid
-/// table with a `UNIQUE` index on the record id, instead of `WITHOUT ROWID` keyed by it. Rows
-/// are appended in claim order, so a batch's claims share a few table leaves and its
-/// completions update those same, adjacent rows; only the (small) index entries land on random
-/// leaves. Same columns and indexes otherwise, so the raw baselines' statements run unchanged.
-/// Not the engine's schema: a raw-ceiling measurement only.
-pub(crate) fn create_rowid_schema(path: &Path) {
+/// Schema version 1 (a `WITHOUT ROWID` table keyed by the record id, as the engine wrote it
+/// before version 2), for the raw baselines of `--only raw-v1`: every row lands on a random
+/// leaf of the table, against version 2's rows appended in claim order ("fewer pages per
+/// operation", BENCHMARKS.md). Same columns and indexes, so the raw statements run unchanged.
+pub(crate) fn create_v1_schema(path: &Path) {
     let conn = baseline_connection(path, "FULL");
     conn.execute_batch(
         "CREATE TABLE idempotency_records (
-             seq          INTEGER PRIMARY KEY,
-             id           BLOB    NOT NULL UNIQUE,
+             id           BLOB    NOT NULL PRIMARY KEY,
              scope        TEXT    NOT NULL,
              key          TEXT    NOT NULL,
              fingerprint  BLOB    NOT NULL,
@@ -116,7 +113,7 @@ pub(crate) fn create_rowid_schema(path: &Path) {
              headers      BLOB,
              body         BLOB,
              trailers     BLOB
-         );
+         ) WITHOUT ROWID;
          CREATE INDEX idempotency_records_expiry ON idempotency_records (expires_at);",
     )
     .unwrap();
