@@ -21,6 +21,20 @@ use crate::response::StoredResponse;
 use crate::storage::{self, ClaimRow, Decision};
 use crate::syncer::{AfterSync, Syncer, Unsynced};
 
+/// The longest a cleanup transaction should hold the writer: the number of rows per
+/// transaction halves when one takes longer, and doubles (up to the configured batch) when one
+/// takes less than half of it.
+const CLEANUP_SLICE: Duration = Duration::from_millis(1);
+
+/// Rows in the first cleanup transaction (or the configured batch, if smaller).
+const CLEANUP_FIRST_CHUNK: usize = 64;
+
+/// While commands are waiting, a backlog of expired records gets at most one part in
+/// `1 + CLEANUP_YIELD` of the writer's time: after a cleanup transaction, the next waits this
+/// many times as long as it took. Expired records are already invisible to claims, so a backlog
+/// only costs disk space while it lasts.
+const CLEANUP_YIELD: u32 = 8;
+
 /// A claim, as the writer sees it.
 pub(crate) struct ClaimCmd {
     pub id: [u8; 32],
@@ -180,6 +194,7 @@ pub(crate) fn spawn(
         max_batch: config.max_batch,
         cleanup_interval: config.cleanup_interval,
         cleanup_batch: config.cleanup_batch,
+        cleanup_chunk: config.cleanup_batch.min(CLEANUP_FIRST_CHUNK),
         next_cleanup: Instant::now() + config.cleanup_interval,
         fence,
         persisted_fence: fence,
@@ -233,6 +248,9 @@ struct Writer {
     max_batch: usize,
     cleanup_interval: Duration,
     cleanup_batch: usize,
+    /// Rows deleted per cleanup transaction now: adapted to [`CLEANUP_SLICE`], at most
+    /// `cleanup_batch`.
+    cleanup_chunk: usize,
     next_cleanup: Instant,
     /// The last fencing token handed out, and the last one written to `idempotency_meta`.
     fence: u64,
@@ -627,16 +645,34 @@ impl Writer {
 
     fn cleanup(&mut self) {
         let now = self.clock.now_ms();
+        let chunk = self.cleanup_chunk;
+        let started = Instant::now();
         let deleted = (|| -> Result<usize> {
             storage::begin(&self.conn)?;
-            let n = storage::delete_expired(&self.conn, now, self.cleanup_batch)?;
+            let n = storage::delete_expired(&self.conn, now, chunk)?;
             storage::commit(&self.conn)?;
             self.poke_checkpointer();
             Ok(n)
         })();
+        let spent = started.elapsed();
+        // Each delete dirties a page of the id index at random, so a transaction of a thousand
+        // can hold the writer for tens of milliseconds: size the next one to fit the slice.
+        if spent > CLEANUP_SLICE {
+            self.cleanup_chunk = (chunk / 2).max(1);
+        }
         match deleted {
-            // A full batch: there may be more; go on right after the next commands.
-            Ok(n) if n >= self.cleanup_batch => self.next_cleanup = Instant::now(),
+            // A full chunk: there may be more. Go on at once when nobody is waiting; under
+            // load, leave the writer to the callers for CLEANUP_YIELD times as long.
+            Ok(n) if n >= chunk => {
+                if spent < CLEANUP_SLICE / 2 {
+                    self.cleanup_chunk = (chunk * 2).min(self.cleanup_batch);
+                }
+                let busy = !self.claims.is_empty() || !self.leases.is_empty();
+                self.next_cleanup = match busy {
+                    true => Instant::now() + spent * CLEANUP_YIELD,
+                    false => Instant::now(),
+                };
+            }
             Ok(_) => self.next_cleanup = Instant::now() + self.cleanup_interval,
             Err(_) => {
                 storage::rollback(&self.conn);

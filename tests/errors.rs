@@ -952,6 +952,54 @@ fn a_completed_record_replays_until_its_retention_then_is_absent() {
 }
 
 #[test]
+fn a_large_backlog_of_expired_records_is_deleted_in_paced_chunks() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("idem.db");
+    let clock = manual();
+    // More than the first chunk (64) and several full batches: the chunk size adapts between
+    // transactions, and nothing expired may be left behind, nor anything live deleted.
+    let engine =
+        Engine::open(file_config(&path, &clock).cleanup(Duration::from_millis(5), 1000)).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        for chunk in 0..30 {
+            let claims =
+                (0..100).map(|i| engine.claim_async(req("s", &format!("old{chunk}-{i}"), 1)));
+            for outcome in futures_util::future::join_all(claims).await {
+                claimed(outcome.unwrap())
+                    .complete_async(response("old"))
+                    .await
+                    .unwrap();
+            }
+        }
+    });
+    claimed(
+        engine
+            .claim(req("s", "kept", 1).retention(Duration::from_secs(3600)))
+            .unwrap(),
+    )
+    .complete(response("kept"))
+    .unwrap();
+    assert_eq!(row_count(&path), 3001);
+    clock.advance(Duration::from_millis(1100));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while row_count(&path) != 1 {
+        assert!(
+            Instant::now() < deadline,
+            "cleanup left {} rows",
+            row_count(&path)
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(
+        replayed(engine.claim(req("s", "kept", 1)).unwrap()),
+        response("kept")
+    );
+}
+
+#[test]
 fn cleanup_deletes_expired_records_and_only_those() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("idem.db");
