@@ -7,6 +7,7 @@
 //! cargo bench --bench http --features axum-integration            # 5 s per case
 //! HTTP_BENCH_SECS=10 HTTP_BENCH_CONNS=64 cargo bench --bench http --features axum-integration
 //! ```
+//! `HTTP_BENCH_REPLAY_CACHE=BYTES` sets the engine's replay cache (0: off).
 //! `HTTP_BENCH_CSV=path` also writes the rows as CSV, `HTTP_BENCH_MD=path` the tables as
 //! markdown.
 //!
@@ -342,10 +343,16 @@ fn main() {
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let rows = rt.block_on(async {
-        let engine = Engine::open(
-            EngineConfig::new(dir.path().join("bench.db")).durability(Durability::Full),
-        )
-        .unwrap();
+        let mut config =
+            EngineConfig::new(dir.path().join("bench.db")).durability(Durability::Full);
+        // `HTTP_BENCH_REPLAY_CACHE=0` turns the replay cache off (for an A/B of it).
+        if let Some(bytes) = std::env::var("HTTP_BENCH_REPLAY_CACHE")
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            config = config.replay_cache_bytes(bytes);
+        }
+        let engine = Engine::open(config).unwrap();
         let bare = serve(Router::new().route("/orders", post(handler))).await;
         let layered = serve(
             Router::new()

@@ -65,6 +65,7 @@ pub struct EngineConfig {
     pub(crate) cleanup_interval: Duration,
     pub(crate) cleanup_batch: usize,
     pub(crate) read_connections: usize,
+    pub(crate) replay_cache_bytes: usize,
     pub(crate) cache_size_kib: i64,
     pub(crate) busy_timeout: Duration,
     pub(crate) max_page_count: Option<u32>,
@@ -96,6 +97,7 @@ impl EngineConfig {
             cleanup_interval: Duration::from_secs(60),
             cleanup_batch: 1000,
             read_connections: 4,
+            replay_cache_bytes: 8 << 20,
             cache_size_kib: 16 * 1024,
             busy_timeout: Duration::from_secs(5),
             max_page_count: None,
@@ -147,6 +149,21 @@ impl EngineConfig {
     pub fn cleanup(mut self, interval: Duration, batch: usize) -> Self {
         self.cleanup_interval = interval;
         self.cleanup_batch = batch;
+        self
+    }
+
+    /// How many bytes of completed responses the replay cache keeps in memory. Default 8 MiB;
+    /// 0 turns it off.
+    ///
+    /// A replay served by a read connection is kept there (up to this budget, the oldest
+    /// dropped first; a response over a 32nd of it is not kept), so a storm of retries of the
+    /// same keys skips SQLite. It is always right: a completed record cannot change before it
+    /// expires, every hit checks the expiry, and only records already flushed to disk are kept.
+    /// The exception is a record deleted by hand from the database while the engine runs,
+    /// which the cache may keep replaying until it is dropped: restart the engine after such
+    /// surgery, or turn the cache off.
+    pub fn replay_cache_bytes(mut self, bytes: usize) -> Self {
+        self.replay_cache_bytes = bytes;
         self
     }
 

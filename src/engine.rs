@@ -11,13 +11,14 @@ use crossbeam_channel::{Sender, TrySendError};
 use parking_lot::Mutex;
 use rusqlite::Connection;
 
+use crate::cache::ReplayCache;
 use crate::clock::{Clock, duration_ms};
 use crate::config::{EngineConfig, Location};
 use crate::error::{Error, Result};
 use crate::fingerprint::Fingerprint;
 use crate::key::{IdempotencyKey, record_id, validate_scope};
 use crate::response::StoredResponse;
-use crate::storage::{self, Decision};
+use crate::storage::{self, Decision, Read};
 use crate::syncer::Unsynced;
 use crate::writer::{self, ClaimCmd, ClaimReply, LeaseCmd, Shared};
 
@@ -122,6 +123,8 @@ struct Inner {
     shared: Arc<Shared>,
     closed: AtomicBool,
     readers: Option<ReaderPool>,
+    /// Completed records replayed recently (see `cache.rs`); only with read connections.
+    cache: Option<ReplayCache>,
     clock: Arc<dyn Clock>,
     lock_ms: i64,
     retention_ms: i64,
@@ -176,6 +179,9 @@ impl Engine {
                 leases: leases_tx,
                 shared,
                 closed: AtomicBool::new(false),
+                cache: readers
+                    .as_ref()
+                    .and_then(|_| ReplayCache::new(config.replay_cache_bytes)),
                 readers,
                 clock: config.clock.clone(),
                 lock_ms: duration_ms(config.lock_timeout),
@@ -289,9 +295,18 @@ impl Engine {
         let id = record_id(&req.scope, req.key.as_str());
         if let Some(readers) = &self.inner.readers {
             let now = self.inner.clock.now_ms();
-            if let Some(decision) =
-                readers.lookup(&id, &req.fingerprint, now, &self.inner.shared.unsynced)?
-            {
+            let cache = self.inner.cache.as_ref();
+            if let Some(record) = cache.and_then(|c| c.get(&id, now)) {
+                let decision = record.decide(&req.fingerprint);
+                return Ok(Started::Done(ClaimOutcome::from_decision(decision, now)));
+            }
+            if let Some(decision) = readers.lookup(
+                &id,
+                &req.fingerprint,
+                now,
+                &self.inner.shared.unsynced,
+                cache,
+            )? {
                 return Ok(Started::Done(ClaimOutcome::from_decision(decision, now)));
             }
         }
@@ -393,6 +408,7 @@ impl ReaderPool {
         fp: &Fingerprint,
         now: i64,
         unsynced: &Unsynced,
+        cache: Option<&ReplayCache>,
     ) -> Result<Option<Decision>> {
         let conn = match self.idle.lock().pop() {
             Some(c) => c,
@@ -410,12 +426,20 @@ impl ReaderPool {
                 }
             }
         };
-        let result = storage::inspect(&conn, id, fp, now, true);
+        let result = storage::read_completed(&conn, id, fp, now);
         self.idle.lock().push(conn);
         match result {
             // Checked after the read: see `Unsynced::contains`.
-            Ok(Some(Decision::Replay(_))) if unsynced.contains(id) => Ok(None),
-            Ok(d) => Ok(d),
+            Ok(Some(_)) if unsynced.contains(id) => Ok(None),
+            Ok(Some(Read::Mismatch)) => Ok(Some(Decision::Mismatch)),
+            Ok(Some(Read::Completed(record))) => {
+                let decision = record.decide(fp);
+                if let Some(cache) = cache {
+                    cache.insert(*id, record);
+                }
+                Ok(Some(decision))
+            }
+            Ok(None) => Ok(None),
             Err(e @ Error::Corrupt { .. }) => Err(e),
             Err(_) => Ok(None),
         }

@@ -2,10 +2,12 @@
 //! module. The rest of the engine speaks in [`Decision`]s and plain values.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use rusqlite::config::DbConfig;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 
+use crate::cache::Completed;
 use crate::config::{EngineConfig, Location};
 use crate::error::{Error, Result};
 use crate::fingerprint::Fingerprint;
@@ -408,16 +410,11 @@ pub(crate) fn inspect(
     id: &[u8; 32],
     fingerprint: &Fingerprint,
     now: i64,
-    completed_only: bool,
 ) -> Result<Option<Decision>> {
-    let sql = if completed_only {
+    let mut stmt = conn.prepare_cached(
         "SELECT fingerprint, state, locked_until, status, headers, body, trailers
-         FROM idempotency_records WHERE id = ?1 AND expires_at > ?2 AND state = 1"
-    } else {
-        "SELECT fingerprint, state, locked_until, status, headers, body, trailers
-         FROM idempotency_records WHERE id = ?1 AND expires_at > ?2"
-    };
-    let mut stmt = conn.prepare_cached(sql)?;
+         FROM idempotency_records WHERE id = ?1 AND expires_at > ?2",
+    )?;
     let raw = stmt
         .query_row(params![&id[..], now], |r| {
             Ok(RawRecord {
@@ -472,30 +469,91 @@ impl RawRecord {
             STATE_IN_FLIGHT => Ok(Decision::InFlight {
                 locked_until: self.locked_until,
             }),
-            STATE_COMPLETED => {
-                let status = self
-                    .status
-                    .and_then(|s| u16::try_from(s).ok())
-                    .ok_or_else(|| Error::Corrupt {
-                        detail: format!("completed record with status {:?}", self.status),
-                    })?;
-                let headers = match &self.headers {
-                    Some(h) => decode_headers(h)?,
-                    None => HeaderList::new(),
-                };
-                let trailers = self.trailers.as_deref().map(decode_headers).transpose()?;
-                Ok(Decision::Replay(StoredResponse {
-                    status,
-                    headers,
-                    body: self.body.unwrap_or_default(),
-                    trailers,
-                }))
-            }
+            STATE_COMPLETED => Ok(Decision::Replay(self.into_response()?)),
             s => Err(Error::Corrupt {
                 detail: format!("unknown record state {s}"),
             }),
         }
     }
+
+    /// The stored response of a completed record.
+    fn into_response(self) -> Result<StoredResponse> {
+        let status = self
+            .status
+            .and_then(|s| u16::try_from(s).ok())
+            .ok_or_else(|| Error::Corrupt {
+                detail: format!("completed record with status {:?}", self.status),
+            })?;
+        let headers = match &self.headers {
+            Some(h) => decode_headers(h)?,
+            None => HeaderList::new(),
+        };
+        let trailers = self.trailers.as_deref().map(decode_headers).transpose()?;
+        Ok(StoredResponse {
+            status,
+            headers,
+            body: self.body.unwrap_or_default(),
+            trailers,
+        })
+    }
+}
+
+/// What a read connection found for a claim.
+pub(crate) enum Read {
+    /// A live completed record with another fingerprint (its response is not decoded).
+    Mismatch,
+    /// A live completed record with the claim's fingerprint.
+    Completed(Completed),
+}
+
+/// Reads a live completed record (for the read connections and the replay cache). `None` when
+/// there is no live record or it is still in flight. As in [`inspect`], a mismatch is decided
+/// before the response is decoded.
+pub(crate) fn read_completed(
+    conn: &Connection,
+    id: &[u8; 32],
+    wanted: &Fingerprint,
+    now: i64,
+) -> Result<Option<Read>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT fingerprint, state, locked_until, status, headers, body, trailers, expires_at
+         FROM idempotency_records WHERE id = ?1 AND expires_at > ?2 AND state = 1",
+    )?;
+    let raw = stmt
+        .query_row(params![&id[..], now], |r| {
+            Ok((
+                RawRecord {
+                    fingerprint: r.get(0)?,
+                    state: r.get(1)?,
+                    locked_until: r.get(2)?,
+                    status: r.get(3)?,
+                    headers: r.get(4)?,
+                    body: r.get(5)?,
+                    trailers: r.get(6)?,
+                },
+                r.get::<_, i64>(7)?,
+            ))
+        })
+        .optional()
+        .map_err(column_error)?;
+    let Some((raw, expires_at)) = raw else {
+        return Ok(None);
+    };
+    let fingerprint: [u8; 32] =
+        raw.fingerprint
+            .as_slice()
+            .try_into()
+            .map_err(|_| Error::Corrupt {
+                detail: format!("fingerprint of {} bytes", raw.fingerprint.len()),
+            })?;
+    if fingerprint != *wanted.as_bytes() {
+        return Ok(Some(Read::Mismatch));
+    }
+    Ok(Some(Read::Completed(Completed {
+        fingerprint,
+        expires_at,
+        response: Arc::new(raw.into_response()?),
+    })))
 }
 
 /// Stores the response of the lease `(id, fence)`. Returns false when the lease no longer owns

@@ -578,7 +578,7 @@ impl Writer {
                 locked_until,
             });
         }
-        match storage::inspect(&self.conn, &c.id, &c.fingerprint, now, false)? {
+        match storage::inspect(&self.conn, &c.id, &c.fingerprint, now)? {
             Some(d) => Ok(ClaimReply::Decided(d)),
             None => Err(Error::Corrupt {
                 detail: "a record blocked the claim but cannot be read back".into(),

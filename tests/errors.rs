@@ -1401,3 +1401,85 @@ fn a_writer_panic_wakes_callers_already_waiting() {
         }
     });
 }
+
+// ---------------------------------------------------------------------------------------------
+// Replay cache
+
+/// Deletes a record behind the engine's back: the one change the replay cache cannot see.
+fn delete_by_hand(path: &Path, key: &str) {
+    let conn = Connection::open(path).unwrap();
+    conn.execute("DELETE FROM idempotency_records WHERE key = ?1", [key])
+        .unwrap();
+}
+
+#[test]
+fn replays_are_served_from_the_cache_until_the_record_expires() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("idem.db");
+    let clock = manual();
+    let engine = Engine::open(file_config(&path, &clock)).unwrap();
+    claimed(engine.claim(req("s", "k", 1)).unwrap())
+        .complete(response("once"))
+        .unwrap();
+    // The first replay reads the record from disk and keeps it.
+    assert_eq!(
+        replayed(engine.claim(req("s", "k", 1)).unwrap()),
+        response("once")
+    );
+    // Proof that later ones come from memory: the row is gone, the replay is not.
+    delete_by_hand(&path, "k");
+    assert_eq!(row_count(&path), 0);
+    assert_eq!(
+        replayed(engine.claim(req("s", "k", 1)).unwrap()),
+        response("once")
+    );
+    // Another payload under the same key is still a mismatch.
+    assert!(matches!(
+        engine.claim(req("s", "k", 2)).unwrap(),
+        ClaimOutcome::Mismatch
+    ));
+    // Expiry is checked on every hit: one millisecond before, a replay; at expiry, the key is
+    // free again (retention is 1000 ms in `file_config`).
+    clock.advance(Duration::from_millis(999));
+    replayed(engine.claim(req("s", "k", 1)).unwrap());
+    clock.advance(Duration::from_millis(1));
+    claimed(engine.claim(req("s", "k", 1)).unwrap())
+        .complete(response("again"))
+        .unwrap();
+    assert_eq!(
+        replayed(engine.claim(req("s", "k", 1)).unwrap()),
+        response("again")
+    );
+}
+
+#[test]
+fn with_the_cache_off_every_replay_reads_the_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("idem.db");
+    let engine = Engine::open(file_config(&path, &manual()).replay_cache_bytes(0)).unwrap();
+    claimed(engine.claim(req("s", "k", 1)).unwrap())
+        .complete(response("once"))
+        .unwrap();
+    replayed(engine.claim(req("s", "k", 1)).unwrap());
+    delete_by_hand(&path, "k");
+    claimed(engine.claim(req("s", "k", 1)).unwrap())
+        .release()
+        .unwrap();
+}
+
+#[test]
+fn a_response_too_large_for_the_cache_is_read_from_disk_each_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("idem.db");
+    // A 64 KiB budget keeps responses of up to 2 KiB.
+    let engine = Engine::open(file_config(&path, &manual()).replay_cache_bytes(64 << 10)).unwrap();
+    let big = StoredResponse::new(200, vec![b'x'; 4096]);
+    claimed(engine.claim(req("s", "big", 1)).unwrap())
+        .complete(big.clone())
+        .unwrap();
+    assert_eq!(replayed(engine.claim(req("s", "big", 1)).unwrap()), big);
+    delete_by_hand(&path, "big");
+    claimed(engine.claim(req("s", "big", 1)).unwrap())
+        .release()
+        .unwrap();
+}
