@@ -10,7 +10,7 @@
 //!     [--growth 10000,1000000,5000000 | --skip-growth | --skip-5m]
 //!     [--only engine-full,engine-normal,naive,raw,redis-plain,redis-aof,growth,raw-v1]
 //!     [--out DIR] [--dir DIR] [--stamp TEXT] [--command TEXT] [--no-latest]
-//!     [--engine-readers N] [--engine-cache-kib N] [--engine-max-batch N]
+//!     [--engine-readers N] [--engine-cache-kib N] [--engine-max-batch N] [--engine-replay-cache BYTES]
 //!     [--engine-page-size BYTES]
 //! ```
 //!
@@ -80,6 +80,7 @@ struct Args {
     /// binary does nothing (a full run takes minutes).
     bench: bool,
     engine_readers: Option<usize>,
+    engine_replay_cache: Option<usize>,
     engine_cache_kib: Option<i64>,
     engine_max_batch: Option<usize>,
     engine_page_size: Option<u32>,
@@ -114,6 +115,9 @@ impl Args {
         if let Some(n) = self.engine_readers {
             config = config.read_connections(n);
         }
+        if let Some(bytes) = self.engine_replay_cache {
+            config = config.replay_cache_bytes(bytes);
+        }
         if let Some(kib) = self.engine_cache_kib {
             config = config.cache_size_kib(kib);
         }
@@ -128,6 +132,9 @@ impl Args {
         let mut s = Vec::new();
         if let Some(n) = self.engine_readers {
             s.push(format!("read_connections {n}"));
+        }
+        if let Some(n) = self.engine_replay_cache {
+            s.push(format!("replay_cache_bytes {n}"));
         }
         if let Some(n) = self.engine_cache_kib {
             s.push(format!("cache_size_kib {n}"));
@@ -162,6 +169,7 @@ fn parse_args() -> Args {
         raw: raw.clone(),
         bench: false,
         engine_readers: None,
+        engine_replay_cache: None,
         engine_cache_kib: None,
         engine_max_batch: None,
         engine_page_size: None,
@@ -200,6 +208,9 @@ fn parse_args() -> Args {
             "--case" => a.case = Some(value()),
             "--workdir" => a.workdir = Some(PathBuf::from(value())),
             "--engine-readers" => a.engine_readers = Some(value().parse().expect("a number")),
+            "--engine-replay-cache" => {
+                a.engine_replay_cache = Some(value().parse().expect("a number"))
+            }
             "--engine-cache-kib" => a.engine_cache_kib = Some(value().parse().expect("KiB")),
             "--engine-max-batch" => a.engine_max_batch = Some(value().parse().expect("a number")),
             "--engine-page-size" => a.engine_page_size = Some(value().parse().expect("bytes")),
