@@ -18,7 +18,7 @@ lint:
 ## Line coverage with cargo-tarpaulin (installed from crates.io if missing); HTML in target/coverage/.
 coverage:
 	command -v cargo-tarpaulin >/dev/null 2>&1 || $(CARGO) install cargo-tarpaulin --locked
-	$(CARGO) tarpaulin --workspace --all-features --engine llvm --out Html --out Stdout --output-dir target/coverage --skip-clean
+	$(CARGO) tarpaulin --workspace --all-features --engine ptrace --out Html --out Stdout --output-dir target/coverage --skip-clean
 
 ## Every fuzz target for 60 s (cargo-fuzz on the stable toolchain; see fuzz/README.md).
 fuzz:
