@@ -57,28 +57,14 @@ CREATE TABLE idempotency_meta (
 INSERT INTO idempotency_meta (name, value) VALUES ('fence', 0);
 ";
 
-/// Version 1 to 2: the same columns, copied into the rowid table in the order they were
-/// created, in the transaction that sets the new version (a crash leaves version 1 intact).
-const MIGRATE_1_TO_2: &str = "
+/// Version 1 to 2, run in the transaction that sets the new version (a crash leaves version 1
+/// intact): the old table is renamed, [`RECORDS_TABLE`] created, and every row copied over in
+/// the order the records were created, then the old table dropped.
+const MIGRATE_1_TO_2_BEFORE: &str = "
 ALTER TABLE idempotency_records RENAME TO idempotency_records_v1;
 DROP INDEX idempotency_records_expiry;
-CREATE TABLE idempotency_records (
-    seq          INTEGER PRIMARY KEY,
-    id           BLOB    NOT NULL UNIQUE,
-    scope        TEXT    NOT NULL,
-    key          TEXT    NOT NULL,
-    fingerprint  BLOB    NOT NULL,
-    state        INTEGER NOT NULL,
-    fence        INTEGER NOT NULL,
-    locked_until INTEGER NOT NULL,
-    expires_at   INTEGER NOT NULL,
-    created_at   INTEGER NOT NULL,
-    completed_at INTEGER,
-    status       INTEGER,
-    headers      BLOB,
-    body         BLOB,
-    trailers     BLOB
-);
+";
+const MIGRATE_1_TO_2_AFTER: &str = "
 INSERT INTO idempotency_records
     (id, scope, key, fingerprint, state, fence, locked_until, expires_at, created_at,
      completed_at, status, headers, body, trailers)
@@ -86,7 +72,6 @@ SELECT id, scope, key, fingerprint, state, fence, locked_until, expires_at, crea
        completed_at, status, headers, body, trailers
 FROM idempotency_records_v1 ORDER BY created_at;
 DROP TABLE idempotency_records_v1;
-CREATE INDEX idempotency_records_expiry ON idempotency_records (expires_at);
 ";
 
 /// Opens the writer connection: WAL (checked), `synchronous=NORMAL`, no automatic checkpoints,
@@ -277,7 +262,11 @@ fn migrate(conn: &Connection) -> Result<()> {
             tx.execute_batch(RECORDS_TABLE)?;
             tx.execute_batch(META_TABLE)?;
         }
-        1 => tx.execute_batch(MIGRATE_1_TO_2)?,
+        1 => {
+            tx.execute_batch(MIGRATE_1_TO_2_BEFORE)?;
+            tx.execute_batch(RECORDS_TABLE)?;
+            tx.execute_batch(MIGRATE_1_TO_2_AFTER)?;
+        }
         v => {
             return Err(Error::Corrupt {
                 detail: format!("unknown schema version {v}"),

@@ -951,6 +951,19 @@ fn a_completed_record_replays_until_its_retention_then_is_absent() {
     }
 }
 
+/// Waits (up to two minutes) until the cleanup has left exactly `n` rows.
+fn wait_for_rows(path: &Path, n: i64) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while row_count(path) != n {
+        assert!(
+            Instant::now() < deadline,
+            "cleanup left {} rows",
+            row_count(path)
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
 #[test]
 fn a_large_backlog_of_expired_records_is_deleted_in_paced_chunks() {
     let dir = tempfile::tempdir().unwrap();
@@ -984,15 +997,7 @@ fn a_large_backlog_of_expired_records_is_deleted_in_paced_chunks() {
     .unwrap();
     assert_eq!(row_count(&path), 3001);
     clock.advance(Duration::from_millis(1100));
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while row_count(&path) != 1 {
-        assert!(
-            Instant::now() < deadline,
-            "cleanup left {} rows",
-            row_count(&path)
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_for_rows(&path, 1);
     assert_eq!(
         replayed(engine.claim(req("s", "kept", 1)).unwrap()),
         response("kept")
@@ -1025,15 +1030,7 @@ fn cleanup_deletes_expired_records_and_only_those() {
     assert_eq!(row_count(&path), 9);
 
     clock.advance(Duration::from_millis(1100));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while row_count(&path) != 1 {
-        assert!(
-            Instant::now() < deadline,
-            "cleanup left {} rows",
-            row_count(&path)
-        );
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    wait_for_rows(&path, 1);
     let conn = Connection::open(&path).unwrap();
     let left: String = conn
         .query_row("SELECT key FROM idempotency_records", [], |r| r.get(0))
