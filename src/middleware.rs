@@ -161,6 +161,11 @@ pub enum ProcessError {
         /// What is wrong with it.
         detail: String,
     },
+    /// The scope is unusable (over 1024 bytes, or holding a NUL byte); nothing ran.
+    InvalidScope {
+        /// What is wrong with it.
+        detail: String,
+    },
     /// The key was used before with a different request: use a new key.
     KeyMismatch,
     /// A request with this key is still running: retry after the delay.
@@ -181,6 +186,7 @@ impl fmt::Display for ProcessError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ProcessError::InvalidKey { detail } => write!(f, "invalid idempotency key: {detail}"),
+            ProcessError::InvalidScope { detail } => write!(f, "invalid scope: {detail}"),
             ProcessError::KeyMismatch => {
                 write!(f, "idempotency key reused with a different request")
             }
@@ -300,9 +306,9 @@ impl IdempotencyMiddleware {
             }
             Ok(ClaimOutcome::Mismatch) => return Err(ProcessError::KeyMismatch),
             Err(Error::InvalidScope { reason }) => {
-                return Err(ProcessError::StoreUnavailable(Error::InvalidScope {
-                    reason,
-                }));
+                return Err(ProcessError::InvalidScope {
+                    detail: reason.to_owned(),
+                });
             }
             Err(e) => return Err(ProcessError::StoreUnavailable(e)),
         };
