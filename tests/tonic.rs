@@ -652,6 +652,23 @@ async fn closed_store_is_unavailable_and_the_handler_does_not_run() {
     assert_eq!(h.runs(), 0);
 }
 
+#[cfg(feature = "fault-injection")]
+#[tokio::test]
+async fn a_dead_writer_is_unavailable_and_the_handler_does_not_run() {
+    let mut h = start(|l| l).await;
+    h.engine.inject_writer_panic();
+    for _ in 0..3 {
+        let status = h
+            .client
+            .create_order(with_key(&new_key(), order("AAPL", 1)))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::Unavailable, "{}", status.message());
+        assert!(status.metadata().get(RETRY_PUSHBACK_METADATA).is_some());
+    }
+    assert_eq!(h.runs(), 0);
+}
+
 #[tokio::test]
 async fn custom_store_rule_is_honoured() {
     // Nothing but OK is stored: NOT_FOUND now releases the key.

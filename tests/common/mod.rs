@@ -421,6 +421,34 @@ pub async fn store_closed_is_503_and_handler_not_run(s: &Server) {
     assert_eq!(s.probe.orders.load(Ordering::SeqCst), 0);
 }
 
+/// A dead writer thread (a panic, injected with the `fault-injection` feature, which `make test`
+/// enables) is a 503 like a closed store, promptly, for every request, and the handler never runs.
+pub async fn dead_writer_is_503_and_handler_not_run(s: &Server) {
+    #[cfg(not(feature = "fault-injection"))]
+    {
+        let _ = s;
+        eprintln!("SKIPPED: needs the fault-injection feature (make test enables it)");
+    }
+    #[cfg(feature = "fault-injection")]
+    {
+        s.closed_engine.inject_writer_panic();
+        let c = client();
+        for _ in 0..3 {
+            let r = post(
+                &c,
+                format!("{}/closed/orders", s.base),
+                Some(&key()),
+                Some("u1"),
+                &order(),
+            )
+            .await;
+            assert!(retry_after(&r) >= 1);
+            expect_problem(r, 503, "store-unavailable").await;
+        }
+        assert_eq!(s.probe.orders.load(Ordering::SeqCst), 0);
+    }
+}
+
 pub async fn hundred_concurrent_requests_run_once(s: &Server) {
     let c = client();
     let k = key();
@@ -526,6 +554,7 @@ macro_rules! contract_cases {
             in_flight_is_409_and_mismatch_wins, scopes_are_independent,
             server_error_is_not_stored, client_error_is_stored,
             large_response_is_sent_whole_and_not_rerun, store_closed_is_503_and_handler_not_run,
+            dead_writer_is_503_and_handler_not_run,
             hundred_concurrent_requests_run_once, dropped_client_releases_key);
     };
     (@cases $start:ident; $($case:ident),* $(,)?) => {
