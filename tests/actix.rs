@@ -13,7 +13,7 @@ use std::time::Duration;
 use actix_web::dev::ServerHandle;
 use actix_web::web::{self, Bytes, Data};
 use actix_web::{App, HttpResponse, HttpServer, http::StatusCode};
-use common::{Probe, REQUEST_LIMIT, RESPONSE_LIMIT, Server, client, key, order, post};
+use common::{Probe, REQUEST_LIMIT, RESPONSE_LIMIT, Server, client, key, post};
 use idempotency_rs::actix_integration::Idempotency;
 use idempotency_rs::{Engine, EngineConfig};
 use serde_json::{Value, json};
@@ -151,64 +151,10 @@ async fn start_with(engine: Engine, panics: Arc<Panics>) -> Server {
 contract_cases!(start);
 
 /// Stop the server, shut the engine down, open the same file again: the record survives and
-/// replays byte for byte.
+/// replays byte for byte (the case is shared with the Axum suite).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_on_same_database_replays_identically() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("idempotency.db");
-    let c = client();
-    let k = key();
-
-    let engine = Engine::open(EngineConfig::new(&path)).unwrap();
-    let s = start(engine.clone()).await;
-    let first = post(
-        &c,
-        format!("{}/orders", s.base),
-        Some(&k),
-        Some("u1"),
-        &order(),
-    )
-    .await;
-    assert_eq!(first.status(), 201);
-    let ct = first.headers()["content-type"].clone();
-    let first_body = first.bytes().await.unwrap();
-    assert_eq!(s.probe.orders.load(Ordering::SeqCst), 1);
-    (s.stop)();
-    engine.shutdown().unwrap();
-    drop(engine);
-
-    let engine = Engine::open(EngineConfig::new(&path)).unwrap();
-    let s = start(engine.clone()).await;
-    let again = post(
-        &c,
-        format!("{}/orders", s.base),
-        Some(&k),
-        Some("u1"),
-        &order(),
-    )
-    .await;
-    assert_eq!(again.status(), 201);
-    assert_eq!(again.headers()["idempotent-replayed"], "true");
-    assert_eq!(again.headers()["content-type"], ct);
-    assert_eq!(again.bytes().await.unwrap(), first_body);
-    assert_eq!(
-        s.probe.orders.load(Ordering::SeqCst),
-        0,
-        "replayed, not run"
-    );
-    // A different payload under the same key is still recognised after the restart.
-    let other = json!({"symbol": "MSFT", "quantity": 1, "price": 1});
-    let r = post(
-        &c,
-        format!("{}/orders", s.base),
-        Some(&k),
-        Some("u1"),
-        &other,
-    )
-    .await;
-    common::expect_problem(r, 422, "key-reused").await;
-    (s.stop)();
-    engine.shutdown().unwrap();
+    common::restart_on_same_database_replays_identically(start).await;
 }
 
 /// A handler that panics releases the key: the retry runs the handler again (and is stored).

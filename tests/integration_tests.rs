@@ -120,3 +120,10 @@ async fn serve(app: Router, probe: Arc<Probe>, engine: Engine, closed_engine: En
 }
 
 contract_cases!(start);
+
+/// Stop the server, shut the engine down, open the same file again: the record survives and
+/// replays byte for byte (the case is shared with the Actix suite).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_on_same_database_replays_identically() {
+    common::restart_on_same_database_replays_identically(start).await;
+}

@@ -530,6 +530,69 @@ pub async fn wait_for(mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// Stop the server, shut the engine down, open the same file again: the record survives and
+/// replays byte for byte, and another payload under the key is still a mismatch.
+pub async fn restart_on_same_database_replays_identically<F, Fut>(start: F)
+where
+    F: Fn(Engine) -> Fut,
+    Fut: Future<Output = Server>,
+{
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("idempotency.db");
+    let c = client();
+    let k = key();
+
+    let engine = Engine::open(EngineConfig::new(&path)).unwrap();
+    let s = start(engine.clone()).await;
+    let first = post(
+        &c,
+        format!("{}/orders", s.base),
+        Some(&k),
+        Some("u1"),
+        &order(),
+    )
+    .await;
+    assert_eq!(first.status(), 201);
+    let ct = first.headers()["content-type"].clone();
+    let first_body = first.bytes().await.unwrap();
+    assert_eq!(s.probe.orders.load(Ordering::SeqCst), 1);
+    (s.stop)();
+    engine.shutdown().unwrap();
+    drop(engine);
+
+    let engine = Engine::open(EngineConfig::new(&path)).unwrap();
+    let s = start(engine.clone()).await;
+    let again = post(
+        &c,
+        format!("{}/orders", s.base),
+        Some(&k),
+        Some("u1"),
+        &order(),
+    )
+    .await;
+    assert_eq!(again.status(), 201);
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    assert_eq!(again.headers()["content-type"], ct);
+    assert_eq!(again.bytes().await.unwrap(), first_body);
+    assert_eq!(
+        s.probe.orders.load(Ordering::SeqCst),
+        0,
+        "replayed, not run"
+    );
+    let other = json!({"symbol": "MSFT", "quantity": 1, "price": 1});
+    let r = post(
+        &c,
+        format!("{}/orders", s.base),
+        Some(&k),
+        Some("u1"),
+        &other,
+    )
+    .await;
+    expect_problem(r, 422, "key-reused").await;
+    (s.stop)();
+    engine.shutdown().unwrap();
+}
+
 /// Runs one case against a fresh server.
 pub async fn run<F, Fut, C, CFut>(start: F, case: C)
 where
