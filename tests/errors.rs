@@ -1480,3 +1480,36 @@ fn a_response_too_large_for_the_cache_is_read_from_disk_each_time() {
         .release()
         .unwrap();
 }
+
+#[test]
+fn after_a_long_run_of_fresh_keys_replays_mismatches_and_in_flight_are_still_right() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("idem.db");
+    let engine = Engine::open(file_config(&path, &manual())).unwrap();
+    claimed(engine.claim(req("s", "old", 1)).unwrap())
+        .complete(response("old"))
+        .unwrap();
+    let _held = claimed(engine.claim(req("s", "held", 1)).unwrap());
+    // Hundreds of claims that find nothing to replay: the engine stops looking on its read
+    // connections first and sends claims to the writer, which must answer them all the same.
+    for i in 0..500 {
+        claimed(engine.claim(req("s", &format!("fresh{i}"), 1)).unwrap())
+            .complete(response("fresh"))
+            .unwrap();
+    }
+    for _ in 0..40 {
+        assert_eq!(
+            replayed(engine.claim(req("s", "old", 1)).unwrap()),
+            response("old")
+        );
+        assert!(matches!(
+            engine.claim(req("s", "old", 2)).unwrap(),
+            ClaimOutcome::Mismatch
+        ));
+        in_flight(engine.claim(req("s", "held", 1)).unwrap());
+    }
+    assert_eq!(
+        replayed(engine.claim(req("s", "fresh7", 1)).unwrap()),
+        response("fresh")
+    );
+}
