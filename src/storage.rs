@@ -405,17 +405,7 @@ pub(crate) fn inspect(
          FROM idempotency_records WHERE id = ?1 AND expires_at > ?2",
     )?;
     let raw = stmt
-        .query_row(params![&id[..], now], |r| {
-            Ok(RawRecord {
-                fingerprint: r.get(0)?,
-                state: r.get(1)?,
-                locked_until: r.get(2)?,
-                status: r.get(3)?,
-                headers: r.get(4)?,
-                body: r.get(5)?,
-                trailers: r.get(6)?,
-            })
-        })
+        .query_row(params![&id[..], now], RawRecord::from_row)
         .optional()
         .map_err(column_error)?;
     raw.map(|raw| raw.decide(fingerprint)).transpose()
@@ -445,13 +435,31 @@ struct RawRecord {
 }
 
 impl RawRecord {
-    fn decide(self, fingerprint: &Fingerprint) -> Result<Decision> {
-        if self.fingerprint.len() != 32 {
-            return Err(Error::Corrupt {
+    /// Reads the first seven columns, in the order `inspect` selects them.
+    fn from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawRecord> {
+        Ok(RawRecord {
+            fingerprint: r.get(0)?,
+            state: r.get(1)?,
+            locked_until: r.get(2)?,
+            status: r.get(3)?,
+            headers: r.get(4)?,
+            body: r.get(5)?,
+            trailers: r.get(6)?,
+        })
+    }
+
+    /// The stored fingerprint; a length other than 32 bytes is a corrupt row.
+    fn fingerprint(&self) -> Result<[u8; 32]> {
+        self.fingerprint
+            .as_slice()
+            .try_into()
+            .map_err(|_| Error::Corrupt {
                 detail: format!("fingerprint of {} bytes", self.fingerprint.len()),
-            });
-        }
-        if self.fingerprint[..] != fingerprint.as_bytes()[..] {
+            })
+    }
+
+    fn decide(self, fingerprint: &Fingerprint) -> Result<Decision> {
+        if self.fingerprint()? != *fingerprint.as_bytes() {
             return Ok(Decision::Mismatch);
         }
         match self.state {
@@ -510,31 +518,14 @@ pub(crate) fn read_completed(
     )?;
     let raw = stmt
         .query_row(params![&id[..], now], |r| {
-            Ok((
-                RawRecord {
-                    fingerprint: r.get(0)?,
-                    state: r.get(1)?,
-                    locked_until: r.get(2)?,
-                    status: r.get(3)?,
-                    headers: r.get(4)?,
-                    body: r.get(5)?,
-                    trailers: r.get(6)?,
-                },
-                r.get::<_, i64>(7)?,
-            ))
+            Ok((RawRecord::from_row(r)?, r.get::<_, i64>(7)?))
         })
         .optional()
         .map_err(column_error)?;
     let Some((raw, expires_at)) = raw else {
         return Ok(None);
     };
-    let fingerprint: [u8; 32] =
-        raw.fingerprint
-            .as_slice()
-            .try_into()
-            .map_err(|_| Error::Corrupt {
-                detail: format!("fingerprint of {} bytes", raw.fingerprint.len()),
-            })?;
+    let fingerprint = raw.fingerprint()?;
     if fingerprint != *wanted.as_bytes() {
         return Ok(Some(Read::Mismatch));
     }
