@@ -1207,32 +1207,27 @@ impl Report {
                 o.note.replace(',', ";"),
             );
         }
-        for (records, pre, g) in &self.growth {
+        // The engine on a pre-filled table: live records (growth, the prefill timed in its own
+        // case) or expired ones (expiry, with a note of how many the cleanup deleted).
+        let mut table_row = |kind: &str, records: &u64, o: &Outcome, prefill: Option<f64>| {
             let _ = writeln!(
                 s,
-                "growth,fresh claim+complete,engine (tasks),full,64,{:.1},{:.1},{:.4},{:.4},{},n/a,{records},{},{:.1},",
-                g.rate(),
-                g.slowest_rate(),
-                g.p50_ms,
-                g.p99_ms,
-                mib(g.peak_kib),
-                g.size_after.unwrap_or(0),
-                pre.prefill_secs.unwrap_or(f64::NAN),
+                "{kind},fresh claim+complete,engine (tasks),full,64,{:.1},{:.1},{:.4},{:.4},{},n/a,{records},{},{:.1},{}",
+                o.rate(),
+                o.slowest_rate(),
+                o.p50_ms,
+                o.p99_ms,
+                mib(o.peak_kib),
+                o.size_after.unwrap_or(0),
+                prefill.unwrap_or(f64::NAN),
+                o.note.replace(',', ";"),
             );
+        };
+        for (records, pre, g) in &self.growth {
+            table_row("growth", records, g, pre.prefill_secs);
         }
         if let Some((records, e)) = &self.expiry {
-            let _ = writeln!(
-                s,
-                "expiry,fresh claim+complete,engine (tasks),full,64,{:.1},{:.1},{:.4},{:.4},{},n/a,{records},{},{:.1},{}",
-                e.rate(),
-                e.slowest_rate(),
-                e.p50_ms,
-                e.p99_ms,
-                mib(e.peak_kib),
-                e.size_after.unwrap_or(0),
-                e.prefill_secs.unwrap_or(f64::NAN),
-                e.note.replace(',', ";"),
-            );
+            table_row("expiry", records, e, e.prefill_secs);
         }
         s
     }
