@@ -284,6 +284,31 @@ fn a_read_only_directory_is_refused() {
     );
 }
 
+fn user_version(conn: &Connection) -> i64 {
+    conn.pragma_query_value(None, "user_version", |r| r.get(0))
+        .unwrap()
+}
+
+/// How many tables, indexes and such have a name `LIKE` the pattern.
+fn schema_objects(conn: &Connection, like: &str) -> i64 {
+    conn.query_row(
+        "SELECT count(*) FROM sqlite_schema WHERE name LIKE ?1",
+        [like],
+        |r| r.get(0),
+    )
+    .unwrap()
+}
+
+/// The `CREATE TABLE` statement of the records table.
+fn records_table_sql(conn: &Connection) -> String {
+    conn.query_row(
+        "SELECT sql FROM sqlite_schema WHERE name = 'idempotency_records'",
+        [],
+        |r| r.get(0),
+    )
+    .unwrap()
+}
+
 #[test]
 fn a_newer_schema_is_refused() {
     let dir = tempfile::tempdir().unwrap();
@@ -302,17 +327,9 @@ fn a_newer_schema_is_refused() {
     }
     // The newer schema was not touched.
     let conn = Connection::open(&path).unwrap();
-    let v: i64 = conn
-        .pragma_query_value(None, "user_version", |r| r.get(0))
-        .unwrap();
+    let v = user_version(&conn);
     assert_eq!(v, 99);
-    let ours: i64 = conn
-        .query_row(
-            "SELECT count(*) FROM sqlite_schema WHERE name LIKE 'idempotency%'",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
+    let ours = schema_objects(&conn, "idempotency%");
     assert_eq!(ours, 0);
     // Not even its journal mode: the refusal comes before the switch to WAL.
     let mode: String = conn
@@ -339,13 +356,7 @@ fn a_known_schema_version_without_the_tables_is_corrupt() {
         }
         // Nothing was added to it.
         let conn = Connection::open(&path).unwrap();
-        let ours: i64 = conn
-            .query_row(
-                "SELECT count(*) FROM sqlite_schema WHERE name LIKE 'idempotency%'",
-                [],
-                |r| r.get(0),
-            )
-            .unwrap();
+        let ours = schema_objects(&conn, "idempotency%");
         assert_eq!(ours, 0, "version {version}");
     }
 }
@@ -388,13 +399,7 @@ fn a_version_1_database_is_migrated_with_every_record() {
     {
         let conn = Connection::open(&path).unwrap();
         conn.execute_batch(SCHEMA_V1_RECORDS).unwrap();
-        let without_rowid: String = conn
-            .query_row(
-                "SELECT sql FROM sqlite_schema WHERE name = 'idempotency_records'",
-                [],
-                |r| r.get(0),
-            )
-            .unwrap();
+        let without_rowid = records_table_sql(&conn);
         assert!(without_rowid.contains("WITHOUT ROWID"));
     }
 
@@ -419,26 +424,12 @@ fn a_version_1_database_is_migrated_with_every_record() {
     engine.shutdown().unwrap();
 
     let conn = Connection::open(&path).unwrap();
-    let v: i64 = conn
-        .pragma_query_value(None, "user_version", |r| r.get(0))
-        .unwrap();
+    let v = user_version(&conn);
     assert_eq!(v, 2);
-    let sql: String = conn
-        .query_row(
-            "SELECT sql FROM sqlite_schema WHERE name = 'idempotency_records'",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
+    let sql = records_table_sql(&conn);
     assert!(!sql.contains("WITHOUT ROWID"), "{sql}");
     assert_eq!(row_count(&path), 2);
-    let leftovers: i64 = conn
-        .query_row(
-            "SELECT count(*) FROM sqlite_schema WHERE name = 'idempotency_records_v1'",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
+    let leftovers = schema_objects(&conn, "idempotency_records_v1");
     assert_eq!(leftovers, 0);
 }
 
