@@ -302,18 +302,14 @@ impl Engine {
                 let decision = record.decide(&req.fingerprint);
                 return Ok(Started::Done(ClaimOutcome::from_decision(decision, now)));
             }
-            if readers.worth_a_look() {
-                let found = readers.lookup(
-                    &id,
-                    &req.fingerprint,
-                    now,
-                    &self.inner.shared.unsynced,
-                    cache,
-                )?;
-                readers.saw(found.is_some());
-                if let Some(decision) = found {
-                    return Ok(Started::Done(ClaimOutcome::from_decision(decision, now)));
-                }
+            if let Some(decision) = readers.lookup(
+                &id,
+                &req.fingerprint,
+                now,
+                &self.inner.shared.unsynced,
+                cache,
+            )? {
+                return Ok(Started::Done(ClaimOutcome::from_decision(decision, now)));
             }
         }
         let lock_ms = req.lock_timeout.map_or(self.inner.lock_ms, duration_ms);
@@ -426,20 +422,9 @@ impl ReaderPool {
                 .is_multiple_of(PROBE_EVERY)
     }
 
-    fn saw(&self, found: bool) {
-        if found {
-            if self.misses.load(Ordering::Relaxed) != 0 {
-                self.misses.store(0, Ordering::Relaxed);
-            }
-        } else {
-            self.misses.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-}
-
-impl ReaderPool {
-    /// `Ok(None)`: no completed record here; ask the writer. Errors other than a corrupt
-    /// record also fall back to the writer, which has the final word.
+    /// `Ok(None)`: no completed record here, or not worth looking (see
+    /// [`MISSES_BEFORE_SKIPPING`]); ask the writer. Errors other than a corrupt record also
+    /// fall back to the writer, which has the final word.
     ///
     /// A completed record whose completion is not on disk yet is not replayed from here (it
     /// could still vanish in a power loss): the writer answers that claim after the flush.
@@ -451,6 +436,9 @@ impl ReaderPool {
         unsynced: &Unsynced,
         cache: Option<&ReplayCache>,
     ) -> Result<Option<Decision>> {
+        if !self.worth_a_look() {
+            return Ok(None);
+        }
         let conn = match self.idle.lock().pop() {
             Some(c) => c,
             None => {
@@ -469,10 +457,21 @@ impl ReaderPool {
         };
         let result = storage::read_completed(&conn, id, fp, now);
         self.idle.lock().push(conn);
+        // The gate's count of misses in a row (not written on a hit when already 0: replays
+        // from several threads would fight over its cache line for nothing).
+        match &result {
+            Ok(Some(_)) if self.misses.load(Ordering::Relaxed) != 0 => {
+                self.misses.store(0, Ordering::Relaxed);
+            }
+            Ok(None) => {
+                self.misses.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {}
+        }
         match result {
-            // Checked after the read: see `Unsynced::contains`.
-            Ok(Some(_)) if unsynced.contains(id) => Ok(None),
             Ok(Some(Read::Mismatch)) => Ok(Some(Decision::Mismatch)),
+            // Checked after the read: see `Unsynced::contains`.
+            Ok(Some(Read::Completed(_))) if unsynced.contains(id) => Ok(None),
             Ok(Some(Read::Completed(record))) => {
                 let decision = record.decide(fp);
                 if let Some(cache) = cache {
