@@ -69,7 +69,10 @@ pub struct EngineConfig {
     pub(crate) cache_size_kib: i64,
     pub(crate) busy_timeout: Duration,
     pub(crate) max_page_count: Option<u32>,
+    pub(crate) open_timeout: Duration,
     pub(crate) clock: Arc<dyn Clock>,
+    #[cfg(feature = "fault-injection")]
+    pub(crate) fail_open_sync: bool,
 }
 
 impl EngineConfig {
@@ -101,7 +104,10 @@ impl EngineConfig {
             cache_size_kib: 16 * 1024,
             busy_timeout: Duration::from_secs(5),
             max_page_count: None,
+            open_timeout: Duration::ZERO,
             clock: Arc::new(SystemClock),
+            #[cfg(feature = "fault-injection")]
+            fail_open_sync: false,
         }
     }
 
@@ -192,6 +198,29 @@ impl EngineConfig {
     /// and nothing of the failed batch is applied. Default: no cap.
     pub fn max_page_count(mut self, pages: u32) -> Self {
         self.max_page_count = Some(pages);
+        self
+    }
+
+    /// How long [`Engine::open`](crate::Engine::open) waits for another engine that has the
+    /// same database file open to stop, before failing with
+    /// [`Error::AlreadyOpen`](crate::Error::AlreadyOpen). Default: no wait.
+    ///
+    /// A database file serves one engine at a time (see [`Error::AlreadyOpen`] for why). Set a
+    /// wait when a new process may start while the old one is still shutting down (a restart
+    /// that overlaps); the old engine lets go of the file when it is shut down, or when its
+    /// process exits, however it exits.
+    pub fn open_timeout(mut self, wait: Duration) -> Self {
+        self.open_timeout = wait;
+        self
+    }
+
+    /// Makes [`Engine::open`](crate::Engine::open) fail with
+    /// [`Error::SyncFailed`](crate::Error::SyncFailed) as if flushing the files to disk had
+    /// failed: after it has opened the database, before it flushes or checkpoints anything.
+    /// Only with the `fault-injection` feature; never enable it in production.
+    #[cfg(feature = "fault-injection")]
+    pub fn inject_open_sync_failure(mut self) -> Self {
+        self.fail_open_sync = true;
         self
     }
 

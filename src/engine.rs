@@ -17,6 +17,7 @@ use crate::config::{EngineConfig, Location};
 use crate::error::{Error, Result};
 use crate::fingerprint::Fingerprint;
 use crate::key::{IdempotencyKey, record_id, validate_scope};
+use crate::lock::EngineLock;
 use crate::response::StoredResponse;
 use crate::storage::{self, Decision, Read};
 use crate::syncer::Unsynced;
@@ -116,7 +117,8 @@ pub struct Engine {
     inner: Arc<Inner>,
 }
 
-// Field order matters: the senders drop before the joiner waits for the writer to finish.
+// Field order matters: the senders drop before the joiner waits for the writer to finish, and
+// the file lock goes last, once every connection to the file is closed.
 struct Inner {
     claims: Sender<ClaimCmd>,
     leases: Sender<LeaseCmd>,
@@ -128,7 +130,25 @@ struct Inner {
     clock: Arc<dyn Clock>,
     lock_ms: i64,
     retention_ms: i64,
-    _joiner: Joiner,
+    joiner: Joiner,
+    /// The exclusive right to the database file (`lock.rs`); `None` in memory, and once
+    /// [`Engine::shutdown`] has closed every connection.
+    file: Mutex<Option<EngineLock>>,
+}
+
+impl Inner {
+    /// Closes every connection to the database file and lets another engine open it: joins the
+    /// writer thread (which has stopped, or is stopping), closes the read connections, drops
+    /// the lock. Idempotent.
+    fn let_go(&self) {
+        if let Some(handle) = self.joiner.0.lock().take() {
+            let _ = handle.join();
+        }
+        if let Some(readers) = &self.readers {
+            readers.close();
+        }
+        self.file.lock().take();
+    }
 }
 
 struct Joiner(Mutex<Option<JoinHandle<()>>>);
@@ -153,12 +173,32 @@ impl fmt::Debug for Engine {
 impl Engine {
     /// Opens (or creates) the database and starts the writer thread.
     ///
+    /// A database file serves one engine at a time: the engine takes an exclusive lock on
+    /// `<file>-lock` first, and holds it until it is shut down (or dropped, or its process
+    /// exits). Before it answers anything, it makes sure that everything it will read from the
+    /// files is on disk: a previous engine killed with completions committed but not yet
+    /// flushed, or stopped by a failed flush, may have left them in the OS page cache only.
+    ///
     /// # Errors
-    /// [`Error::InvalidConfig`], [`Error::NotADatabase`], [`Error::CannotOpen`], [`Error::ReadOnly`],
-    /// [`Error::SchemaTooNew`], [`Error::NotWal`], [`Error::Busy`] or [`Error::Storage`].
-    pub fn open(config: EngineConfig) -> Result<Engine> {
+    /// [`Error::InvalidConfig`], [`Error::AlreadyOpen`], [`Error::NotADatabase`],
+    /// [`Error::CannotOpen`], [`Error::ReadOnly`], [`Error::SchemaTooNew`], [`Error::NotWal`],
+    /// [`Error::Busy`], [`Error::SyncFailed`] (the files could not be flushed) or
+    /// [`Error::Storage`].
+    pub fn open(mut config: EngineConfig) -> Result<Engine> {
         config.validate()?;
+        let lock = match &config.location {
+            Location::File(path) => Some(EngineLock::acquire(path, config.open_timeout)?),
+            Location::Memory => None,
+        };
         let conn = storage::open_writer(&config)?;
+        if let Some(lock) = &lock {
+            if let Err(e) = storage::make_durable(&conn, lock.db(), &config) {
+                storage::no_checkpoint_on_close(&conn);
+                return Err(e);
+            }
+            // From here on the resolved path: the syncer opens `<path>-wal` itself.
+            config.location = Location::File(lock.db().to_path_buf());
+        }
         let (claims_tx, claims_rx) = crossbeam_channel::bounded(config.queue_capacity);
         let (leases_tx, leases_rx) = crossbeam_channel::unbounded();
         let shared = Arc::new(Shared::default());
@@ -167,8 +207,9 @@ impl Engine {
             Location::File(path) if config.read_connections > 0 => Some(ReaderPool {
                 path: path.clone(),
                 config: config.clone(),
-                idle: Mutex::new(Vec::new()),
+                idle: Mutex::new(Idle::default()),
                 open: AtomicUsize::new(0),
+                in_use: AtomicUsize::new(0),
                 max: config.read_connections,
                 misses: AtomicU64::new(0),
                 skipped: AtomicU64::new(0),
@@ -188,7 +229,8 @@ impl Engine {
                 clock: config.clock.clone(),
                 lock_ms: duration_ms(config.lock_timeout),
                 retention_ms: duration_ms(config.retention),
-                _joiner: Joiner(Mutex::new(Some(handle))),
+                joiner: Joiner(Mutex::new(Some(handle))),
+                file: Mutex::new(lock),
             }),
         })
     }
@@ -231,13 +273,21 @@ impl Engine {
 
     /// Stops the engine: commands queued before this call are committed and answered, the WAL
     /// is checkpointed, and every later call on any handle fails with [`Error::Closed`].
-    /// Blocks until the writer thread has finished its work.
+    /// Blocks until the writer thread has finished its work and every connection to the file
+    /// is closed; another engine may then open the file, even while handles of this one live.
     ///
     /// # Errors
     /// [`Error::WriterPanicked`] if the writer had died; [`Error::SyncFailed`] if a flush of the
-    /// WAL failed (before or during the shutdown; the WAL is then left for SQLite to recover
-    /// at the next open); [`Error::Closed`] if it was already shut down.
+    /// WAL failed (before or during the shutdown; the WAL is then left for the next open, which
+    /// makes it durable before it replays anything); [`Error::Closed`] if it was already shut
+    /// down. The file is let go in every case.
     pub fn shutdown(&self) -> Result<()> {
+        let result = self.stop_writer();
+        self.inner.let_go();
+        result
+    }
+
+    fn stop_writer(&self) -> Result<()> {
         if let Some(e) = self.inner.shared.ended() {
             return Err(e);
         }
@@ -393,8 +443,10 @@ enum Started {
 struct ReaderPool {
     path: PathBuf,
     config: EngineConfig,
-    idle: Mutex<Vec<Connection>>,
+    idle: Mutex<Idle>,
     open: AtomicUsize,
+    /// Lookups under way (see [`ReaderPool::close`]).
+    in_use: AtomicUsize,
     max: usize,
     /// Lookups that found nothing since the last one that found a completed record.
     misses: AtomicU64,
@@ -412,7 +464,30 @@ const MISSES_BEFORE_SKIPPING: u64 = 64;
 /// storm) reopen the read path at their first hit.
 const PROBE_EVERY: u64 = 16;
 
+#[derive(Default)]
+struct Idle {
+    conns: Vec<Connection>,
+    /// Set by [`ReaderPool::close`]: no connection is opened or kept from then on.
+    closed: bool,
+}
+
 impl ReaderPool {
+    /// Closes every read connection, waiting (briefly: a lookup is one indexed read) for those
+    /// in use. Lookups after this find nothing and leave the claim to the writer, which
+    /// answers it with the engine's closed error.
+    fn close(&self) {
+        let conns = {
+            let mut idle = self.idle.lock();
+            idle.closed = true;
+            std::mem::take(&mut idle.conns)
+        };
+        drop(conns);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while self.in_use.load(Ordering::SeqCst) != 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     /// Whether this claim should look on a read connection first.
     fn worth_a_look(&self) -> bool {
         self.misses.load(Ordering::Relaxed) < MISSES_BEFORE_SKIPPING
@@ -439,24 +514,12 @@ impl ReaderPool {
         if !self.worth_a_look() {
             return Ok(None);
         }
-        let conn = match self.idle.lock().pop() {
-            Some(c) => c,
-            None => {
-                if self.open.fetch_add(1, Ordering::SeqCst) >= self.max {
-                    self.open.fetch_sub(1, Ordering::SeqCst);
-                    return Ok(None);
-                }
-                match storage::open_reader(&self.path, &self.config) {
-                    Ok(c) => c,
-                    Err(_) => {
-                        self.open.fetch_sub(1, Ordering::SeqCst);
-                        return Ok(None);
-                    }
-                }
-            }
+        self.in_use.fetch_add(1, Ordering::SeqCst);
+        let result = self.read(id, fp, now);
+        self.in_use.fetch_sub(1, Ordering::SeqCst);
+        let Some(result) = result else {
+            return Ok(None);
         };
-        let result = storage::read_completed(&conn, id, fp, now);
-        self.idle.lock().push(conn);
         // The gate's count of misses in a row (not written on a hit when already 0: replays
         // from several threads would fight over its cache line for nothing).
         match &result {
@@ -483,6 +546,40 @@ impl ReaderPool {
             Err(e @ Error::Corrupt { .. }) => Err(e),
             Err(_) => Ok(None),
         }
+    }
+
+    /// One read on an idle connection (or a new one, up to `max`). `None`: no connection
+    /// (the pool is full, closed, or a connection cannot be opened).
+    fn read(&self, id: &[u8; 32], fp: &Fingerprint, now: i64) -> Option<Result<Option<Read>>> {
+        let idle = {
+            let mut idle = self.idle.lock();
+            if idle.closed {
+                return None;
+            }
+            idle.conns.pop()
+        };
+        let conn = match idle {
+            Some(c) => c,
+            None => {
+                if self.open.fetch_add(1, Ordering::SeqCst) >= self.max {
+                    self.open.fetch_sub(1, Ordering::SeqCst);
+                    return None;
+                }
+                match storage::open_reader(&self.path, &self.config) {
+                    Ok(c) => c,
+                    Err(_) => {
+                        self.open.fetch_sub(1, Ordering::SeqCst);
+                        return None;
+                    }
+                }
+            }
+        };
+        let result = storage::read_completed(&conn, id, fp, now);
+        let mut idle = self.idle.lock();
+        if !idle.closed {
+            idle.conns.push(conn);
+        }
+        Some(result)
     }
 }
 

@@ -59,6 +59,21 @@ pub enum Error {
         /// The journal mode SQLite reported instead of `wal`.
         actual: String,
     },
+    /// Another engine (in this process or another) has the database file open.
+    ///
+    /// An SQLite store serves one engine at a time: the engine's fencing tokens and its record
+    /// of completions not yet flushed to disk live in its memory, so a second engine on the same
+    /// file could hand out a fencing token twice or replay a response a power loss could still
+    /// erase. Share one [`Engine`](crate::Engine) (a cheap clone) within a process; to run
+    /// several processes, give each its own file or use a shared database server. Engines wait
+    /// for the file up to [`EngineConfig::open_timeout`](crate::EngineConfig::open_timeout)
+    /// (for a restart while the old process is still stopping).
+    AlreadyOpen {
+        /// The database that was opened.
+        path: PathBuf,
+        /// The process that holds it, when known.
+        pid: Option<u32>,
+    },
     /// Another process holds a lock on the database for longer than the busy timeout.
     Busy,
     /// The disk (or `max_page_count`) is full. Nothing of the failed transaction was applied.
@@ -154,6 +169,21 @@ impl fmt::Display for Error {
                 f,
                 "could not switch the database to WAL journal mode (SQLite reports `{actual}`)"
             ),
+            Error::AlreadyOpen { path, pid } => {
+                write!(
+                    f,
+                    "{} is already open in another idempotency engine",
+                    path.display()
+                )?;
+                if let Some(pid) = pid {
+                    write!(f, " (process {pid})")?;
+                }
+                write!(
+                    f,
+                    "; an SQLite store serves one engine at a time: share one Engine per process, \
+                     stop the other one, or give each process its own file"
+                )
+            }
             Error::Busy => write!(f, "the database is locked by another connection"),
             Error::DiskFull => write!(f, "the database or disk is full"),
             Error::Corrupt { detail } => write!(f, "corrupt idempotency record: {detail}"),

@@ -10,6 +10,7 @@ mod engine;
 mod error;
 mod fingerprint;
 mod key;
+mod lock;
 mod middleware;
 mod response;
 mod storage;

@@ -238,44 +238,147 @@ fn schema_version(conn: &Connection) -> Result<i64> {
 }
 
 fn migrate(conn: &Connection) -> Result<()> {
-    let version = schema_version(conn)?;
-    if version > 0 {
-        // Check the tables really are ours: a foreign database with our version number must
-        // not be written to.
-        let ok: i64 = conn.query_row(
-            "SELECT count(*) FROM sqlite_schema WHERE type = 'table' AND name IN ('idempotency_records', 'idempotency_meta')",
-            [],
-            |r| r.get(0),
-        )?;
-        if ok != 2 {
-            return Err(Error::Corrupt {
-                detail: format!("schema version {version} but the idempotency tables are missing"),
-            });
+    // The version is read again inside the write transaction that migrates: two connections
+    // opening a new file at once (an engine and a tool, or engines waiting for the file one
+    // after the other) must not both create the tables.
+    if schema_version(conn)? == SCHEMA_VERSION {
+        return check_tables(conn, SCHEMA_VERSION);
+    }
+    conn.execute_batch("BEGIN IMMEDIATE")?;
+    let result = (|| {
+        let version = schema_version(conn)?;
+        check_tables(conn, version)?;
+        match version {
+            v if v == SCHEMA_VERSION => return Ok(()),
+            0 => {
+                conn.execute_batch(RECORDS_TABLE)?;
+                conn.execute_batch(META_TABLE)?;
+            }
+            1 => {
+                conn.execute_batch(MIGRATE_1_TO_2_BEFORE)?;
+                conn.execute_batch(RECORDS_TABLE)?;
+                conn.execute_batch(MIGRATE_1_TO_2_AFTER)?;
+            }
+            v => {
+                return Err(Error::Corrupt {
+                    detail: format!("unknown schema version {v}"),
+                });
+            }
+        }
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        Ok(())
+    })();
+    match result {
+        Ok(()) => {
+            conn.execute_batch("COMMIT")?;
+            Ok(())
+        }
+        Err(e) => {
+            rollback(conn);
+            Err(e)
         }
     }
-    if version == SCHEMA_VERSION {
+}
+
+/// Checks that a file claiming schema `version` really has our tables: a foreign database with
+/// our version number must not be written to.
+fn check_tables(conn: &Connection, version: i64) -> Result<()> {
+    if version <= 0 {
         return Ok(());
     }
-    let tx = conn.unchecked_transaction()?;
-    match version {
-        0 => {
-            tx.execute_batch(RECORDS_TABLE)?;
-            tx.execute_batch(META_TABLE)?;
-        }
-        1 => {
-            tx.execute_batch(MIGRATE_1_TO_2_BEFORE)?;
-            tx.execute_batch(RECORDS_TABLE)?;
-            tx.execute_batch(MIGRATE_1_TO_2_AFTER)?;
-        }
-        v => {
-            return Err(Error::Corrupt {
-                detail: format!("unknown schema version {v}"),
-            });
-        }
+    let ok: i64 = conn.query_row(
+        "SELECT count(*) FROM sqlite_schema WHERE type = 'table' AND name IN ('idempotency_records', 'idempotency_meta')",
+        [],
+        |r| r.get(0),
+    )?;
+    if ok != 2 {
+        return Err(Error::Corrupt {
+            detail: format!("schema version {version} but the idempotency tables are missing"),
+        });
     }
-    tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
-    tx.commit()?;
     Ok(())
+}
+
+/// Makes everything SQLite will read from the files durable, before the engine answers
+/// anything (called by `Engine::open` with the writer connection open, the engine lock held,
+/// and no other connection of this engine yet).
+///
+/// The previous engine on the file may have died (kill -9, abort, OOM) with completions
+/// committed to the WAL but not yet flushed, or stopped after a failed flush
+/// ([`Error::SyncFailed`]); either way their frames may exist only in the OS page cache, where
+/// SQLite reads them as if they were on disk. After a failed `fdatasync`, Linux marks the
+/// pages it could not write as clean, so flushing again would not write them: the WAL is
+/// instead checkpointed whole into the database file (`TRUNCATE`), which writes every page
+/// anew, `fsync`s the WAL before and the database file after, and empties the WAL. Then the
+/// directory is flushed, so the entries of a database or WAL file this open created are
+/// durable before any completion is acknowledged (SQLite flushes the directory on its own first
+/// sync of a new WAL, but the syncer flushes the WAL through a descriptor of its own).
+///
+/// If the checkpoint cannot complete (another process reads an old snapshot, so some frames
+/// may not be copied yet), the WAL is written back over itself under the write lock and
+/// flushed, which makes its frames durable where they are.
+pub(crate) fn make_durable(conn: &Connection, db: &Path, config: &EngineConfig) -> Result<()> {
+    let sync_failed = |e: std::io::Error| Error::SyncFailed {
+        source: Arc::new(e),
+    };
+    #[cfg(feature = "fault-injection")]
+    if config.fail_open_sync {
+        return Err(sync_failed(std::io::Error::other(
+            "injected failure to flush the files at open (fault-injection)",
+        )));
+    }
+    // Readers of other processes may hold a snapshot: wait for them a little, not for the
+    // whole busy timeout.
+    conn.busy_timeout(std::time::Duration::from_millis(100))?;
+    let checkpoint = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+        Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+    });
+    conn.busy_timeout(config.busy_timeout)?;
+    match checkpoint.map_err(Error::from) {
+        Ok((0, log, done)) if log <= 0 || done == log => {}
+        Ok(_) | Err(Error::Busy) => rewrite_wal(conn, db).map_err(sync_failed)?,
+        Err(e) => return Err(e),
+    }
+    sync_dir(db).map_err(sync_failed)
+}
+
+/// Writes the WAL back over itself and flushes it, under SQLite's write lock (so no other
+/// connection appends meanwhile): pages whose earlier write-back failed are written again.
+fn rewrite_wal(conn: &Connection, db: &Path) -> std::io::Result<()> {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    conn.execute_batch("BEGIN IMMEDIATE")
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    let result = (|| {
+        let mut wal = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(wal_path(db))?;
+        let mut chunk = vec![0u8; 1 << 20];
+        let mut at = 0u64;
+        loop {
+            wal.seek(SeekFrom::Start(at))?;
+            let n = wal.read(&mut chunk)?;
+            if n == 0 {
+                break;
+            }
+            wal.seek(SeekFrom::Start(at))?;
+            wal.write_all(&chunk[..n])?;
+            at += n as u64;
+        }
+        wal.sync_data()
+    })();
+    rollback(conn);
+    result
+}
+
+/// Flushes the directory that holds the database: its entries for the database, WAL and
+/// shared-memory files.
+fn sync_dir(db: &Path) -> std::io::Result<()> {
+    let dir = match db.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    std::fs::File::open(dir)?.sync_all()
 }
 
 /// Reads the last fencing token handed out.

@@ -151,7 +151,45 @@ fn crash_child() {
                 t.join().unwrap();
             }
         }
+        // One completion committed but never flushed (the syncer held), then the parent kills
+        // the child in that window: the completion is in the WAL, in the page cache only.
+        #[cfg(feature = "fault-injection")]
+        "unflushed" => {
+            let key = format!("{prefix}-unflushed");
+            let ClaimOutcome::Claimed(lease) = engine.claim(request(&key)).unwrap() else {
+                panic!("a fresh key was not claimed");
+            };
+            println!("CLAIMED {key} {}", lease.fencing_token());
+            engine.inject_sync_pause(true);
+            let completing = std::thread::spawn(move || lease.complete(response(&key)));
+            wait_until_committed(Path::new(&path), &format!("{prefix}-unflushed"));
+            println!("UNFLUSHED {prefix}-unflushed");
+            let _ = completing.join();
+            println!("BAD the completion was answered while its flush was held");
+        }
         other => panic!("unknown child mode {other}"),
+    }
+}
+
+/// Waits until another connection sees the record of `key` completed.
+#[cfg(feature = "fault-injection")]
+fn wait_until_committed(db: &Path, key: &str) {
+    let conn = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let state: Option<i64> = conn
+            .query_row(
+                "SELECT state FROM idempotency_records WHERE key = ?1",
+                [key],
+                |r| r.get(0),
+            )
+            .ok();
+        if state == Some(1) {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "never committed");
+        std::thread::sleep(Duration::from_millis(2));
     }
 }
 
@@ -173,6 +211,8 @@ impl Drop for ChildGuard {
 struct Acks {
     claimed: BTreeMap<String, u64>,
     completed: BTreeMap<String, u64>,
+    /// Completions the child saw committed while their flush was held (never acknowledged).
+    unflushed: BTreeSet<String>,
     lines: usize,
 }
 
@@ -188,6 +228,10 @@ impl Acks {
                 self.completed
                     .insert(key.to_owned(), fence.parse().unwrap());
                 self.claimed.insert(key.to_owned(), fence.parse().unwrap());
+                self.lines += 1;
+            }
+            (Some("UNFLUSHED"), Some(key), None) => {
+                self.unflushed.insert(key.to_owned());
                 self.lines += 1;
             }
             (Some("BAD"), ..) => panic!("the child saw something wrong: {line}"),
@@ -518,4 +562,44 @@ fn repeated_kills_during_concurrent_claims_and_completions() {
             orphans.len()
         );
     }
+}
+
+/// Issue #13, item 1. A completion committed but not yet flushed when its process is killed is
+/// in the WAL in the OS page cache only, where a new engine reads it as if it were on disk. The
+/// reopened engine must not answer anything (a replay of it in particular) before it has made
+/// it durable: `Engine::open` checkpoints the WAL into the database file (which writes and
+/// flushes every page) before it returns, and an open whose flush fails returns the error
+/// instead of an engine. Before the fix the reopened engine replayed the record at once, from
+/// the page cache, with the WAL untouched.
+#[cfg(feature = "fault-injection")]
+#[test]
+fn a_completion_unflushed_at_a_kill_is_made_durable_before_the_reopened_engine_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("unflushed.db");
+    let acks = run_child("unflushed", &db, T0, "u", 2, 0);
+    assert!(acks.completed.is_empty(), "{acks:?}");
+    let key = acks.unflushed.iter().next().expect("no unflushed completion").clone();
+    let mut wal = db.clone().into_os_string();
+    wal.push("-wal");
+    let wal_len = || std::fs::metadata(&wal).map_or(0, |m| m.len());
+    assert!(wal_len() > 0, "the killed child left no WAL");
+
+    // An engine that cannot flush what it would read does not open, and so answers nothing.
+    let clock = Arc::new(ManualClock::new(T0));
+    match Engine::open(config(&db, &clock).inject_open_sync_failure()) {
+        Err(idempotency_rs::Error::SyncFailed { .. }) => {}
+        other => panic!("expected SyncFailed, got {other:?}"),
+    }
+    assert!(wal_len() > 0, "the failed open changed the WAL");
+
+    // A real open: by the time it returns, every frame of the WAL is in the flushed database
+    // file (the WAL is empty), and only then is the completion replayed.
+    let engine = Engine::open(config(&db, &clock)).unwrap();
+    assert_eq!(wal_len(), 0, "Engine::open answered with frames not checkpointed");
+    match engine.claim(request(&key)).unwrap() {
+        ClaimOutcome::Replay(r) => assert_eq!(r, response(&key)),
+        other => panic!("{key}: {other:?}"),
+    }
+    engine.shutdown().unwrap();
+    integrity_ok(&db);
 }

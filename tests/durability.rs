@@ -280,19 +280,27 @@ mod flush {
             let err = engine.claim(request(key)).unwrap_err();
             assert!(matches!(err, Error::SyncFailed { .. }), "{key}: {err:?}");
         }
-        drop(engine);
+        // The shutdown let go of the file, so a new engine opens while this handle lives.
+        assert!(len(&wal(&path)) > 0);
 
-        let engine = Engine::open(config(&path)).unwrap();
+        // An engine that cannot flush the files does not open: it would read the WAL's frames
+        // from the page cache, where a failed flush may have left them unwritten (and marked
+        // clean, so that flushing again would not write them).
+        match Engine::open(config(&path).inject_open_sync_failure()) {
+            Err(Error::SyncFailed { .. }) => {}
+            other => panic!("expected SyncFailed, got {other:?}"),
+        }
+        // A new engine checkpoints the WAL into the database file first, which writes every
+        // page again and flushes it: by the time it answers, `k` is on disk, and replays.
+        let engine2 = Engine::open(config(&path)).unwrap();
+        assert_eq!(len(&wal(&path)), 0, "frames left in the WAL at open");
         assert_eq!(
-            replayed(engine.claim(request("before")).unwrap()),
+            replayed(engine2.claim(request("before")).unwrap()),
             response("before")
         );
-        // Whether `k` reached the disk is unknown to its caller; if it did, it is its response.
-        match engine.claim(request("k")).unwrap() {
-            ClaimOutcome::Replay(r) => assert_eq!(r, response("k")),
-            ClaimOutcome::InFlight { .. } => {}
-            other => panic!("{other:?}"),
-        }
+        assert_eq!(replayed(engine2.claim(request("k")).unwrap()), response("k"));
+        drop(engine);
+        drop(engine2);
     }
 
     /// A writer panic while completions wait for their flush: they are still flushed and

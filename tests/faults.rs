@@ -243,13 +243,15 @@ fn real_full_filesystem_fails_cleanly_and_recovers() {
         let _ = f.sync_all();
     }
 
-    // Writes fail with DiskFull; a large completion cannot be stored either.
+    // Writes fail with DiskFull; a large completion cannot be stored either, unless it fits in
+    // WAL space already allocated (SQLite rewinds a WAL whose frames are all checkpointed and
+    // writes over it): then it is stored, and must replay like any other.
     let mut refused = 0;
     let mut stuck = Vec::new();
     for i in 0..50 {
         match engine.claim(request("t", &format!("late-{i}"), "x")) {
             Ok(outcome) => match claimed(outcome).complete(response(i, 64 * 1024)) {
-                Ok(()) => panic!("a 64 KiB completion was stored on a full file system"),
+                Ok(()) => acked.push((format!("late-{i}"), response(i, 64 * 1024))),
                 Err(Error::DiskFull) => stuck.push(format!("late-{i}")),
                 Err(e) => panic!("complete late-{i}: {e:?}"),
             },
