@@ -383,7 +383,6 @@ impl Writer {
                 }
             }
         }
-        let before_claims = batch.len();
         while batch.len() < self.max_batch {
             match self.claims.try_recv() {
                 Ok(m) => batch.push(Pending::Claim(m, None)),
@@ -394,11 +393,14 @@ impl Writer {
                 }
             }
         }
-        // A claim taken above may have been sent after a lease command that arrived once the
-        // first loop had found the lease queue empty (a lease dropped, then a retry on the same
-        // thread): take those too, past the batch limit if need be (there are never more lease
-        // commands than live leases), so that no claim overtakes a command sent before it.
-        if batch.len() > before_claims {
+        // No claim may overtake a lease command sent before it (a lease dropped, then a retry
+        // of the same key): one sent before a claim of this batch was queued before the claim
+        // was, so it is in the lease queue now. Take them all, past the batch limit if need be
+        // (there are never more lease commands than live leases). This covers lease commands
+        // left over by the first loop when more than a batch of them were queued, and the
+        // claim `wait` may have handed over first (a select picks at random among ready
+        // channels).
+        if batch.iter().any(|p| matches!(p, Pending::Claim(..))) {
             batch.extend(self.leases.try_iter().map(|m| Pending::Lease(m, None)));
         }
     }
