@@ -373,6 +373,7 @@ impl Engine {
             lock_ms: lock_ms.max(1),
             retention_ms: retention_ms.max(1),
             reply: tx,
+            leases: Some(self.inner.leases.clone()),
         };
         let pending = PendingClaim {
             id,
@@ -400,10 +401,9 @@ impl Engine {
         reply: Result<ClaimReply>,
     ) -> Result<ClaimOutcome> {
         match reply? {
-            ClaimReply::Claimed {
-                fence,
-                locked_until,
-            } => Ok(ClaimOutcome::Claimed(Lease {
+            ClaimReply::Claimed(won) => {
+                let (fence, locked_until) = won.disarm();
+                Ok(ClaimOutcome::Claimed(Lease {
                 engine: self.clone(),
                 id: pending.id,
                 key: pending.key,
@@ -412,7 +412,8 @@ impl Engine {
                 lock_ms: pending.lock_ms,
                 retention_ms: pending.retention_ms,
                 done: false,
-            })),
+                }))
+            }
             ClaimReply::Decided(d) => Ok(ClaimOutcome::from_decision(d, self.inner.clock.now_ms())),
         }
     }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Select, TryRecvError};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Select, Sender, TryRecvError};
 use parking_lot::{Condvar, Mutex};
 use rusqlite::Connection;
 
@@ -44,13 +44,55 @@ pub(crate) struct ClaimCmd {
     pub lock_ms: i64,
     pub retention_ms: i64,
     pub reply: oneshot::Sender<Result<ClaimReply>>,
+    /// The engine's lease queue, for the [`Won`] answer to release the record if its caller
+    /// is gone by the time it arrives. Taken by the writer when the claim wins.
+    pub leases: Option<Sender<LeaseCmd>>,
 }
 
 /// The writer's answer to a claim.
 #[derive(Debug)]
 pub(crate) enum ClaimReply {
-    Claimed { fence: u64, locked_until: i64 },
+    Claimed(Won),
     Decided(Decision),
+}
+
+/// A won claim on its way to its caller: a lease that nobody holds yet. Until the caller turns
+/// it into a [`Lease`](crate::Lease) ([`Won::disarm`]), dropping it releases the record.
+///
+/// That covers the answer that was delivered but never read: an async claim whose future was
+/// dropped after the writer had put the answer in its channel (a client disconnect, a gRPC
+/// deadline, a `select!`) drops the answer with the channel, and the record would otherwise
+/// stay locked until its lock timeout. (An answer that cannot be delivered at all comes back
+/// to the writer, which releases the record itself, also when it is shutting down.)
+#[derive(Debug)]
+pub(crate) struct Won {
+    pub(crate) fence: u64,
+    pub(crate) locked_until: i64,
+    id: [u8; 32],
+    release: Option<Sender<LeaseCmd>>,
+}
+
+impl Won {
+    /// The fencing token and lock expiry, for the lease that now owns the record: dropping
+    /// this no longer releases it.
+    pub(crate) fn disarm(mut self) -> (u64, i64) {
+        self.release = None;
+        (self.fence, self.locked_until)
+    }
+}
+
+impl Drop for Won {
+    fn drop(&mut self) {
+        if let Some(leases) = self.release.take() {
+            // Fire and forget on the unbounded lease queue; if the engine is gone, the lock
+            // timeout frees the key.
+            let _ = leases.send(LeaseCmd::Release {
+                id: self.id,
+                fence: self.fence,
+                reply: None,
+            });
+        }
+    }
 }
 
 /// Commands of an existing lease (and control messages). They travel on an unbounded channel:
@@ -509,7 +551,11 @@ impl Writer {
         }
         for p in batch {
             match p {
-                Pending::Claim(cmd, _) => {
+                Pending::Claim(cmd, out) => {
+                    // Rolled back: there is no record to release.
+                    if let Some(Ok(ClaimReply::Claimed(won))) = out {
+                        won.disarm();
+                    }
                     let _ = cmd.reply.send(Err(e.clone()));
                 }
                 Pending::Lease(cmd, _) => self.answer_lease(cmd, Err(e.clone())),
@@ -521,15 +567,13 @@ impl Writer {
         match p {
             Pending::Claim(cmd, out) => {
                 let out = out.unwrap_or(Err(Error::Closed));
-                let won = match &out {
-                    Ok(ClaimReply::Claimed { fence, .. }) => Some(*fence),
-                    _ => None,
-                };
                 // The caller went away (an async claim whose future was dropped). If it had won
-                // the record, free it now instead of leaving it locked until the timeout.
-                if cmd.reply.send(out).is_err()
-                    && let Some(fence) = won
+                // the record, free it now instead of leaving it locked until the timeout: on
+                // the writer's own list, which is applied even while the engine shuts down.
+                if let Err(unsent) = cmd.reply.send(out)
+                    && let Ok(ClaimReply::Claimed(won)) = unsent.into_inner()
                 {
+                    let (fence, _) = won.disarm();
                     self.requeued.push(LeaseCmd::Release {
                         id: cmd.id,
                         fence,
@@ -560,7 +604,7 @@ impl Writer {
         }
     }
 
-    fn exec_claim(&mut self, c: &ClaimCmd, now: i64) -> Result<ClaimReply> {
+    fn exec_claim(&mut self, c: &mut ClaimCmd, now: i64) -> Result<ClaimReply> {
         let fence = self.fence + 1;
         let locked_until = now.saturating_add(c.lock_ms);
         let row = ClaimRow {
@@ -575,10 +619,12 @@ impl Writer {
         };
         if storage::try_claim(&self.conn, &row)? {
             self.fence = fence;
-            return Ok(ClaimReply::Claimed {
+            return Ok(ClaimReply::Claimed(Won {
                 fence,
                 locked_until,
-            });
+                id: c.id,
+                release: c.leases.take(),
+            }));
         }
         match storage::inspect(&self.conn, &c.id, &c.fingerprint, now)? {
             Some(d) => Ok(ClaimReply::Decided(d)),

@@ -124,6 +124,7 @@ struct Harness {
     client: OrdersClient<Channel>,
     state: Arc<State>,
     engine: Engine,
+    addr: String,
 }
 
 impl Harness {
@@ -145,13 +146,13 @@ async fn start(configure: impl FnOnce(IdempotencyLayer) -> IdempotencyLayer) -> 
         .add_service(OrdersServer::new(TestOrders(state.clone())))
         .serve_with_incoming(TcpIncoming::from(listener));
     tokio::spawn(server);
-    let client = OrdersClient::connect(format!("http://{addr}"))
-        .await
-        .unwrap();
+    let addr = format!("http://{addr}");
+    let client = OrdersClient::connect(addr.clone()).await.unwrap();
     Harness {
         client,
         state,
         engine,
+        addr,
     }
 }
 
@@ -378,6 +379,64 @@ async fn cancelled_call_releases_the_key() {
     };
     assert!(!replayed(retried.metadata()), "the retry ran the handler");
     assert_eq!(h.runs(), 2);
+}
+
+/// Issue #13, item 5, through a real server: calls with deadlines of 0.2 to 30 ms under load
+/// (the server drops each call's future when its deadline passes, wherever it is). A claim whose
+/// answer had arrived but was not yet read when its call was dropped used to keep its key locked
+/// for the whole lock timeout (a retry got ABORTED for ~30 s). Now every key is free again at
+/// once: a retry without a deadline succeeds, after at most a short wait for a call that was
+/// really still running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn calls_cut_short_by_their_deadline_leave_no_key_locked() {
+    let h = start(|l| l).await;
+    let keys: Vec<String> = (0..600).map(|_| new_key()).collect();
+    let mut clients = Vec::new();
+    for _ in 0..12 {
+        clients.push(OrdersClient::connect(h.addr.clone()).await.unwrap());
+    }
+    let calls: Vec<_> = keys
+        .iter()
+        .enumerate()
+        .map(|(i, key)| {
+            let mut client = clients[i % clients.len()].clone();
+            let mut request = with_key(key, order("AAPL", 1));
+            request.set_timeout(Duration::from_micros(200 + (i as u64 * 53) % 30_000));
+            tokio::spawn(async move { client.create_order(request).await.map(|_| ()) })
+        })
+        .collect();
+    let mut cut_short = 0;
+    for c in calls {
+        // DEADLINE_EXCEEDED, or a transport error once the server closes the connection.
+        if c.await.unwrap().is_err() {
+            cut_short += 1;
+        }
+    }
+    // A new connection: the first one may have been closed by the server's HTTP/2 defence
+    // against streams reset in bulk, which the client's own deadlines look like.
+    let mut client = OrdersClient::connect(h.addr.clone()).await.unwrap();
+    let mut locked = Vec::new();
+    for key in &keys {
+        let started = std::time::Instant::now();
+        loop {
+            match client.create_order(with_key(key, order("AAPL", 1))).await {
+                Ok(_) => break,
+                // Still running (ABORTED) or a transport hiccup: try again, briefly.
+                Err(s) if started.elapsed() < Duration::from_secs(3) => {
+                    if s.code() != Code::Aborted {
+                        client = OrdersClient::connect(h.addr.clone()).await.unwrap();
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(s) => {
+                    locked.push(format!("{key}: {:?} {}", s.code(), s.message()));
+                    break;
+                }
+            }
+        }
+    }
+    eprintln!("{cut_short} of {} calls cut short by their deadline", keys.len());
+    assert!(locked.is_empty(), "keys left locked: {locked:?}");
 }
 
 #[tokio::test]
