@@ -63,7 +63,9 @@ impl EngineLock {
             match file.try_lock() {
                 Ok(()) => break,
                 Err(TryLockError::WouldBlock) if Instant::now() < deadline => {
-                    std::thread::sleep(pause.min(deadline.saturating_duration_since(Instant::now())));
+                    std::thread::sleep(
+                        pause.min(deadline.saturating_duration_since(Instant::now())),
+                    );
                     pause = (pause * 2).min(Duration::from_millis(50));
                 }
                 Err(TryLockError::WouldBlock) => {
@@ -118,7 +120,9 @@ fn canonical_db(db: &Path) -> Result<PathBuf> {
     if let Ok(real) = std::fs::canonicalize(db) {
         return Ok(real);
     }
-    let name = db.file_name().ok_or_else(|| cannot("the path names no file"))?;
+    let name = db
+        .file_name()
+        .ok_or_else(|| cannot("the path names no file"))?;
     let dir = match db.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),

@@ -331,7 +331,11 @@ pub(crate) fn make_durable(conn: &Connection, db: &Path, config: &EngineConfig) 
     // whole busy timeout.
     conn.busy_timeout(std::time::Duration::from_millis(100))?;
     let checkpoint = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
-        Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+        Ok((
+            r.get::<_, i64>(0)?,
+            r.get::<_, i64>(1)?,
+            r.get::<_, i64>(2)?,
+        ))
     });
     conn.busy_timeout(config.busy_timeout)?;
     match checkpoint.map_err(Error::from) {

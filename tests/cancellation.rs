@@ -4,7 +4,7 @@
 
 use std::future::Future;
 use std::pin::pin;
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Waker};
 use std::time::{Duration, Instant};
 
 use idempotency_rs::{
@@ -85,8 +85,8 @@ fn a_claim_answered_but_never_read_releases_its_key() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn claims_cut_short_by_timeouts_leave_no_key_locked() {
     let dir = tempfile::tempdir().unwrap();
-    let engine = Engine::open(EngineConfig::new(dir.path().join("c.db")).lock_timeout(LOCK))
-        .unwrap();
+    let engine =
+        Engine::open(EngineConfig::new(dir.path().join("c.db")).lock_timeout(LOCK)).unwrap();
     let tasks: Vec<_> = (0..600)
         .map(|i| {
             let engine = engine.clone();
@@ -163,7 +163,7 @@ fn a_release_queued_before_a_claim_is_applied_before_it_whatever_the_queue_lengt
         std::thread::sleep(Duration::from_millis(100));
         blocker.execute_batch("COMMIT").unwrap();
 
-        claimed(stuck.join().unwrap().unwrap());
+        drop(claimed(stuck.join().unwrap().unwrap()));
         match retry.join().unwrap().unwrap() {
             ClaimOutcome::Claimed(_) => {}
             other => panic!("round {round}: the retry overtook its release: {other:?}"),

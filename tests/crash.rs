@@ -174,8 +174,9 @@ fn crash_child() {
 /// Waits until another connection sees the record of `key` completed.
 #[cfg(feature = "fault-injection")]
 fn wait_until_committed(db: &Path, key: &str) {
-    let conn = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-        .unwrap();
+    let conn =
+        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
         let state: Option<i64> = conn
@@ -578,7 +579,12 @@ fn a_completion_unflushed_at_a_kill_is_made_durable_before_the_reopened_engine_a
     let db = dir.path().join("unflushed.db");
     let acks = run_child("unflushed", &db, T0, "u", 2, 0);
     assert!(acks.completed.is_empty(), "{acks:?}");
-    let key = acks.unflushed.iter().next().expect("no unflushed completion").clone();
+    let key = acks
+        .unflushed
+        .iter()
+        .next()
+        .expect("no unflushed completion")
+        .clone();
     let mut wal = db.clone().into_os_string();
     wal.push("-wal");
     let wal_len = || std::fs::metadata(&wal).map_or(0, |m| m.len());
@@ -595,7 +601,11 @@ fn a_completion_unflushed_at_a_kill_is_made_durable_before_the_reopened_engine_a
     // A real open: by the time it returns, every frame of the WAL is in the flushed database
     // file (the WAL is empty), and only then is the completion replayed.
     let engine = Engine::open(config(&db, &clock)).unwrap();
-    assert_eq!(wal_len(), 0, "Engine::open answered with frames not checkpointed");
+    assert_eq!(
+        wal_len(),
+        0,
+        "Engine::open answered with frames not checkpointed"
+    );
     match engine.claim(request(&key)).unwrap() {
         ClaimOutcome::Replay(r) => assert_eq!(r, response(&key)),
         other => panic!("{key}: {other:?}"),

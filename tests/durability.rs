@@ -298,7 +298,10 @@ mod flush {
             replayed(engine2.claim(request("before")).unwrap()),
             response("before")
         );
-        assert_eq!(replayed(engine2.claim(request("k")).unwrap()), response("k"));
+        assert_eq!(
+            replayed(engine2.claim(request("k")).unwrap()),
+            response("k")
+        );
         drop(engine);
         drop(engine2);
     }

@@ -93,7 +93,9 @@ fn one_engine_child() {
             let key = format!("turn-{}", std::process::id());
             let lease = claimed(engine.claim(request(&key)).unwrap());
             let fence = lease.fencing_token();
-            lease.complete(StoredResponse::new(201, key.clone())).unwrap();
+            lease
+                .complete(StoredResponse::new(201, key.clone()))
+                .unwrap();
             println!("DONE {fence}");
             engine.shutdown().unwrap();
         }
@@ -139,7 +141,10 @@ impl ChildProc {
                 return line;
             }
         }
-        panic!("the child exited without an answer: {:?}", self.child.wait());
+        panic!(
+            "the child exited without an answer: {:?}",
+            self.child.wait()
+        );
     }
 
     /// Closes the child's stdin (a `hold` child then shuts down) and waits for it to exit.
@@ -241,9 +246,13 @@ fn dropping_the_last_handle_lets_go_of_the_file() {
     let clock = Arc::new(ManualClock::new(T0));
     for _ in 0..3 {
         let engine = Engine::open(config(&db, &clock)).unwrap();
-        claimed(engine.claim(request(&format!("k{}", clock.now_ms()))).unwrap())
-            .complete(StoredResponse::new(200, "x"))
-            .unwrap();
+        claimed(
+            engine
+                .claim(request(&format!("k{}", clock.now_ms())))
+                .unwrap(),
+        )
+        .complete(StoredResponse::new(200, "x"))
+        .unwrap();
         clock.advance(Duration::from_millis(1));
     }
 }
@@ -304,11 +313,17 @@ fn an_engine_waits_for_the_holder_when_told_to() {
     };
     std::thread::sleep(Duration::from_millis(200));
     assert!(!opener.is_finished(), "opened while the holder runs");
-    holder.child.stdin.as_mut().unwrap().write_all(b"\n").unwrap();
+    holder
+        .child
+        .stdin
+        .as_mut()
+        .unwrap()
+        .write_all(b"\n")
+        .unwrap();
     holder.finish();
     let engine = opener.join().unwrap().unwrap();
     // The holder released its lease on the way out.
-    claimed(engine.claim(request("held")).unwrap());
+    drop(claimed(engine.claim(request("held")).unwrap()));
 }
 
 /// Item 7: four engines opening a database that does not exist yet, at once, five times over:
@@ -335,7 +350,10 @@ fn engines_opening_a_new_file_at_once_get_one_winner_and_clear_refusals() {
         assert_eq!(opened, 1, "round {round}: {results:?}");
         for r in &results {
             if let Err(e) = r {
-                assert!(matches!(e, Error::AlreadyOpen { .. }), "round {round}: {e:?}");
+                assert!(
+                    matches!(e, Error::AlreadyOpen { .. }),
+                    "round {round}: {e:?}"
+                );
             }
         }
         drop(results);

@@ -435,7 +435,10 @@ async fn calls_cut_short_by_their_deadline_leave_no_key_locked() {
             }
         }
     }
-    eprintln!("{cut_short} of {} calls cut short by their deadline", keys.len());
+    eprintln!(
+        "{cut_short} of {} calls cut short by their deadline",
+        keys.len()
+    );
     assert!(locked.is_empty(), "keys left locked: {locked:?}");
 }
 
