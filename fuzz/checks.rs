@@ -18,6 +18,7 @@ use idempotency_rs::{
     IdempotencyKey, Lease, ManualClock, StoredResponse, decode_headers,
 };
 use serde_json::Value;
+use serde_json::value::RawValue;
 
 // ---------------------------------------------------------------------------------------------
 // Idempotency-Key header parser
@@ -126,15 +127,28 @@ fn encode_header_list(list: &HeaderList) -> Vec<u8> {
 // Canonical JSON
 // ---------------------------------------------------------------------------------------------
 
-/// `canonical_json`: never panics; accepts exactly what serde_json accepts; is idempotent; gives
-/// the same bytes for the same document written with reversed key order and other white space.
+/// `canonical_json`: never panics; accepts exactly what serde_json accepts (but for numbers
+/// beyond f64's range, which `serde_json::Value` refuses); is idempotent; gives
+/// the same bytes for the same document written with reversed key order, other white space and
+/// `\u` escapes; and gives other bytes when any one number of the document is changed (issue
+/// #13: numbers beyond 64 bits or f64 once collapsed into one fingerprint).
+///
+/// The document is rewritten from serde_json's `RawValue`s, which keep each number's text:
+/// going through `serde_json::Value` would change the numbers themselves.
 pub(crate) fn check_canonical_json(data: &[u8]) {
     let parsed = serde_json::from_slice::<Value>(data);
     let Some(canon) = canonical_json(data) else {
         assert!(parsed.is_err(), "valid JSON refused");
         return;
     };
-    let value = parsed.unwrap_or_else(|e| panic!("invalid JSON accepted: {e}"));
+    // serde_json::Value refuses numbers beyond f64's range, which are valid JSON and which
+    // canonical_json keeps as written.
+    if let Err(e) = &parsed {
+        assert!(
+            e.to_string().starts_with("number out of range"),
+            "invalid JSON accepted: {e}"
+        );
+    }
     let twice = canonical_json(&canon).unwrap_or_else(|| {
         panic!(
             "canonical output is not JSON: {:?}",
@@ -146,53 +160,142 @@ pub(crate) fn check_canonical_json(data: &[u8]) {
         String::from_utf8_lossy(&canon),
         "canonical_json is not idempotent"
     );
-    let mut reordered = Vec::new();
-    write_reversed(&value, &mut reordered);
-    let other = canonical_json(&reordered).unwrap_or_else(|| {
+    let raw: &RawValue = serde_json::from_slice(data).expect("serde_json accepted it above");
+    // Where an object repeats a key, the last member wins: its members keep their order then
+    // (reversing them would change which one wins), and a number in a member that loses does
+    // not count.
+    let repeated = has_repeated_keys(raw);
+    let mut numbers = 0;
+    let mut rewritten = Vec::new();
+    write_rewritten(raw, &mut rewritten, 0, !repeated, None, &mut numbers);
+    let other = canonical_json(&rewritten).unwrap_or_else(|| {
         panic!(
             "re-serialised document is not JSON: {:?}",
-            String::from_utf8_lossy(&reordered)
+            String::from_utf8_lossy(&rewritten)
         )
     });
     assert_eq!(
         String::from_utf8_lossy(&other),
         String::from_utf8_lossy(&canon),
-        "key order or white space changed the canonical form"
+        "key order, white space or escapes changed the canonical form"
     );
-    let pretty = serde_json::to_vec_pretty(&value).unwrap();
-    assert_eq!(canonical_json(&pretty).as_deref(), Some(&canon[..]));
+    if repeated {
+        return;
+    }
+    for n in 0..numbers.min(16) {
+        let mut changed = Vec::new();
+        write_rewritten(raw, &mut changed, 0, true, Some(n), &mut 0);
+        let changed = canonical_json(&changed).expect("a changed digit is still JSON");
+        assert_ne!(
+            String::from_utf8_lossy(&changed),
+            String::from_utf8_lossy(&canon),
+            "changing number {n} did not change the canonical form"
+        );
+    }
 }
 
-/// Serialises `value` with every object's keys in reverse byte order, spaces around the
-/// punctuation, and strings with every non-ASCII character escaped as `\uXXXX`.
-fn write_reversed(value: &Value, out: &mut Vec<u8>) {
-    match value {
-        Value::Object(map) => {
-            let mut entries: Vec<_> = map.iter().collect();
-            entries.sort_by(|a, b| b.0.as_bytes().cmp(a.0.as_bytes()));
-            out.extend_from_slice(b"{ ");
-            for (i, (k, v)) in entries.into_iter().enumerate() {
-                if i > 0 {
-                    out.extend_from_slice(b" ,\n");
-                }
-                write_escaped(k, out);
-                out.extend_from_slice(b" : ");
-                write_reversed(v, out);
+/// An object's members in document order, repeated keys included.
+fn members(raw: &RawValue) -> Vec<(String, &RawValue)> {
+    struct Members;
+    impl<'de> serde::de::Visitor<'de> for Members {
+        type Value = Vec<(String, &'de RawValue)>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("an object")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut out = Vec::new();
+            while let Some(entry) = map.next_entry()? {
+                out.push(entry);
             }
+            Ok(out)
+        }
+    }
+    let mut de = serde_json::Deserializer::from_str(raw.get());
+    serde::Deserializer::deserialize_map(&mut de, Members).unwrap()
+}
+
+fn items(raw: &RawValue) -> Vec<&RawValue> {
+    serde_json::from_str(raw.get()).unwrap()
+}
+
+/// True when an object of the document names one key twice.
+fn has_repeated_keys(raw: &RawValue) -> bool {
+    match raw.get().as_bytes()[0] {
+        b'{' => {
+            let members = members(raw);
+            let mut keys: Vec<&str> = members.iter().map(|(k, _)| k.as_str()).collect();
+            keys.sort_unstable();
+            keys.windows(2).any(|w| w[0] == w[1])
+                || members.iter().any(|(_, v)| has_repeated_keys(v))
+        }
+        b'[' => items(raw).into_iter().any(has_repeated_keys),
+        _ => false,
+    }
+}
+
+/// Serialises the document with each object's members in reverse order (when `reverse`), new
+/// lines, indentation, tabs and spaces around the punctuation, strings with every non-ASCII
+/// character escaped as `\uXXXX`, and numbers as written, except the number `change`
+/// (counting from 0 in this walk), whose last digit is replaced by another. Counts the numbers
+/// in `count`.
+fn write_rewritten(
+    raw: &RawValue,
+    out: &mut Vec<u8>,
+    indent: usize,
+    reverse: bool,
+    change: Option<usize>,
+    count: &mut usize,
+) {
+    let text = raw.get();
+    let pad = |out: &mut Vec<u8>, n: usize| {
+        out.push(b'\n');
+        out.extend(std::iter::repeat_n(b' ', n * 2));
+    };
+    match text.as_bytes()[0] {
+        b'{' => {
+            let mut members = members(raw);
+            if reverse {
+                members.reverse();
+            }
+            out.extend_from_slice(b"{ ");
+            for (i, (k, v)) in members.into_iter().enumerate() {
+                if i > 0 {
+                    out.extend_from_slice(b" ,");
+                }
+                pad(out, indent + 1);
+                write_escaped(&k, out);
+                out.extend_from_slice(b" : ");
+                write_rewritten(v, out, indent + 1, reverse, change, count);
+            }
+            pad(out, indent);
             out.extend_from_slice(b" }");
         }
-        Value::Array(items) => {
+        b'[' => {
             out.extend_from_slice(b"[\t");
-            for (i, v) in items.iter().enumerate() {
+            for (i, v) in items(raw).into_iter().enumerate() {
                 if i > 0 {
                     out.extend_from_slice(b", ");
                 }
-                write_reversed(v, out);
+                pad(out, indent + 1);
+                write_rewritten(v, out, indent + 1, reverse, change, count);
             }
             out.extend_from_slice(b"\t]");
         }
-        Value::String(s) => write_escaped(s, out),
-        other => out.extend_from_slice(other.to_string().as_bytes()),
+        b'"' => write_escaped(&serde_json::from_str::<String>(text).unwrap(), out),
+        b'-' | b'0'..=b'9' => {
+            let mut number = text.as_bytes().to_vec();
+            if change == Some(*count) {
+                // A number always ends in a digit; another digit keeps it a number.
+                let last = number.last_mut().unwrap();
+                *last = if *last == b'7' { b'3' } else { b'7' };
+            }
+            *count += 1;
+            out.extend_from_slice(&number);
+        }
+        _ => out.extend_from_slice(text.as_bytes()),
     }
 }
 

@@ -127,3 +127,44 @@ contract_cases!(start);
 async fn restart_on_same_database_replays_identically() {
     common::restart_on_same_database_replays_identically(start).await;
 }
+
+/// Issue #13, item 4, through the layer: with `canonicalize_json(true)`, two bodies that differ
+/// only in an account number beyond 64 bits (or in a decimal beyond f64) used to get one
+/// fingerprint, and the second replayed the first's response. Now the second is 422
+/// `key-reused`, while the same document with other white space and key order still replays.
+#[tokio::test]
+async fn canonical_json_keeps_numbers_that_differ_apart() {
+    let probe = Probe::new();
+    let app = routes(probe.clone()).layer(layer(&common::engine()).canonicalize_json(true));
+    let send = |body: &'static str| {
+        let app = app.clone();
+        async move {
+            let request = axum::http::Request::post("/orders")
+                .header("idempotency-key", "8b1f0c3e-6a2d-4e5f-9a7b-1c2d3e4f5a6b")
+                .header("x-user-id", "u1")
+                .header("content-type", "application/json")
+                .body(Body::from(body))
+                .unwrap();
+            tower::ServiceExt::oneshot(app, request).await.unwrap()
+        }
+    };
+    let first =
+        send(r#"{"symbol":"A","quantity":1,"price":1,"account":18446744073709551616}"#).await;
+    assert_eq!(first.status(), StatusCode::CREATED);
+    let same =
+        send(r#"{ "account" : 18446744073709551616, "price":1, "quantity":1, "symbol":"A" }"#)
+            .await;
+    assert_eq!(same.status(), StatusCode::CREATED);
+    assert_eq!(same.headers()["idempotent-replayed"], "true");
+    for other in [
+        r#"{"symbol":"A","quantity":1,"price":1,"account":18446744073709551617}"#,
+        r#"{"symbol":"A","quantity":1,"price":1.00000000000000001,"account":18446744073709551616}"#,
+    ] {
+        assert_eq!(
+            send(other).await.status(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{other}"
+        );
+    }
+    assert_eq!(probe.orders.load(Ordering::SeqCst), 1);
+}

@@ -1,13 +1,22 @@
-//! Canonical JSON: the same document always gives the same bytes, whatever the key order.
+//! Canonical JSON: the same document always gives the same bytes, whatever the key order and
+//! white space, and two documents that differ in any value give different bytes.
 
-use serde_json::Value;
+use serde::de::IgnoredAny;
 
-/// Re-encodes a JSON document canonically: object keys sorted by their UTF-8 bytes, no
-/// insignificant white space, numbers and strings as serde_json prints them. Returns `None`
-/// when `bytes` is not one valid JSON document.
+/// Re-encodes a JSON document canonically: object keys sorted by their UTF-8 bytes (a key that
+/// appears twice keeps its last value, as serde_json reads it), no insignificant white space,
+/// strings in serde_json's escaping, and **numbers exactly as written**. Returns `None` when
+/// `bytes` is not one valid JSON document (serde_json decides that).
+///
+/// Numbers are not parsed into floats or integers: `18446744073709551616` and
+/// `18446744073709551617`, or two decimals that round to the same `f64`, stay different, so
+/// the requests that carry them get different fingerprints. For the same reason two spellings
+/// of one value (`1`, `1.0`, `1e0`) stay different too: a server may read them differently (a
+/// `u32` field refuses `1.0`), and a retry sends the same text anyway.
 ///
 /// The order is produced here, not left to `serde_json::Map`, so the result does not change
-/// if another crate in the build turns on serde_json's `preserve_order` feature.
+/// if another crate in the build turns on serde_json's `preserve_order` feature; and numbers
+/// are copied as text, so it does not change with `arbitrary_precision` either.
 ///
 /// ```
 /// use idempotency_rs::http::canonical_json;
@@ -15,61 +24,219 @@ use serde_json::Value;
 ///     canonical_json(br#"{ "b": 1, "a": [true, {"d": null, "c": "x"}] }"#).unwrap(),
 ///     br#"{"a":[true,{"c":"x","d":null}],"b":1}"#.to_vec()
 /// );
+/// assert_ne!(
+///     canonical_json(br#"{"account":18446744073709551616}"#),
+///     canonical_json(br#"{"account":18446744073709551617}"#)
+/// );
 /// assert!(canonical_json(b"{").is_none());
 /// ```
 pub fn canonical_json(bytes: &[u8]) -> Option<Vec<u8>> {
-    let value: Value = serde_json::from_slice(bytes).ok()?;
+    // JSON is UTF-8 text (serde_json's `IgnoredAny` does not look inside strings), and
+    // serde_json decides the grammar; the writer below then only meets valid documents, and
+    // still answers `None` rather than panic if it did not. A number beyond f64's range
+    // (`1e400`) is valid JSON: it is kept as written, where `serde_json::Value` refuses it.
+    let text = std::str::from_utf8(bytes).ok()?;
+    serde_json::from_str::<IgnoredAny>(text).ok()?;
+    let mut reader = Reader {
+        bytes,
+        at: 0,
+        depth: 0,
+    };
     let mut out = Vec::with_capacity(bytes.len());
-    write_canonical(&value, &mut out);
-    Some(out)
+    reader.value(&mut out)?;
+    reader.skip_ws();
+    (reader.at == bytes.len()).then_some(out)
 }
 
 /// Canonical bytes of an already parsed value (see [`canonical_json`]).
-pub fn canonical_value(value: &Value) -> Vec<u8> {
-    let mut out = Vec::new();
-    write_canonical(value, &mut out);
-    out
+///
+/// A [`serde_json::Value`] has already lost whatever its numbers did not fit (without
+/// serde_json's `arbitrary_precision`, integers beyond 64 bits and decimals beyond `f64`), so
+/// canonicalise the request's bytes with [`canonical_json`] where you have them.
+pub fn canonical_value(value: &serde_json::Value) -> Vec<u8> {
+    let text = serde_json::to_vec(value).unwrap_or_default();
+    canonical_json(&text).unwrap_or(text)
 }
 
-fn write_canonical(value: &Value, out: &mut Vec<u8>) {
-    match value {
-        Value::Object(map) => {
-            let mut entries: Vec<_> = map.iter().collect();
-            entries.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
-            out.push(b'{');
-            for (i, (k, v)) in entries.into_iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                write_string(k, out);
-                out.push(b':');
-                write_canonical(v, out);
-            }
-            out.push(b'}');
+/// serde_json's nesting limit (its `Value` refuses a document nested this deep; its
+/// `IgnoredAny` does not check).
+const MAX_DEPTH: usize = 128;
+
+/// A cursor over a document serde_json has accepted.
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+    /// Arrays and objects open at the cursor.
+    depth: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn skip_ws(&mut self) {
+        while let Some(b' ' | b'\t' | b'\n' | b'\r') = self.bytes.get(self.at) {
+            self.at += 1;
         }
-        Value::Array(items) => {
-            out.push(b'[');
-            for (i, v) in items.iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
+    }
+
+    fn peek(&mut self) -> Option<u8> {
+        self.skip_ws();
+        self.bytes.get(self.at).copied()
+    }
+
+    fn expect(&mut self, byte: u8) -> Option<()> {
+        (self.peek()? == byte).then(|| self.at += 1)
+    }
+
+    /// Writes the canonical form of the value at the cursor.
+    fn value(&mut self, out: &mut Vec<u8>) -> Option<()> {
+        match self.peek()? {
+            b'{' | b'[' => {
+                self.depth += 1;
+                if self.depth >= MAX_DEPTH {
+                    return None;
                 }
-                write_canonical(v, out);
+                let done = if self.bytes[self.at] == b'{' {
+                    self.object(out)
+                } else {
+                    self.array(out)
+                };
+                self.depth -= 1;
+                done
             }
+            b'"' => {
+                let raw = self.string_token()?;
+                write_string(raw, out)
+            }
+            // A number or a literal: copied as written.
+            _ => {
+                let start = self.at;
+                while let Some(b) = self.bytes.get(self.at) {
+                    if !matches!(b, b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E' | b'a'..=b'z') {
+                        break;
+                    }
+                    self.at += 1;
+                }
+                (self.at > start).then(|| out.extend_from_slice(&self.bytes[start..self.at]))
+            }
+        }
+    }
+
+    fn array(&mut self, out: &mut Vec<u8>) -> Option<()> {
+        self.expect(b'[')?;
+        out.push(b'[');
+        if self.peek()? == b']' {
+            self.at += 1;
             out.push(b']');
+            return Some(());
         }
-        Value::String(s) => write_string(s, out),
-        // Scalars: serde_json's own encoding is already unique for a parsed value.
-        other => out.extend_from_slice(other.to_string().as_bytes()),
+        loop {
+            self.value(out)?;
+            match self.peek()? {
+                b',' => {
+                    self.at += 1;
+                    out.push(b',');
+                }
+                b']' => {
+                    self.at += 1;
+                    out.push(b']');
+                    return Some(());
+                }
+                _ => return None,
+            }
+        }
+    }
+
+    fn object(&mut self, out: &mut Vec<u8>) -> Option<()> {
+        self.expect(b'{')?;
+        // (decoded key, canonical "key":value)
+        let mut members: Vec<(String, Vec<u8>)> = Vec::new();
+        if self.peek()? == b'}' {
+            self.at += 1;
+        } else {
+            loop {
+                if self.peek()? != b'"' {
+                    return None;
+                }
+                let raw = self.string_token()?;
+                let key = decode_string(raw)?;
+                self.expect(b':')?;
+                let mut member = Vec::new();
+                write_string(raw, &mut member)?;
+                member.push(b':');
+                self.value(&mut member)?;
+                members.push((key, member));
+                match self.peek()? {
+                    b',' => self.at += 1,
+                    b'}' => {
+                        self.at += 1;
+                        break;
+                    }
+                    _ => return None,
+                }
+            }
+        }
+        // Stable: of two members with one key, the later stays later, and is the one kept.
+        members.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+        out.push(b'{');
+        let mut first = true;
+        for (i, (key, member)) in members.iter().enumerate() {
+            if members.get(i + 1).is_some_and(|next| next.0 == *key) {
+                continue;
+            }
+            if !first {
+                out.push(b',');
+            }
+            first = false;
+            out.extend_from_slice(member);
+        }
+        out.push(b'}');
+        Some(())
+    }
+
+    /// The string token at the cursor, quotes included.
+    fn string_token(&mut self) -> Option<&'a [u8]> {
+        let start = self.at;
+        self.at += 1;
+        loop {
+            match *self.bytes.get(self.at)? {
+                b'"' => {
+                    self.at += 1;
+                    let bytes: &'a [u8] = self.bytes;
+                    return Some(&bytes[start..self.at]);
+                }
+                b'\\' => self.at += 2,
+                _ => self.at += 1,
+            }
+        }
     }
 }
 
-fn write_string(s: &str, out: &mut Vec<u8>) {
-    out.extend_from_slice(Value::String(s.to_owned()).to_string().as_bytes());
+fn decode_string(raw: &[u8]) -> Option<String> {
+    if !raw.contains(&b'\\') {
+        return std::str::from_utf8(&raw[1..raw.len() - 1])
+            .ok()
+            .map(str::to_owned);
+    }
+    serde_json::from_slice(raw).ok()
+}
+
+/// A string token in serde_json's escaping: `"` and `\` escaped, control characters as `\n`,
+/// `\t`, ... or `\u00XX`, everything else (non-ASCII included) as UTF-8. A token without a
+/// backslash is already in that form (a valid one holds no `"` nor control character).
+fn write_string(raw: &[u8], out: &mut Vec<u8>) -> Option<()> {
+    if !raw.contains(&b'\\') {
+        out.extend_from_slice(raw);
+        return Some(());
+    }
+    serde_json::to_writer(&mut *out, &decode_string(raw)?).ok()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn canon(s: &str) -> String {
+        String::from_utf8(canonical_json(s.as_bytes()).unwrap()).unwrap()
+    }
 
     #[test]
     fn order_and_space_do_not_matter() {
@@ -82,28 +249,92 @@ mod tests {
 
     #[test]
     fn escapes_are_normalised() {
-        assert_eq!(
-            canonical_json(br#""\u0041\n""#).unwrap(),
-            canonical_json(b"\"A\\n\"").unwrap()
-        );
+        assert_eq!(canon(r#""\u0041\n""#), canon("\"A\\n\""));
+        assert_eq!(canon(r#"{"\u00e9":"\u00e9"}"#), "{\"é\":\"é\"}");
+        assert_eq!(canon(r#""\/""#), r#""/""#);
+        assert_eq!(canon(r#""\ud83d\ude00""#), "\"😀\"");
+        assert_eq!(canon(r#""\u001f""#), r#""\u001f""#);
+        // Keys are sorted by their decoded bytes, whatever their escapes.
+        assert_eq!(canon(r#"{"b":1,"\u0061":2}"#), r#"{"a":2,"b":1}"#);
     }
 
-    /// Found by the `canonical_json` fuzz target: without serde_json's `float_roundtrip`
-    /// feature a long number parsed 1 ULP off, so canonicalising the canonical form changed it
-    /// (and two spellings of one number could get different fingerprints).
+    /// Issue #13, item 4: canonical JSON went through `serde_json::Value` without
+    /// `arbitrary_precision`, so integers beyond 64 bits and decimals beyond `f64` collapsed,
+    /// and two requests for different accounts got one fingerprint.
     #[test]
-    fn floats_round_trip_exactly() {
-        let once = canonical_json(b"[123456789012345678901890, 1.2345678901234567e+23]").unwrap();
+    fn numbers_that_differ_stay_different() {
+        for (a, b) in [
+            (
+                r#"{"account":18446744073709551616}"#,
+                r#"{"account":18446744073709551617}"#,
+            ),
+            (
+                r#"{"n":-9223372036854775809}"#,
+                r#"{"n":-9223372036854775810}"#,
+            ),
+            (r#"[0.1000000000000000055511151231257827]"#, "[0.1]"),
+            ("[1.00000000000000001]", "[1.00000000000000002]"),
+            ("[1e400]", "[1e401]"),
+            ("[1]", "[1.0]"),
+            ("[0]", "[-0]"),
+        ] {
+            assert_ne!(canon(a), canon(b), "{a} and {b}");
+        }
         assert_eq!(
-            String::from_utf8(once.clone()).unwrap(),
-            "[1.2345678901234569e+23,1.2345678901234567e+23]"
+            canon(r#"{ "account" : 18446744073709551617 }"#),
+            r#"{"account":18446744073709551617}"#
         );
-        assert_eq!(canonical_json(&once).unwrap(), once);
+        assert_eq!(canon("[1.5E+3, -0.0, 12e-7]"), "[1.5E+3,-0.0,12e-7]");
+    }
+
+    #[test]
+    fn a_repeated_key_keeps_its_last_value() {
+        assert_eq!(canon(r#"{"a":1,"b":0,"a":2}"#), r#"{"a":2,"b":0}"#);
+        assert_eq!(canon(r#"{"a":1,"\u0061":2}"#), r#"{"a":2}"#);
+    }
+
+    #[test]
+    fn what_serde_json_refuses_is_refused() {
+        for bad in [
+            "",
+            "{",
+            "[1,]",
+            "{\"a\" 1}",
+            "01",
+            "1.",
+            ".5",
+            "+1",
+            "NaN",
+            "[1] x",
+            "\"\\x\"",
+            "\"\u{1}\"",
+            "{\"a\":1,}",
+            "\"\\ud800\"",
+        ] {
+            assert_eq!(canonical_json(bad.as_bytes()), None, "{bad:?} was accepted");
+        }
+        for depth in [127, 128, 200] {
+            let deep = "[".repeat(depth) + &"]".repeat(depth);
+            let value = serde_json::from_str::<serde_json::Value>(&deep);
+            assert_eq!(
+                canonical_json(deep.as_bytes()).is_some(),
+                value.is_ok(),
+                "depth {depth}"
+            );
+        }
+        assert!(canonical_json(("[".repeat(127) + &"]".repeat(127)).as_bytes()).is_some());
+        // Not UTF-8 inside a string.
+        assert_eq!(canonical_json(b"\"\xb3\""), None);
+        assert_eq!(canonical_json(b"{\"\xff\":1}"), None);
     }
 
     #[test]
     fn idempotent() {
         let once = canonical_json(br#"{"b":[{"z":1,"a":"\u00e9"}],"a":-0.5e3}"#).unwrap();
         assert_eq!(canonical_json(&once).unwrap(), once);
+        assert_eq!(
+            String::from_utf8(once).unwrap(),
+            r#"{"a":-0.5e3,"b":[{"a":"é","z":1}]}"#
+        );
     }
 }
