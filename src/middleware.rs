@@ -10,7 +10,9 @@ use std::time::Duration;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::http::{KeyPolicy, canonical_value, default_store_policy, parse_key_value};
+use crate::http::{
+    KeyPolicy, Problem, ProblemKind, canonical_json, default_store_policy, parse_key_value,
+};
 use crate::{ClaimOutcome, ClaimRequest, Engine, EngineConfig, Error, Fingerprint, StoredResponse};
 
 /// The error type of business logic run by [`IdempotencyMiddleware::process_request`].
@@ -177,9 +179,18 @@ pub enum ProcessError {
     StoreUnavailable(Error),
     /// The business logic failed. Its lease was released: a retry runs it again.
     Handler(BoxError),
-    /// The request or response could not be serialised, or a stored response no longer
-    /// deserialises into the response type.
+    /// The request could not be serialised (nothing ran), the response could not be
+    /// serialised (the operation ran: its key is spent, and a retry gets
+    /// [`ProcessError::ResponseNotStored`]), or a stored response no longer deserialises into
+    /// the response type.
     Serialization(String),
+    /// The operation ran before with this key, but its response was not kept for replay (it
+    /// could not be serialised, or it was over the HTTP layer's store limit). Do not run it
+    /// again: look its result up, or use a new key for a new operation.
+    ResponseNotStored {
+        /// What the record says.
+        detail: String,
+    },
 }
 
 impl fmt::Display for ProcessError {
@@ -197,6 +208,10 @@ impl fmt::Display for ProcessError {
             ProcessError::StoreUnavailable(e) => write!(f, "idempotency store unavailable: {e}"),
             ProcessError::Handler(e) => write!(f, "request handler failed: {e}"),
             ProcessError::Serialization(e) => write!(f, "serialisation failed: {e}"),
+            ProcessError::ResponseNotStored { detail } => write!(
+                f,
+                "the operation with this idempotency key ran before, but its response was not kept: {detail}"
+            ),
         }
     }
 }
@@ -288,12 +303,16 @@ impl IdempotencyMiddleware {
         };
         let key = parse_key_value(key.as_bytes(), self.key_policy)
             .map_err(|p| ProcessError::InvalidKey { detail: p.detail })?;
-        let value = serde_json::to_value(request)
-            .map_err(|e| ProcessError::Serialization(e.to_string()))?;
+        // Canonical JSON of the request's own bytes: a `serde_json::Value` would have lost
+        // integers beyond 64 bits and decimals beyond f64 (two different requests, one
+        // fingerprint).
+        let bytes =
+            serde_json::to_vec(request).map_err(|e| ProcessError::Serialization(e.to_string()))?;
+        let canonical = canonical_json(&bytes).unwrap_or(bytes);
         let fp = Fingerprint::of_parts(&[
             method.to_ascii_uppercase().as_bytes(),
             path.as_bytes(),
-            &canonical_value(&value),
+            &canonical,
         ]);
         let req = ClaimRequest::new(scope, key, fp)
             .lock_timeout(self.lock_timeout)
@@ -326,8 +345,30 @@ impl IdempotencyMiddleware {
                 replayed: false,
             });
         }
-        let bytes =
-            serde_json::to_vec(&body).map_err(|e| ProcessError::Serialization(e.to_string()))?;
+        let bytes = match serde_json::to_vec(&body) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                // The operation has run: its key must not be freed for a second run. The
+                // record is completed with a marker a retry recognises.
+                let marker = Problem::new(
+                    ProblemKind::ResponseNotStored,
+                    format!(
+                        "The operation with this Idempotency-Key ran (status {status}), but its \
+                         response could not be serialised for replay ({e}). Do not run it \
+                         again; look its result up, or use a new key for a new operation."
+                    ),
+                );
+                let stored = lease.complete_async(marker.to_response()).await;
+                return Err(ProcessError::Serialization(format!(
+                    "the response could not be serialised ({e}); the operation ran, and its \
+                     key {} (a retry is told so, it does not run again)",
+                    match stored {
+                        Ok(()) => "is spent".to_owned(),
+                        Err(e) => format!("stays in flight until its lock timeout ({e})"),
+                    }
+                )));
+            }
+        };
         let mut stored = StoredResponse::new(status, bytes);
         let mut names: Vec<_> = headers.iter().collect();
         names.sort();
@@ -350,6 +391,13 @@ impl IdempotencyMiddleware {
 fn decode<T: DeserializeOwned>(
     stored: StoredResponse,
 ) -> Result<ProcessedResponse<T>, ProcessError> {
+    if ProblemKind::of_response(&stored) == Some(ProblemKind::ResponseNotStored) {
+        let detail = serde_json::from_slice::<serde_json::Value>(&stored.body)
+            .ok()
+            .and_then(|v| v["detail"].as_str().map(str::to_owned))
+            .unwrap_or_default();
+        return Err(ProcessError::ResponseNotStored { detail });
+    }
     let body = serde_json::from_slice(&stored.body).map_err(|e| {
         ProcessError::Serialization(format!(
             "the stored response does not deserialise into the response type: {e}"

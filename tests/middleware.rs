@@ -257,6 +257,100 @@ async fn the_same_json_written_differently_is_the_same_request() {
     assert_eq!(logic.runs(), 1);
 }
 
+/// Issue #13, item 4: numbers are compared as written. A request with an account number beyond
+/// 64 bits used to fail to fingerprint at all (`serde_json::Value` cannot hold it), and through
+/// the HTTP layers' canonical JSON two such numbers got one fingerprint.
+#[tokio::test]
+async fn requests_that_differ_in_a_number_beyond_64_bits_are_different_requests() {
+    #[derive(Serialize)]
+    struct Transfer {
+        account: u128,
+        amount: f64,
+    }
+    let m = memory().await;
+    let logic = Logic::default();
+    let transfer = |account| Transfer {
+        account,
+        amount: 0.1,
+    };
+    let run = |t: Transfer| {
+        let (m, logic) = (&m, &logic);
+        async move {
+            m.process_request(
+                Some(KEY.into()),
+                "user123".into(),
+                "/api/transfers".into(),
+                "POST".into(),
+                &t,
+                logic.handler(201),
+            )
+            .await
+        }
+    };
+    let first = run(transfer(18_446_744_073_709_551_616)).await.unwrap();
+    assert!(!first.replayed);
+    assert!(
+        run(transfer(18_446_744_073_709_551_616))
+            .await
+            .unwrap()
+            .replayed
+    );
+    assert!(matches!(
+        run(transfer(18_446_744_073_709_551_617)).await,
+        Err(ProcessError::KeyMismatch)
+    ));
+    assert_eq!(logic.runs(), 1);
+}
+
+/// Issue #13, item 3: the business logic ran, but its response does not serialise (here a map
+/// with non-string keys, which JSON cannot hold). The lease used to be dropped, freeing the
+/// key: the retry ran the business logic a second time. The record is now completed with a
+/// `response-not-stored` marker: the call says the response could not be serialised, and a
+/// retry is told the operation ran, without running it.
+#[tokio::test]
+async fn a_response_that_cannot_be_serialised_never_runs_the_logic_twice() {
+    type Unserialisable = HashMap<(u8, u8), u8>;
+    let m = memory().await;
+    let runs = Arc::new(AtomicUsize::new(0));
+    let request = order();
+    let attempt = || {
+        let runs = runs.clone();
+        m.process_request(
+            Some(KEY.into()),
+            "user123".into(),
+            "/api/orders".into(),
+            "POST".into(),
+            &request,
+            move || {
+                runs.fetch_add(1, Ordering::SeqCst);
+                std::future::ready(Ok::<_, BoxError>((
+                    201,
+                    HashMap::new(),
+                    Unserialisable::from([((1, 2), 3)]),
+                )))
+            },
+        )
+    };
+    match attempt().await {
+        Err(ProcessError::Serialization(detail)) => {
+            assert!(
+                detail.contains("ran") && detail.contains("spent"),
+                "{detail}"
+            );
+        }
+        other => panic!("expected Serialization, got {other:?}"),
+    }
+    for _ in 0..3 {
+        match attempt().await {
+            Err(e @ ProcessError::ResponseNotStored { .. }) => {
+                assert!(e.to_string().contains("ran before"), "{e}");
+            }
+            other => panic!("expected ResponseNotStored, got {other:?}"),
+        }
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "the logic ran again");
+}
+
 #[tokio::test]
 async fn scopes_are_separate() {
     let m = memory().await;

@@ -4,6 +4,9 @@ use std::time::Duration;
 
 use crate::response::StoredResponse;
 
+/// The start of every problem `type` URI this crate writes.
+const TYPE_PREFIX: &str = "urn:idempotency-rs:problem:";
+
 /// One kind of answer the idempotency layer gives on its own, without running the handler.
 /// Each has a stable `type` URI (`urn:idempotency-rs:problem:<slug>`), an HTTP status and a
 /// title; the `detail` tells the client what to do.
@@ -19,6 +22,9 @@ pub enum ProblemKind {
     KeyRepeated,
     /// 400 `scope-missing`: the scope extractor found no tenant/user for the request.
     ScopeMissing,
+    /// 400 `scope-invalid`: the request names a tenant/user that cannot be a scope (over 1024
+    /// bytes, or holding a NUL byte).
+    ScopeInvalid,
     /// 413 `body-too-large`: the request body is over the configured limit.
     BodyTooLarge,
     /// 422 `key-reused`: the key was used before with a different request.
@@ -40,7 +46,8 @@ impl ProblemKind {
             ProblemKind::KeyMissing
             | ProblemKind::KeyInvalid
             | ProblemKind::KeyRepeated
-            | ProblemKind::ScopeMissing => 400,
+            | ProblemKind::ScopeMissing
+            | ProblemKind::ScopeInvalid => 400,
             ProblemKind::BodyTooLarge => 413,
             ProblemKind::KeyReused => 422,
             ProblemKind::InFlight => 409,
@@ -56,6 +63,7 @@ impl ProblemKind {
             ProblemKind::KeyInvalid => "key-invalid",
             ProblemKind::KeyRepeated => "key-repeated",
             ProblemKind::ScopeMissing => "scope-missing",
+            ProblemKind::ScopeInvalid => "scope-invalid",
             ProblemKind::BodyTooLarge => "body-too-large",
             ProblemKind::KeyReused => "key-reused",
             ProblemKind::InFlight => "request-in-flight",
@@ -66,7 +74,35 @@ impl ProblemKind {
 
     /// The `type` URI.
     pub fn type_uri(self) -> String {
-        format!("urn:idempotency-rs:problem:{}", self.slug())
+        format!("{TYPE_PREFIX}{}", self.slug())
+    }
+
+    const ALL: [ProblemKind; 10] = [
+        ProblemKind::KeyMissing,
+        ProblemKind::KeyInvalid,
+        ProblemKind::KeyRepeated,
+        ProblemKind::ScopeMissing,
+        ProblemKind::ScopeInvalid,
+        ProblemKind::BodyTooLarge,
+        ProblemKind::KeyReused,
+        ProblemKind::InFlight,
+        ProblemKind::StoreUnavailable,
+        ProblemKind::ResponseNotStored,
+    ];
+
+    /// The kind of a problem response this crate made (for a stored marker such as
+    /// `response-not-stored`): `None` for any other response.
+    pub fn of_response(response: &StoredResponse) -> Option<ProblemKind> {
+        #[derive(serde::Deserialize)]
+        struct Typed<'a> {
+            #[serde(rename = "type", borrow)]
+            type_uri: std::borrow::Cow<'a, str>,
+        }
+        let typed: Typed<'_> = serde_json::from_slice(&response.body).ok()?;
+        let slug = typed.type_uri.strip_prefix(TYPE_PREFIX)?;
+        ProblemKind::ALL
+            .into_iter()
+            .find(|k| k.slug() == slug && k.status() == response.status)
     }
 
     /// The short, fixed title.
@@ -76,6 +112,7 @@ impl ProblemKind {
             ProblemKind::KeyInvalid => "Invalid Idempotency-Key",
             ProblemKind::KeyRepeated => "Idempotency-Key header sent more than once",
             ProblemKind::ScopeMissing => "Request scope missing",
+            ProblemKind::ScopeInvalid => "Request scope invalid",
             ProblemKind::BodyTooLarge => "Request body too large",
             ProblemKind::KeyReused => "Idempotency-Key reused with a different request",
             ProblemKind::InFlight => "A request with this Idempotency-Key is in progress",
