@@ -106,6 +106,16 @@ fn serve(
                             .wrap(layer(&closed_engine))
                             .configure(routes),
                     )
+                    .service(
+                        web::scope("/tenant")
+                            .wrap(layer(&engine).scope_fn(|req| {
+                                req.headers()
+                                    .get("x-tenant")
+                                    .and_then(|v| v.to_str().ok())
+                                    .map(str::to_owned)
+                            }))
+                            .configure(routes),
+                    )
                     .service(web::scope("").wrap(layer(&engine)).configure(routes))
             })
             .workers(2)

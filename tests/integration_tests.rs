@@ -91,6 +91,16 @@ async fn start(engine: Engine) -> Server {
         .nest(
             "/closed",
             routes(probe.clone()).layer(layer(&closed_engine)),
+        )
+        .nest(
+            "/tenant",
+            routes(probe.clone()).layer(layer(&engine).scope_fn(|parts| {
+                parts
+                    .headers
+                    .get("x-tenant")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned)
+            })),
         );
     serve(app, probe, engine, closed_engine).await
 }

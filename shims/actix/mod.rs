@@ -198,9 +198,9 @@ where
         Ok(Some(key)) => key,
     };
     let scope = match &scope_fn {
-        Some(f) => match f(req.request()) {
-            Some(s) => s,
-            None => return Ok(reject(req, &contract.scope_missing())),
+        Some(f) => match contract.scope_from_fn(f(req.request())) {
+            Ok(s) => s,
+            Err(problem) => return Ok(reject(req, &problem)),
         },
         None => {
             let values: Vec<&[u8]> = match contract.config().scope_header_name() {

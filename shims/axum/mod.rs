@@ -190,9 +190,9 @@ where
         Ok(Some(key)) => key,
     };
     let scope = match &scope_fn {
-        Some(f) => match f(&parts) {
-            Some(s) => s,
-            None => return Ok(problem_response(&contract.scope_missing())),
+        Some(f) => match contract.scope_from_fn(f(&parts)) {
+            Ok(s) => s,
+            Err(problem) => return Ok(problem_response(&problem)),
         },
         None => {
             let name = contract.config().scope_header_name().unwrap_or("");

@@ -25,6 +25,7 @@
 //! | key malformed, empty, over 255 bytes, non-printable, or the header sent twice | 400 `key-invalid` / `key-repeated` |
 //! | key not a UUID while the policy is [`KeyPolicy::Uuid`] (the default) | 400 `key-invalid` |
 //! | the scope extractor finds no scope | 400 `scope-missing` |
+//! | the scope found is unusable (over 1024 bytes, a NUL byte, not UTF-8) | 400 `scope-invalid` |
 //! | request body over the limit (default 1 MiB) | 413 `body-too-large` |
 //! | same scope + key, different fingerprint | 422 `key-reused` (decided before in-flight) |
 //! | same scope + key, first request still running | 409 `request-in-flight` with `Retry-After` |
@@ -250,19 +251,41 @@ impl Contract {
     /// (the shim then uses its scope function, or the shared empty scope).
     ///
     /// # Errors
-    /// 400 `scope-missing` when the header is configured but absent, repeated or not text.
+    /// 400 `scope-missing` when the header is configured but absent, repeated or blank;
+    /// 400 `scope-invalid` when its value cannot be a scope (not UTF-8, over 1024 bytes).
     pub fn scope_from_header(&self, values: &[&[u8]]) -> Result<Option<String>, Problem> {
         let Some(name) = &self.config.scope_header else {
             return Ok(None);
         };
-        match values {
-            [one] => match std::str::from_utf8(one) {
-                Ok(s) if !s.trim().is_empty() && crate::validate_scope(s.trim()).is_ok() => {
-                    Ok(Some(s.trim().to_owned()))
-                }
-                _ => Err(self.scope_missing_named(name)),
-            },
-            _ => Err(self.scope_missing_named(name)),
+        let [one] = values else {
+            return Err(self.scope_missing_named(name));
+        };
+        let Ok(text) = std::str::from_utf8(one) else {
+            return Err(self.scope_invalid());
+        };
+        let text = text.trim();
+        if text.is_empty() {
+            return Err(self.scope_missing_named(name));
+        }
+        self.scope_checked(text.to_owned()).map(Some)
+    }
+
+    /// The scope a scope function found for the request, checked like every scope.
+    ///
+    /// # Errors
+    /// 400 `scope-missing` for `None`; 400 `scope-invalid` for a scope over 1024 bytes or
+    /// holding a NUL byte (it can never be stored, so the client must not be told to retry).
+    pub fn scope_from_fn(&self, scope: Option<String>) -> Result<String, Problem> {
+        match scope {
+            None => Err(self.scope_missing()),
+            Some(scope) => self.scope_checked(scope),
+        }
+    }
+
+    fn scope_checked(&self, scope: String) -> Result<String, Problem> {
+        match crate::validate_scope(&scope) {
+            Ok(()) => Ok(scope),
+            Err(_) => Err(self.scope_invalid()),
         }
     }
 
@@ -272,6 +295,16 @@ impl Contract {
             ProblemKind::ScopeMissing,
             "The request does not say which user or tenant it belongs to, so its \
              Idempotency-Key cannot be checked. Authenticate the request and retry.",
+        )
+    }
+
+    /// 400 `scope-invalid`: the user or tenant the request names cannot be a scope.
+    pub fn scope_invalid(&self) -> Problem {
+        Problem::new(
+            ProblemKind::ScopeInvalid,
+            "The user or tenant this request belongs to cannot be used to keep its \
+             Idempotency-Key (it is over 1024 bytes, holds a NUL byte or is not UTF-8 text). \
+             The request was not processed, and retrying it unchanged will not help.",
         )
     }
 

@@ -12,6 +12,8 @@
 //! - `POST /big?n=N` -> 200 with N bytes, sent in 16 KiB chunks
 //! - `POST /strict/orders` -> as `/orders`, but behind a layer that requires the key
 //! - `POST /closed/orders` -> as `/orders`, behind a layer over `closed_engine`
+//! - `POST /tenant/orders` -> as `/orders`, but the scope comes from a scope function that
+//!   returns the `X-Tenant` header as it is (`None` without it)
 #![allow(dead_code, unreachable_pub)]
 
 use std::future::Future;
@@ -252,6 +254,45 @@ pub async fn missing_scope_is_400(s: &Server) {
     .await;
     expect_problem(r, 400, "scope-missing").await;
     assert_eq!(s.probe.orders.load(Ordering::SeqCst), 0);
+}
+
+/// Issue #13, item 6: a scope function that returns a scope the engine cannot store (over
+/// 1024 bytes) was answered 503 `store-unavailable` with `Retry-After`, inviting retries of a
+/// request that can never succeed. It is a 400 `scope-invalid`, and the handler does not run;
+/// no scope at all stays 400 `scope-missing`, and a usable one runs.
+pub async fn unusable_scope_from_the_scope_fn_is_400(s: &Server) {
+    let c = client();
+    let url = format!("{}/tenant/orders", s.base);
+    let long = "t".repeat(1025);
+    let r = c
+        .post(&url)
+        .header("idempotency-key", key())
+        .header("x-tenant", &long)
+        .json(&order())
+        .send()
+        .await
+        .unwrap();
+    assert!(r.headers().get("retry-after").is_none());
+    expect_problem(r, 400, "scope-invalid").await;
+    let r = c
+        .post(&url)
+        .header("idempotency-key", key())
+        .json(&order())
+        .send()
+        .await
+        .unwrap();
+    expect_problem(r, 400, "scope-missing").await;
+    assert_eq!(s.probe.orders.load(Ordering::SeqCst), 0);
+    let r = c
+        .post(&url)
+        .header("idempotency-key", key())
+        .header("x-tenant", "t".repeat(1024))
+        .json(&order())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    assert_eq!(s.probe.orders.load(Ordering::SeqCst), 1);
 }
 
 pub async fn body_over_limit_is_413(s: &Server) {
@@ -613,6 +654,7 @@ macro_rules! contract_cases {
         $crate::contract_cases!(@cases $start;
             not_covered_passes_through, no_key_passes_through, required_key_missing_is_400,
             bad_keys_are_400, quoted_and_bare_key_are_one_key, missing_scope_is_400,
+            unusable_scope_from_the_scope_fn_is_400,
             body_over_limit_is_413, replay_is_identical, different_payload_is_422,
             in_flight_is_409_and_mismatch_wins, scopes_are_independent,
             server_error_is_not_stored, client_error_is_stored,
