@@ -294,6 +294,11 @@ impl Engine {
         if self.inner.closed.swap(true, Ordering::SeqCst) {
             return Err(Error::Closed);
         }
+        // No claim reads from here on (`check_open` fails): close the read connections first,
+        // so that the writer's connection is the file's last and its close removes the WAL.
+        if let Some(readers) = &self.inner.readers {
+            readers.close();
+        }
         let (tx, rx) = oneshot::channel();
         self.inner
             .leases
@@ -404,14 +409,14 @@ impl Engine {
             ClaimReply::Claimed(won) => {
                 let (fence, locked_until) = won.disarm();
                 Ok(ClaimOutcome::Claimed(Lease {
-                engine: self.clone(),
-                id: pending.id,
-                key: pending.key,
-                fence,
-                locked_until,
-                lock_ms: pending.lock_ms,
-                retention_ms: pending.retention_ms,
-                done: false,
+                    engine: self.clone(),
+                    id: pending.id,
+                    key: pending.key,
+                    fence,
+                    locked_until,
+                    lock_ms: pending.lock_ms,
+                    retention_ms: pending.retention_ms,
+                    done: false,
                 }))
             }
             ClaimReply::Decided(d) => Ok(ClaimOutcome::from_decision(d, self.inner.clock.now_ms())),
