@@ -105,8 +105,9 @@ pub(crate) fn server(
     Ok((server.run(), addrs))
 }
 
+// pub(crate): tests/signals.rs runs it in a child process, and stops it with a signal.
 #[actix_web::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
+pub(crate) async fn main() -> Result<(), Box<dyn std::error::Error>> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -121,8 +122,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let store = SqliteIdempotencyStore::new("sqlite:idempotency.db").await?;
     let (server, _addrs) = server(&store, web::Data::new(Orders::default()), &addr)?;
-    // Actix stops gracefully on Ctrl-C.
+    // Actix-Web stops on its own signals: SIGTERM (what systemd, Docker and Kubernetes send)
+    // gracefully, letting requests in progress finish; Ctrl-C (SIGINT) and SIGQUIT at once,
+    // which drops them (and so releases their keys).
     server.await?;
+    // Commit, flush and close the store.
     store.engine().shutdown()?;
+    tracing::info!("stopped");
     Ok(())
 }

@@ -4,8 +4,9 @@
 //! cargo run --example tonic_server --features tonic-integration
 //! ```
 //!
-//! It listens on `127.0.0.1:50051` (set `TONIC_SERVER_ADDR` to change it) and keeps its
-//! idempotency records in `tonic_server.db` (set `TONIC_SERVER_DB`). Call it with grpcurl, using
+//! It listens on `127.0.0.1:50051` (set `TONIC_SERVER_ADDR` to change it; port 0 picks a free
+//! one, which the log names) and keeps its idempotency records in `tonic_server.db` (set
+//! `TONIC_SERVER_DB`). Ctrl-C or SIGTERM stops it cleanly. Call it with grpcurl, using
 //! the proto file since the server has no reflection service:
 //!
 //! ```text
@@ -30,6 +31,7 @@ use idempotency_rs::tonic_integration::IdempotencyLayer;
 use idempotency_rs::{Engine, EngineConfig};
 use parking_lot::Mutex;
 use tonic::codegen::tokio_stream;
+use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 
 #[allow(unreachable_pub, missing_docs, clippy::all, clippy::pedantic)]
@@ -121,8 +123,9 @@ fn valid_price(price: &str) -> bool {
         && price.bytes().any(|b| (b'1'..=b'9').contains(&b))
 }
 
+// pub(crate): tests/signals.rs runs it in a child process, and stops it with a signal.
 #[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
+pub(crate) async fn main() -> Result<(), Box<dyn std::error::Error>> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -143,15 +146,39 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .method("/orders.Orders/CreateOrder")
         .require_key(true);
 
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let addr = listener.local_addr()?;
     tracing::info!(%addr, %db, "orders service listening");
     let book = Arc::new(OrderBook::default());
     tonic::transport::Server::builder()
         .layer(idempotency)
         .add_service(OrdersServer::from_arc(book))
-        .serve_with_shutdown(addr, async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener), shutdown_signal())
         .await?;
+    // Calls in progress have finished: commit, flush and close the store.
     engine.shutdown()?;
+    tracing::info!("stopped");
     Ok(())
+}
+
+/// Resolves on Ctrl-C (SIGINT) or SIGTERM, which systemd, Docker and Kubernetes send to stop a
+/// service: either starts a graceful shutdown.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    let terminate = async {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                term.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = terminate => {}
+    }
+    tracing::info!("shutting down");
 }
