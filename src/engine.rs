@@ -271,8 +271,10 @@ impl Engine {
         }
     }
 
-    /// Stops the engine: commands queued before this call are committed and answered, the WAL
-    /// is checkpointed, and every later call on any handle fails with [`Error::Closed`].
+    /// Stops the engine: completions, releases and extensions queued before this call are
+    /// committed and answered, claims still queued are refused with [`Error::Closed`] (a lease
+    /// granted now could no longer be completed, so its operation must not run), the WAL is
+    /// checkpointed, and every later call on any handle fails with [`Error::Closed`].
     /// Blocks until the writer thread has finished its work and every connection to the file
     /// is closed; another engine may then open the file, even while handles of this one live.
     ///
@@ -478,9 +480,10 @@ struct Idle {
 }
 
 impl ReaderPool {
-    /// Closes every read connection, waiting (briefly: a lookup is one indexed read) for those
-    /// in use. Lookups after this find nothing and leave the claim to the writer, which
-    /// answers it with the engine's closed error.
+    /// Closes every read connection, waiting for those in use (a lookup is one indexed read,
+    /// bounded by the busy timeout): none may outlive the engine's lock on the file. Lookups
+    /// after this find nothing and leave the claim to the writer, which answers it with the
+    /// engine's closed error.
     fn close(&self) {
         let conns = {
             let mut idle = self.idle.lock();
@@ -488,8 +491,7 @@ impl ReaderPool {
             std::mem::take(&mut idle.conns)
         };
         drop(conns);
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while self.in_use.load(Ordering::SeqCst) != 0 && std::time::Instant::now() < deadline {
+        while self.in_use.load(Ordering::SeqCst) != 0 {
             std::thread::sleep(Duration::from_millis(1));
         }
     }

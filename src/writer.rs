@@ -353,6 +353,19 @@ impl Writer {
                 self.fail_all(rest, e);
                 break;
             }
+            if shutdown.is_some() {
+                // The last batch: a claim won now would be a lease whose completion can no
+                // longer be stored (the engine is closed by then), so its handler would run
+                // for nothing, and its key stay locked across the restart. Refuse it: its
+                // caller gets `Closed` and runs nothing. Lease commands are still applied.
+                let (claims, leases) = rest
+                    .into_iter()
+                    .partition(|p| matches!(p, Pending::Claim(..)));
+                rest = leases;
+                for refused in claims {
+                    self.answer(refused);
+                }
+            }
             self.process(rest);
             if disconnected && self.requeued.is_empty() {
                 break;
@@ -465,6 +478,11 @@ impl Writer {
         let now = self.clock.now_ms();
         for p in &mut batch {
             let aborted = match p {
+                // Its caller is gone (an async claim dropped while queued): running it would
+                // only lock the key until the release this writer would then queue, and a
+                // retry of the same key in this batch would be told to wait for a whole lock
+                // timeout. It is answered `Closed`, which nobody reads.
+                Pending::Claim(cmd, _) if cmd.reply.is_closed() => false,
                 Pending::Claim(cmd, out) => {
                     let r = self.exec_claim(cmd, now);
                     let aborted = r.is_err() && self.conn.is_autocommit();

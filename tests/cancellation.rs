@@ -144,29 +144,123 @@ fn a_release_queued_before_a_claim_is_applied_before_it_whatever_the_queue_lengt
             .map(|i| claimed(engine.claim(request(&format!("k{i}"))).unwrap()))
             .collect();
 
-        // Hold the writer: another connection takes the write lock, and a claim makes the
-        // writer wait for it.
-        let blocker = rusqlite::Connection::open(&db).unwrap();
-        blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
-        let stuck = {
-            let engine = engine.clone();
-            std::thread::spawn(move || engine.claim(request("stuck")))
-        };
-        std::thread::sleep(Duration::from_millis(100));
-
+        let held = HeldWriter::hold(&engine, &db);
         // 40 releases queued, then a claim of the last released key, from this thread.
         drop(leases);
         let retry = {
             let engine = engine.clone();
             std::thread::spawn(move || engine.claim(request("k39")))
         };
-        std::thread::sleep(Duration::from_millis(100));
-        blocker.execute_batch("COMMIT").unwrap();
-
-        drop(claimed(stuck.join().unwrap().unwrap()));
+        drop(claimed(held.release()));
         match retry.join().unwrap().unwrap() {
             ClaimOutcome::Claimed(_) => {}
             other => panic!("round {round}: the retry overtook its release: {other:?}"),
         }
     }
+}
+
+/// Holds the writer: another connection takes the write lock, and a claim of `stuck` makes the
+/// writer wait for it inside its batch. Commands sent meanwhile all wait for the next batch.
+struct HeldWriter {
+    blocker: rusqlite::Connection,
+    stuck: std::thread::JoinHandle<idempotency_rs::Result<ClaimOutcome>>,
+}
+
+impl HeldWriter {
+    fn hold(engine: &Engine, db: &std::path::Path) -> HeldWriter {
+        let blocker = rusqlite::Connection::open(db).unwrap();
+        blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let stuck = {
+            let engine = engine.clone();
+            std::thread::spawn(move || engine.claim(request("stuck")))
+        };
+        std::thread::sleep(Duration::from_millis(100));
+        HeldWriter { blocker, stuck }
+    }
+
+    /// Lets the writer go; returns the `stuck` claim's answer.
+    fn release(self) -> ClaimOutcome {
+        std::thread::sleep(Duration::from_millis(100));
+        self.blocker.execute_batch("COMMIT").unwrap();
+        self.stuck.join().unwrap().unwrap()
+    }
+}
+
+fn held_engine(db: &std::path::Path) -> Engine {
+    Engine::open(
+        EngineConfig::new(db)
+            .lock_timeout(LOCK)
+            .read_connections(0)
+            .busy_timeout(Duration::from_secs(60)),
+    )
+    .unwrap()
+}
+
+/// Found in review of item 5: a claim abandoned while still queued (its future dropped) and the
+/// client's immediate retry land in one batch. The abandoned claim won the record, so the retry
+/// was told `InFlight` for a whole lock timeout (~30 s of Retry-After) although the key was
+/// released a moment later. A claim whose caller is gone is now not run at all.
+#[test]
+fn a_claim_abandoned_in_the_queue_does_not_block_its_retry_in_the_same_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("c.db");
+    let engine = held_engine(&db);
+    let held = HeldWriter::hold(&engine, &db);
+    {
+        let mut claim = pin!(engine.claim_async(request("k")));
+        let mut cx = Context::from_waker(Waker::noop());
+        assert!(claim.as_mut().poll(&mut cx).is_pending());
+        // Dropped here, while its claim waits in the queue.
+    }
+    let retry = {
+        let engine = engine.clone();
+        std::thread::spawn(move || engine.claim(request("k")))
+    };
+    drop(claimed(held.release()));
+    match retry.join().unwrap().unwrap() {
+        ClaimOutcome::Claimed(_) => {}
+        other => panic!("the abandoned claim blocked its retry: {other:?}"),
+    }
+}
+
+/// Found in review: a claim that reaches the writer in the same batch as `shutdown` used to be
+/// granted a lease whose completion could no longer be stored (the engine is closed by then),
+/// so its handler ran for nothing and its key stayed locked across the restart until the lock
+/// timeout. It is refused with `Closed` now (nothing runs); lease commands queued with it are
+/// still applied.
+#[test]
+fn a_claim_queued_with_the_shutdown_is_refused_and_runs_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("c.db");
+    let engine = held_engine(&db);
+    let lease = claimed(engine.claim(request("done")).unwrap());
+    let held = HeldWriter::hold(&engine, &db);
+    let completed = std::thread::spawn(move || {
+        lease.complete(idempotency_rs::StoredResponse::new(201, "done"))
+    });
+    let late = {
+        let engine = engine.clone();
+        std::thread::spawn(move || engine.claim(request("late")))
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    let shutdown = {
+        let engine = engine.clone();
+        std::thread::spawn(move || engine.shutdown())
+    };
+    drop(claimed(held.release()));
+    shutdown.join().unwrap().unwrap();
+    completed.join().unwrap().unwrap();
+    match late.join().unwrap() {
+        Err(idempotency_rs::Error::Closed) => {}
+        other => panic!("expected Closed, got {other:?}"),
+    }
+    drop(engine);
+    // After a restart: the completion queued with the shutdown replays, and the refused claim
+    // left nothing behind.
+    let engine = held_engine(&db);
+    assert!(matches!(
+        engine.claim(request("done")).unwrap(),
+        ClaimOutcome::Replay(_)
+    ));
+    drop(claimed(engine.claim(request("late")).unwrap()));
 }
