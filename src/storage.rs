@@ -318,9 +318,6 @@ fn check_tables(conn: &Connection, version: i64) -> Result<()> {
 /// may not be copied yet), the WAL is written back over itself under the write lock and
 /// flushed, which makes its frames durable where they are.
 pub(crate) fn make_durable(conn: &Connection, db: &Path, config: &EngineConfig) -> Result<()> {
-    let sync_failed = |e: std::io::Error| Error::SyncFailed {
-        source: Arc::new(e),
-    };
     #[cfg(feature = "fault-injection")]
     if config.fail_open_sync {
         return Err(sync_failed(std::io::Error::other(
@@ -338,20 +335,37 @@ pub(crate) fn make_durable(conn: &Connection, db: &Path, config: &EngineConfig) 
         ))
     });
     conn.busy_timeout(config.busy_timeout)?;
-    match checkpoint.map_err(Error::from) {
+    match checkpoint {
         Ok((0, log, done)) if log <= 0 || done == log => {}
-        Ok(_) | Err(Error::Busy) => rewrite_wal(conn, db).map_err(sync_failed)?,
-        Err(e) => return Err(e),
+        Ok(_) => rewrite_wal(conn, db)?,
+        // An I/O error here is a failed read, write or flush of the files.
+        Err(rusqlite::Error::SqliteFailure(f, message))
+            if f.code == rusqlite::ErrorCode::SystemIoFailure =>
+        {
+            return Err(sync_failed(std::io::Error::other(format!(
+                "checkpoint at open: {}",
+                message.unwrap_or_else(|| f.to_string())
+            ))));
+        }
+        Err(e) => match Error::from(e) {
+            Error::Busy => rewrite_wal(conn, db)?,
+            e => return Err(e),
+        },
     }
     sync_dir(db).map_err(sync_failed)
 }
 
+fn sync_failed(e: std::io::Error) -> Error {
+    Error::SyncFailed {
+        source: Arc::new(e),
+    }
+}
+
 /// Writes the WAL back over itself and flushes it, under SQLite's write lock (so no other
 /// connection appends meanwhile): pages whose earlier write-back failed are written again.
-fn rewrite_wal(conn: &Connection, db: &Path) -> std::io::Result<()> {
+fn rewrite_wal(conn: &Connection, db: &Path) -> Result<()> {
     use std::io::{Read, Seek, SeekFrom, Write};
-    conn.execute_batch("BEGIN IMMEDIATE")
-        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    conn.execute_batch("BEGIN IMMEDIATE")?;
     let result = (|| {
         let mut wal = std::fs::OpenOptions::new()
             .read(true)
@@ -372,17 +386,26 @@ fn rewrite_wal(conn: &Connection, db: &Path) -> std::io::Result<()> {
         wal.sync_data()
     })();
     rollback(conn);
-    result
+    result.map_err(sync_failed)
 }
 
 /// Flushes the directory that holds the database: its entries for the database, WAL and
-/// shared-memory files.
+/// shared-memory files. (On Windows a directory cannot be opened as a file, and NTFS journals
+/// its metadata: nothing to do.)
 fn sync_dir(db: &Path) -> std::io::Result<()> {
-    let dir = match db.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    std::fs::File::open(dir)?.sync_all()
+    #[cfg(unix)]
+    {
+        let dir = match db.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        std::fs::File::open(dir)?.sync_all()
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = db;
+        Ok(())
+    }
 }
 
 /// Reads the last fencing token handed out.
