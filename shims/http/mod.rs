@@ -24,7 +24,7 @@
 //! | no key, key required | 400 `key-missing` |
 //! | key malformed, empty, over 255 bytes, non-printable, or the header sent twice | 400 `key-invalid` / `key-repeated` |
 //! | key not a UUID while the policy is [`KeyPolicy::Uuid`] (the default) | 400 `key-invalid` |
-//! | the scope extractor finds no scope | 400 `scope-missing` |
+//! | the scope extractor finds no scope (or a blank one) | 400 `scope-missing` |
 //! | the scope found is unusable (over 1024 bytes, a NUL byte, not UTF-8) | 400 `scope-invalid` |
 //! | request body over the limit (default 1 MiB) | 413 `body-too-large` |
 //! | same scope + key, different fingerprint | 422 `key-reused` (decided before in-flight) |
@@ -273,12 +273,14 @@ impl Contract {
     /// The scope a scope function found for the request, checked like every scope.
     ///
     /// # Errors
-    /// 400 `scope-missing` for `None`; 400 `scope-invalid` for a scope over 1024 bytes or
-    /// holding a NUL byte (it can never be stored, so the client must not be told to retry).
+    /// 400 `scope-missing` for `None` or a blank scope (an empty user id from an
+    /// authentication layer must not fall into the scope shared by requests without one);
+    /// 400 `scope-invalid` for a scope over 1024 bytes or holding a NUL byte (it can never be
+    /// stored, so the client must not be told to retry).
     pub fn scope_from_fn(&self, scope: Option<String>) -> Result<String, Problem> {
         match scope {
-            None => Err(self.scope_missing()),
-            Some(scope) => self.scope_checked(scope),
+            Some(scope) if !scope.trim().is_empty() => self.scope_checked(scope),
+            _ => Err(self.scope_missing()),
         }
     }
 

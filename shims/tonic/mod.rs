@@ -52,7 +52,8 @@
 //! | no `idempotency-key`, key optional (the default) | the call passes through untouched |
 //! | key malformed (not a UUID under the default policy; empty, over 255 bytes or not printable ASCII), or sent twice | `INVALID_ARGUMENT` |
 //! | no scope: the scope metadata entry missing or repeated | `INVALID_ARGUMENT` |
-//! | no scope: the scope function answers `None` | `UNAUTHENTICATED` |
+//! | no scope: the scope function answers `None` or a blank scope | `UNAUTHENTICATED` |
+//! | the scope function answers a scope over 1024 bytes or with a NUL byte | `INVALID_ARGUMENT` |
 //! | request message over the limit (default 4 MiB) | `RESOURCE_EXHAUSTED` |
 //! | key already used with a different method or message | `FAILED_PRECONDITION` |
 //! | first call with this key still running | `ABORTED`, with `grpc-retry-pushback-ms` metadata |

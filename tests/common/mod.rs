@@ -259,7 +259,7 @@ pub async fn missing_scope_is_400(s: &Server) {
 /// Issue #13, item 6: a scope function that returns a scope the engine cannot store (over
 /// 1024 bytes) was answered 503 `store-unavailable` with `Retry-After`, inviting retries of a
 /// request that can never succeed. It is a 400 `scope-invalid`, and the handler does not run;
-/// no scope at all stays 400 `scope-missing`, and a usable one runs.
+/// no scope at all, or a blank one, is 400 `scope-missing`, and a usable one runs.
 pub async fn unusable_scope_from_the_scope_fn_is_400(s: &Server) {
     let c = client();
     let url = format!("{}/tenant/orders", s.base);
@@ -277,6 +277,17 @@ pub async fn unusable_scope_from_the_scope_fn_is_400(s: &Server) {
     let r = c
         .post(&url)
         .header("idempotency-key", key())
+        .json(&order())
+        .send()
+        .await
+        .unwrap();
+    expect_problem(r, 400, "scope-missing").await;
+    // A blank scope (an empty user id) is no scope: it must not join the scope shared by
+    // requests that have none.
+    let r = c
+        .post(&url)
+        .header("idempotency-key", key())
+        .header("x-tenant", "")
         .json(&order())
         .send()
         .await
