@@ -15,6 +15,10 @@ use crate::http::{
 };
 use crate::{ClaimOutcome, ClaimRequest, Engine, EngineConfig, Error, Fingerprint, StoredResponse};
 
+/// The trailer that marks a record completed without its response (see
+/// [`ProcessError::ResponseNotStored`]).
+const NOT_STORED_MARK: &str = "idempotency-rs-response-not-stored";
+
 /// The error type of business logic run by [`IdempotencyMiddleware::process_request`].
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
@@ -358,7 +362,10 @@ impl IdempotencyMiddleware {
                          again; look its result up, or use a new key for a new operation."
                     ),
                 );
-                let stored = lease.complete_async(marker.to_response()).await;
+                let marker = marker
+                    .to_response()
+                    .with_trailers(vec![(NOT_STORED_MARK.into(), b"1".to_vec())]);
+                let stored = lease.complete_async(marker).await;
                 return Err(ProcessError::Serialization(format!(
                     "the response could not be serialised ({e}); the operation ran, and its \
                      key {} (a retry is told so, it does not run again)",
@@ -391,7 +398,15 @@ impl IdempotencyMiddleware {
 fn decode<T: DeserializeOwned>(
     stored: StoredResponse,
 ) -> Result<ProcessedResponse<T>, ProcessError> {
-    if ProblemKind::of_response(&stored) == Some(ProblemKind::ResponseNotStored) {
+    // The marker is told apart by a trailer, which no response of the business logic has
+    // (this API stores none): a handler that answers a 410 problem of this crate's own (passed
+    // on from another service) is replayed as it answered.
+    let marked = stored.status == 410
+        && stored
+            .trailers
+            .as_ref()
+            .is_some_and(|t| t.iter().any(|(name, _)| name == NOT_STORED_MARK));
+    if marked {
         let detail = serde_json::from_slice::<serde_json::Value>(&stored.body)
             .ok()
             .and_then(|v| v["detail"].as_str().map(str::to_owned))

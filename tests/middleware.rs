@@ -351,6 +351,36 @@ async fn a_response_that_cannot_be_serialised_never_runs_the_logic_twice() {
     assert_eq!(runs.load(Ordering::SeqCst), 1, "the logic ran again");
 }
 
+/// The marker of a response that was not stored is a record of this crate's own: a handler
+/// that answers a 410 problem that looks like it (passed on from another service using this
+/// crate) is replayed as it answered, not taken for the marker.
+#[tokio::test]
+async fn a_handler_answering_a_lookalike_of_the_marker_is_replayed_as_it_answered() {
+    let m = memory().await;
+    let body = json!({
+        "type": "urn:idempotency-rs:problem:response-not-stored",
+        "title": "Original response not available",
+        "status": 410,
+        "detail": "passed on from upstream",
+    });
+    let request = order();
+    let call = || {
+        let body = body.clone();
+        m.process_request(
+            Some(KEY.into()),
+            "user123".into(),
+            "/api/orders".into(),
+            "POST".into(),
+            &request,
+            move || std::future::ready(Ok::<_, BoxError>((410, HashMap::new(), body))),
+        )
+    };
+    let first = call().await.unwrap();
+    let again = call().await.unwrap();
+    assert!(again.replayed);
+    assert_eq!((again.status, again.body), (first.status, first.body));
+}
+
 #[tokio::test]
 async fn scopes_are_separate() {
     let m = memory().await;

@@ -77,34 +77,6 @@ impl ProblemKind {
         format!("{TYPE_PREFIX}{}", self.slug())
     }
 
-    const ALL: [ProblemKind; 10] = [
-        ProblemKind::KeyMissing,
-        ProblemKind::KeyInvalid,
-        ProblemKind::KeyRepeated,
-        ProblemKind::ScopeMissing,
-        ProblemKind::ScopeInvalid,
-        ProblemKind::BodyTooLarge,
-        ProblemKind::KeyReused,
-        ProblemKind::InFlight,
-        ProblemKind::StoreUnavailable,
-        ProblemKind::ResponseNotStored,
-    ];
-
-    /// The kind of a problem response this crate made (for a stored marker such as
-    /// `response-not-stored`): `None` for any other response.
-    pub fn of_response(response: &StoredResponse) -> Option<ProblemKind> {
-        #[derive(serde::Deserialize)]
-        struct Typed<'a> {
-            #[serde(rename = "type", borrow)]
-            type_uri: std::borrow::Cow<'a, str>,
-        }
-        let typed: Typed<'_> = serde_json::from_slice(&response.body).ok()?;
-        let slug = typed.type_uri.strip_prefix(TYPE_PREFIX)?;
-        ProblemKind::ALL
-            .into_iter()
-            .find(|k| k.slug() == slug && k.status() == response.status)
-    }
-
     /// The short, fixed title.
     pub fn title(self) -> &'static str {
         match self {
