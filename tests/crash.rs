@@ -613,3 +613,38 @@ fn a_completion_unflushed_at_a_kill_is_made_durable_before_the_reopened_engine_a
     engine.shutdown().unwrap();
     integrity_ok(&db);
 }
+
+/// The same kill, then a reader of another process (here, another connection) holds a snapshot
+/// while the engine opens: the checkpoint cannot rewind the WAL, so `open` writes the WAL back
+/// over itself and flushes it instead (its fallback), and still answers only after that.
+#[cfg(feature = "fault-injection")]
+#[test]
+fn a_reader_holding_a_snapshot_at_open_does_not_stop_the_flush() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("unflushed.db");
+    let acks = run_child("unflushed", &db, T0, "r", 2, 0);
+    let key = acks
+        .unflushed
+        .iter()
+        .next()
+        .expect("no unflushed completion")
+        .clone();
+    let reader =
+        rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .unwrap();
+    reader.execute_batch("BEGIN").unwrap();
+    let n: i64 = reader
+        .query_row("SELECT count(*) FROM idempotency_records", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(n, 1);
+    let clock = Arc::new(ManualClock::new(T0));
+    let engine = Engine::open(config(&db, &clock)).unwrap();
+    match engine.claim(request(&key)).unwrap() {
+        ClaimOutcome::Replay(r) => assert_eq!(r, response(&key)),
+        other => panic!("{key}: {other:?}"),
+    }
+    reader.execute_batch("COMMIT").unwrap();
+    drop(reader);
+    engine.shutdown().unwrap();
+    integrity_ok(&db);
+}

@@ -141,8 +141,7 @@ impl Example {
             "INT" => rustix::process::Signal::INT,
             other => panic!("no signal {other}"),
         };
-        rustix::process::kill_process(rustix::process::Pid::from_child(&self.child), sig)
-            .unwrap();
+        rustix::process::kill_process(rustix::process::Pid::from_child(&self.child), sig).unwrap();
         let deadline = Instant::now() + Duration::from_secs(60);
         let status = loop {
             if let Some(status) = self.child.try_wait().unwrap() {
