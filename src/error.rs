@@ -125,6 +125,13 @@ pub enum Error {
 }
 
 impl Error {
+    /// [`Error::SyncFailed`] for the I/O error a flush (or the open's checkpoint) returned.
+    pub(crate) fn sync_failed(source: std::io::Error) -> Self {
+        Error::SyncFailed {
+            source: Arc::new(source),
+        }
+    }
+
     /// True when the same call may succeed later without any change by the caller
     /// (overload, a busy database, a full disk, an I/O error).
     pub fn is_transient(&self) -> bool {

@@ -123,15 +123,19 @@ fn canonical_db(db: &Path) -> Result<PathBuf> {
     let name = db
         .file_name()
         .ok_or_else(|| cannot("the path names no file"))?;
-    let dir = match db.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    let dir = std::fs::canonicalize(dir).map_err(|e| match e.kind() {
+    let dir = std::fs::canonicalize(dir_of(db)).map_err(|e| match e.kind() {
         ErrorKind::NotFound | ErrorKind::NotADirectory => cannot("its directory does not exist"),
         _ => Error::Storage(Arc::new(e)),
     })?;
     Ok(dir.join(name))
+}
+
+/// The directory that holds the database at `db` (`.` for a bare file name).
+pub(crate) fn dir_of(db: &Path) -> &Path {
+    match db.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    }
 }
 
 #[cfg(test)]

@@ -320,7 +320,7 @@ fn check_tables(conn: &Connection, version: i64) -> Result<()> {
 pub(crate) fn make_durable(conn: &Connection, db: &Path, config: &EngineConfig) -> Result<()> {
     #[cfg(feature = "fault-injection")]
     if config.fail_open_sync {
-        return Err(sync_failed(std::io::Error::other(
+        return Err(Error::sync_failed(std::io::Error::other(
             "injected failure to flush the files at open (fault-injection)",
         )));
     }
@@ -342,7 +342,7 @@ pub(crate) fn make_durable(conn: &Connection, db: &Path, config: &EngineConfig) 
         Err(rusqlite::Error::SqliteFailure(f, message))
             if f.code == rusqlite::ErrorCode::SystemIoFailure =>
         {
-            return Err(sync_failed(std::io::Error::other(format!(
+            return Err(Error::sync_failed(std::io::Error::other(format!(
                 "checkpoint at open: {}",
                 message.unwrap_or_else(|| f.to_string())
             ))));
@@ -352,13 +352,7 @@ pub(crate) fn make_durable(conn: &Connection, db: &Path, config: &EngineConfig) 
             e => return Err(e),
         },
     }
-    sync_dir(db).map_err(sync_failed)
-}
-
-fn sync_failed(e: std::io::Error) -> Error {
-    Error::SyncFailed {
-        source: Arc::new(e),
-    }
+    sync_dir(db).map_err(Error::sync_failed)
 }
 
 /// Writes the WAL back over itself and flushes it, under SQLite's write lock (so no other
@@ -386,7 +380,7 @@ fn rewrite_wal(conn: &Connection, db: &Path) -> Result<()> {
         wal.sync_data()
     })();
     rollback(conn);
-    result.map_err(sync_failed)
+    result.map_err(Error::sync_failed)
 }
 
 /// Flushes the directory that holds the database: its entries for the database, WAL and
@@ -395,11 +389,7 @@ fn rewrite_wal(conn: &Connection, db: &Path) -> Result<()> {
 fn sync_dir(db: &Path) -> std::io::Result<()> {
     #[cfg(unix)]
     {
-        let dir = match db.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d,
-            _ => Path::new("."),
-        };
-        std::fs::File::open(dir)?.sync_all()
+        std::fs::File::open(crate::lock::dir_of(db))?.sync_all()
     }
     #[cfg(not(unix))]
     {

@@ -136,9 +136,7 @@ impl Syncer {
         if let Err(lost) = tx.send(answers) {
             // The thread is gone (it cannot end while we hold the sender, short of a panic):
             // nobody will flush these, so they are failures.
-            let e = Error::SyncFailed {
-                source: Arc::new(std::io::Error::other("the WAL syncer thread ended")),
-            };
+            let e = Error::sync_failed(std::io::Error::other("the WAL syncer thread ended"));
             self.shared.set_sync_failure(e.clone());
             fail(lost.0, &e);
         }
@@ -221,9 +219,7 @@ fn flush(wal: &File, shared: &Shared) -> Result<()> {
     #[cfg(not(feature = "fault-injection"))]
     let result = wal.sync_data();
     result.map_err(|io| {
-        let e = Error::SyncFailed {
-            source: Arc::new(io),
-        };
+        let e = Error::sync_failed(io);
         shared.set_sync_failure(e.clone());
         e
     })

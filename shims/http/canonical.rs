@@ -158,11 +158,10 @@ impl<'a> Reader<'a> {
                 if self.peek()? != b'"' {
                     return None;
                 }
-                let raw = self.string_token()?;
-                let key = decode_string(raw)?;
+                let key = decode_string(self.string_token()?)?;
                 self.expect(b':')?;
-                let mut member = Vec::new();
-                write_string(raw, &mut member)?;
+                // serde_json's escaping of the decoded key: what `write_string` gives its token.
+                let mut member = serde_json::to_vec(&key).ok()?;
                 member.push(b':');
                 self.value(&mut member)?;
                 members.push((key, member));
