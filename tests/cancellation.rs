@@ -7,42 +7,13 @@ use std::pin::pin;
 use std::task::{Context, Waker};
 use std::time::{Duration, Instant};
 
-use idempotency_rs::{
-    ClaimOutcome, ClaimRequest, Engine, EngineConfig, Fingerprint, IdempotencyKey, Lease,
-};
+use idempotency_rs::{ClaimOutcome, Engine, EngineConfig, Lease};
+use support::{claimed, record_state, request};
+
+mod support;
 
 /// Long enough that a key still locked by a forgotten lease cannot pass for a released one.
 const LOCK: Duration = Duration::from_secs(30);
-
-fn request(key: &str) -> ClaimRequest {
-    ClaimRequest::new(
-        "s",
-        IdempotencyKey::new(key).unwrap(),
-        Fingerprint::of_request("POST", "/", key.as_bytes()),
-    )
-}
-
-fn claimed(outcome: ClaimOutcome) -> Lease {
-    match outcome {
-        ClaimOutcome::Claimed(lease) => lease,
-        other => panic!("expected Claimed, got {other:?}"),
-    }
-}
-
-/// The in-flight record of `key` as another connection sees it: committed, so its claim's
-/// answer has been sent.
-fn committed(db: &std::path::Path, key: &str) -> bool {
-    let conn =
-        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-            .unwrap();
-    conn.query_row(
-        "SELECT count(*) FROM idempotency_records WHERE key = ?1",
-        [key],
-        |r| r.get::<_, i64>(0),
-    )
-    .unwrap()
-        == 1
-}
 
 /// Item 5: a claim whose answer was delivered to its future, which was then dropped without
 /// being polled again (a client disconnect, a gRPC deadline, a `select!`). The answer held a
@@ -65,7 +36,7 @@ fn a_claim_answered_but_never_read_releases_its_key() {
             );
             // The writer commits the claim, then sends the answer into the future's channel.
             let deadline = Instant::now() + Duration::from_secs(30);
-            while !committed(&db, &key) {
+            while record_state(&db, &key).is_none() {
                 assert!(Instant::now() < deadline, "never committed");
                 std::thread::sleep(Duration::from_millis(1));
             }

@@ -21,6 +21,8 @@ use idempotency_rs::{
     StoredResponse,
 };
 
+mod support;
+
 /// The virtual time the first child starts at (ms since the epoch).
 const T0: i64 = 1_700_000_000_000;
 const LOCK: Duration = Duration::from_secs(10);
@@ -162,35 +164,12 @@ fn crash_child() {
             println!("CLAIMED {key} {}", lease.fencing_token());
             engine.inject_sync_pause(true);
             let completing = std::thread::spawn(move || lease.complete(response(&key)));
-            wait_until_committed(Path::new(&path), &format!("{prefix}-unflushed"));
+            support::wait_until_committed(Path::new(&path), &format!("{prefix}-unflushed"));
             println!("UNFLUSHED {prefix}-unflushed");
             let _ = completing.join();
             println!("BAD the completion was answered while its flush was held");
         }
         other => panic!("unknown child mode {other}"),
-    }
-}
-
-/// Waits until another connection sees the record of `key` completed.
-#[cfg(feature = "fault-injection")]
-fn wait_until_committed(db: &Path, key: &str) {
-    let conn =
-        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-            .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let state: Option<i64> = conn
-            .query_row(
-                "SELECT state FROM idempotency_records WHERE key = ?1",
-                [key],
-                |r| r.get(0),
-            )
-            .ok();
-        if state == Some(1) {
-            return;
-        }
-        assert!(std::time::Instant::now() < deadline, "never committed");
-        std::thread::sleep(Duration::from_millis(2));
     }
 }
 
@@ -565,6 +544,18 @@ fn repeated_kills_during_concurrent_claims_and_completions() {
     }
 }
 
+/// Runs a child in `unflushed` mode on `db` and kills it once its completion is committed but
+/// held back from its flush: returns that completion's key, which the child never acknowledged.
+#[cfg(feature = "fault-injection")]
+fn kill_with_an_unflushed_completion(db: &Path, prefix: &str) -> String {
+    let acks = run_child("unflushed", db, T0, prefix, 2, 0);
+    assert!(acks.completed.is_empty(), "{acks:?}");
+    acks.unflushed
+        .into_iter()
+        .next()
+        .expect("no unflushed completion")
+}
+
 /// Issue #13, item 1. A completion committed but not yet flushed when its process is killed is
 /// in the WAL in the OS page cache only, where a new engine reads it as if it were on disk. The
 /// reopened engine must not answer anything (a replay of it in particular) before it has made
@@ -577,14 +568,7 @@ fn repeated_kills_during_concurrent_claims_and_completions() {
 fn a_completion_unflushed_at_a_kill_is_made_durable_before_the_reopened_engine_answers() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("unflushed.db");
-    let acks = run_child("unflushed", &db, T0, "u", 2, 0);
-    assert!(acks.completed.is_empty(), "{acks:?}");
-    let key = acks
-        .unflushed
-        .iter()
-        .next()
-        .expect("no unflushed completion")
-        .clone();
+    let key = kill_with_an_unflushed_completion(&db, "u");
     let mut wal = db.clone().into_os_string();
     wal.push("-wal");
     let wal_len = || std::fs::metadata(&wal).map_or(0, |m| m.len());
@@ -622,13 +606,7 @@ fn a_completion_unflushed_at_a_kill_is_made_durable_before_the_reopened_engine_a
 fn a_reader_holding_a_snapshot_at_open_does_not_stop_the_flush() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("unflushed.db");
-    let acks = run_child("unflushed", &db, T0, "r", 2, 0);
-    let key = acks
-        .unflushed
-        .iter()
-        .next()
-        .expect("no unflushed completion")
-        .clone();
+    let key = kill_with_an_unflushed_completion(&db, "r");
     let reader =
         rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
             .unwrap();

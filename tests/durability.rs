@@ -7,35 +7,16 @@ use std::time::{Duration, Instant};
 
 use idempotency_rs::{
     ClaimOutcome, ClaimRequest, Durability, Engine, EngineConfig, Fingerprint, IdempotencyKey,
-    Lease, ManualClock, StoredResponse,
+    ManualClock, StoredResponse,
 };
+use support::{claimed, replayed, request};
+
+mod support;
 
 const T0: i64 = 1_700_000_000_000;
 
-fn request(key: &str) -> ClaimRequest {
-    ClaimRequest::new(
-        "s",
-        IdempotencyKey::new(key).unwrap(),
-        Fingerprint::of_request("POST", "/", key.as_bytes()),
-    )
-}
-
 fn response(key: &str) -> StoredResponse {
     StoredResponse::new(201, format!("{{\"key\":\"{key}\"}}")).with_header("x-k", key.as_bytes())
-}
-
-fn claimed(outcome: ClaimOutcome) -> Lease {
-    match outcome {
-        ClaimOutcome::Claimed(lease) => lease,
-        other => panic!("expected Claimed, got {other:?}"),
-    }
-}
-
-fn replayed(outcome: ClaimOutcome) -> StoredResponse {
-    match outcome {
-        ClaimOutcome::Replay(r) => r,
-        other => panic!("expected Replay, got {other:?}"),
-    }
 }
 
 fn config(path: &Path) -> EngineConfig {
@@ -146,33 +127,10 @@ mod flush {
 
     use idempotency_rs::Error;
 
+    use super::support::{record_state, wait_until_committed};
     use super::*;
 
     const WAIT: Duration = Duration::from_millis(300);
-
-    /// The record's state as another connection sees it (None: no row).
-    fn state(path: &Path, key: &str) -> Option<i64> {
-        let conn =
-            rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-                .unwrap();
-        conn.query_row(
-            "SELECT state FROM idempotency_records WHERE key = ?1",
-            [key],
-            |r| r.get(0),
-        )
-        .ok()
-    }
-
-    fn wait_until_committed(path: &Path, key: &str) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while state(path, key) != Some(1) {
-            assert!(
-                Instant::now() < deadline,
-                "the completion was never committed"
-            );
-            std::thread::sleep(Duration::from_millis(2));
-        }
-    }
 
     /// Runs `f` on a thread; its result arrives on the receiver.
     fn background<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> mpsc::Receiver<T> {
@@ -268,7 +226,7 @@ mod flush {
         assert!(matches!(err, Error::SyncFailed { .. }), "{err:?}");
         assert!(err.is_closed() && !err.is_transient());
         // Committed, visible to other connections, but never replayed by this engine.
-        assert_eq!(state(&path, "k"), Some(1));
+        assert_eq!(record_state(&path, "k"), Some(1));
         let err = engine.claim(request("k")).unwrap_err();
         assert!(matches!(err, Error::SyncFailed { .. }), "{err:?}");
         // The engine has stopped.

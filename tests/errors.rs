@@ -12,9 +12,12 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use idempotency_rs::{
-    ClaimOutcome, ClaimRequest, Engine, EngineConfig, Error, Fingerprint, IdempotencyKey, Lease,
+    ClaimOutcome, ClaimRequest, Engine, EngineConfig, Error, Fingerprint, IdempotencyKey,
     ManualClock, StoredResponse,
 };
+use support::{claimed, replayed};
+
+mod support;
 use rusqlite::Connection;
 
 const T0: i64 = 1_700_000_000_000;
@@ -29,20 +32,6 @@ fn key(k: &str) -> IdempotencyKey {
 
 fn req(scope: &str, k: &str, f: u8) -> ClaimRequest {
     ClaimRequest::new(scope, key(k), fp(f))
-}
-
-fn claimed(outcome: ClaimOutcome) -> Lease {
-    match outcome {
-        ClaimOutcome::Claimed(lease) => lease,
-        other => panic!("expected Claimed, got {other:?}"),
-    }
-}
-
-fn replayed(outcome: ClaimOutcome) -> StoredResponse {
-    match outcome {
-        ClaimOutcome::Replay(r) => r,
-        other => panic!("expected Replay, got {other:?}"),
-    }
 }
 
 fn in_flight(outcome: ClaimOutcome) -> Duration {

@@ -11,6 +11,9 @@ use idempotency_rs::{
     ClaimOutcome, ClaimRequest, Engine, EngineConfig, Error, Fingerprint, IdempotencyKey, Lease,
     ManualClock, StoredResponse,
 };
+use support::{claimed, replayed};
+
+mod support;
 
 const T0: i64 = 1_700_000_000_000;
 const LOCK: Duration = Duration::from_secs(10);
@@ -21,20 +24,6 @@ fn fp(body: &str) -> Fingerprint {
 
 fn request(scope: &str, key: &str, body: &str) -> ClaimRequest {
     ClaimRequest::new(scope, IdempotencyKey::new(key).unwrap(), fp(body))
-}
-
-fn claimed(outcome: ClaimOutcome) -> Lease {
-    match outcome {
-        ClaimOutcome::Claimed(lease) => lease,
-        other => panic!("expected Claimed, got {other:?}"),
-    }
-}
-
-fn replayed(outcome: ClaimOutcome) -> StoredResponse {
-    match outcome {
-        ClaimOutcome::Replay(stored) => stored,
-        other => panic!("expected Replay, got {other:?}"),
-    }
 }
 
 fn response(i: usize, body_len: usize) -> StoredResponse {

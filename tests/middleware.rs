@@ -3,6 +3,7 @@
 //! released, canonical JSON fingerprints, retention, and 50 concurrent callers with one key.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -12,6 +13,7 @@ use idempotency_rs::{
     BoxError, EngineConfig, Error, IdempotencyMiddleware, ManualClock, ProcessError,
     ProcessedResponse, SqliteIdempotencyStore,
 };
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -78,6 +80,30 @@ async fn call(
         "POST".into(),
         request,
         logic.handler(status),
+    )
+    .await
+}
+
+/// `process_request` with [`KEY`], scope `user123` and `POST /api/orders`, for any request,
+/// response type and business logic.
+async fn process<Req, Resp, F, Fut>(
+    m: &IdempotencyMiddleware,
+    request: &Req,
+    handler: F,
+) -> Result<ProcessedResponse<Resp>, ProcessError>
+where
+    Req: Serialize + ?Sized,
+    Resp: Serialize + DeserializeOwned,
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = Result<(u16, HashMap<String, String>, Resp), BoxError>>,
+{
+    m.process_request(
+        Some(KEY.into()),
+        "user123".into(),
+        "/api/orders".into(),
+        "POST".into(),
+        request,
+        handler,
     )
     .await
 }
@@ -242,17 +268,7 @@ async fn the_same_json_written_differently_is_the_same_request() {
         symbol: "AAPL",
         price: 150.5,
     };
-    let r = m
-        .process_request(
-            Some(KEY.into()),
-            "user123".into(),
-            "/api/orders".into(),
-            "POST".into(),
-            &typed,
-            logic.handler(201),
-        )
-        .await
-        .unwrap();
+    let r = process(&m, &typed, logic.handler(201)).await.unwrap();
     assert!(r.replayed);
     assert_eq!(logic.runs(), 1);
 }
@@ -275,17 +291,7 @@ async fn requests_that_differ_in_a_number_beyond_64_bits_are_different_requests(
     };
     let run = |t: Transfer| {
         let (m, logic) = (&m, &logic);
-        async move {
-            m.process_request(
-                Some(KEY.into()),
-                "user123".into(),
-                "/api/transfers".into(),
-                "POST".into(),
-                &t,
-                logic.handler(201),
-            )
-            .await
-        }
+        async move { process(m, &t, logic.handler(201)).await }
     };
     let first = run(transfer(18_446_744_073_709_551_616)).await.unwrap();
     assert!(!first.replayed);
@@ -315,21 +321,14 @@ async fn a_response_that_cannot_be_serialised_never_runs_the_logic_twice() {
     let request = order();
     let attempt = || {
         let runs = runs.clone();
-        m.process_request(
-            Some(KEY.into()),
-            "user123".into(),
-            "/api/orders".into(),
-            "POST".into(),
-            &request,
-            move || {
-                runs.fetch_add(1, Ordering::SeqCst);
-                std::future::ready(Ok::<_, BoxError>((
-                    201,
-                    HashMap::new(),
-                    Unserialisable::from([((1, 2), 3)]),
-                )))
-            },
-        )
+        process(&m, &request, move || {
+            runs.fetch_add(1, Ordering::SeqCst);
+            std::future::ready(Ok::<_, BoxError>((
+                201,
+                HashMap::new(),
+                Unserialisable::from([((1, 2), 3)]),
+            )))
+        })
     };
     match attempt().await {
         Err(ProcessError::Serialization(detail)) => {
@@ -366,14 +365,9 @@ async fn a_handler_answering_a_lookalike_of_the_marker_is_replayed_as_it_answere
     let request = order();
     let call = || {
         let body = body.clone();
-        m.process_request(
-            Some(KEY.into()),
-            "user123".into(),
-            "/api/orders".into(),
-            "POST".into(),
-            &request,
-            move || std::future::ready(Ok::<_, BoxError>((410, HashMap::new(), body))),
-        )
+        process(&m, &request, move || {
+            std::future::ready(Ok::<_, BoxError>((410, HashMap::new(), body)))
+        })
     };
     let first = call().await.unwrap();
     let again = call().await.unwrap();

@@ -17,9 +17,11 @@ use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
 use idempotency_rs::{
-    ClaimOutcome, ClaimRequest, Clock, Engine, EngineConfig, Error, Fingerprint, IdempotencyKey,
-    Lease, ManualClock, StoredResponse,
+    ClaimOutcome, Clock, Engine, EngineConfig, Error, ManualClock, StoredResponse,
 };
+use support::{claimed, request};
+
+mod support;
 
 const T0: i64 = 1_700_000_000_000;
 const LOCK: Duration = Duration::from_secs(10);
@@ -32,21 +34,6 @@ fn config(path: &Path, clock: &Arc<ManualClock>) -> EngineConfig {
     EngineConfig::new(path)
         .lock_timeout(LOCK)
         .clock(clock.clone())
-}
-
-fn request(key: &str) -> ClaimRequest {
-    ClaimRequest::new(
-        "s",
-        IdempotencyKey::new(key).unwrap(),
-        Fingerprint::of_request("POST", "/", key.as_bytes()),
-    )
-}
-
-fn claimed(outcome: ClaimOutcome) -> Lease {
-    match outcome {
-        ClaimOutcome::Claimed(lease) => lease,
-        other => panic!("expected Claimed, got {other:?}"),
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
