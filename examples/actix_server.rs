@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use actix_web::dev::Server;
 use actix_web::{App, HttpResponse, HttpServer, web};
 use idempotency_rs::SqliteIdempotencyStore;
-use idempotency_rs::actix_integration::Idempotency;
+use idempotency_rs::actix_integration::{ClaimedKey, Idempotency};
 use serde::{Deserialize, Serialize};
 
 #[derive(Deserialize)]
@@ -58,14 +58,29 @@ impl Orders {
     }
 }
 
-async fn create_order(orders: web::Data<Orders>, req: web::Json<CreateOrder>) -> HttpResponse {
+// `Option<ClaimedKey>`: the key the middleware deduplicated on (unquoted, lower-cased), its
+// scope and the lease's fencing token; `None` for a request sent without a key.
+async fn create_order(
+    orders: web::Data<Orders>,
+    claimed: Option<ClaimedKey>,
+    req: web::Json<CreateOrder>,
+) -> HttpResponse {
     orders.created.fetch_add(1, Ordering::SeqCst);
     let order = Order {
         order_id: uuid::Uuid::new_v4().to_string(),
         status: "created",
         total: f64::from(req.quantity) * req.price,
     };
-    tracing::info!(order_id = %order.order_id, symbol = %req.symbol, "order created");
+    match &claimed {
+        Some(c) => tracing::info!(
+            order_id = %order.order_id,
+            symbol = %req.symbol,
+            idempotency_key = %c.key(),
+            fencing_token = c.fencing_token(),
+            "order created"
+        ),
+        None => tracing::info!(order_id = %order.order_id, symbol = %req.symbol, "order created"),
+    }
     HttpResponse::Created().json(order)
 }
 

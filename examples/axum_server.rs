@@ -20,7 +20,7 @@ use axum::http::StatusCode;
 use axum::routing::post;
 use axum::{Json, Router};
 use idempotency_rs::SqliteIdempotencyStore;
-use idempotency_rs::axum_integration::{IdempotencyLayer, idempotency_layer};
+use idempotency_rs::axum_integration::{ClaimedKey, IdempotencyLayer, idempotency_layer};
 use serde::{Deserialize, Serialize};
 
 #[derive(Deserialize)]
@@ -51,8 +51,12 @@ impl Orders {
     }
 }
 
+// `Option<ClaimedKey>`: the key the layer deduplicated on (unquoted, lower-cased), its scope
+// and the lease's fencing token; `None` for a request sent without a key. A real service would
+// pass the key on to its payment provider and tag its own writes with the token.
 async fn create_order(
     State(orders): State<Arc<Orders>>,
+    claimed: Option<ClaimedKey>,
     Json(req): Json<CreateOrder>,
 ) -> (StatusCode, Json<Order>) {
     orders.created.fetch_add(1, Ordering::SeqCst);
@@ -61,7 +65,16 @@ async fn create_order(
         status: "created",
         total: f64::from(req.quantity) * req.price,
     };
-    tracing::info!(order_id = %order.order_id, symbol = %req.symbol, "order created");
+    match &claimed {
+        Some(c) => tracing::info!(
+            order_id = %order.order_id,
+            symbol = %req.symbol,
+            idempotency_key = %c.key(),
+            fencing_token = c.fencing_token(),
+            "order created"
+        ),
+        None => tracing::info!(order_id = %order.order_id, symbol = %req.symbol, "order created"),
+    }
     (StatusCode::CREATED, Json(order))
 }
 
@@ -78,9 +91,10 @@ pub(crate) fn routes(orders: Arc<Orders>) -> Router {
         .with_state(orders)
 }
 
-/// The service: the routes behind the layer.
+/// The service: the routes behind the layer. `route_layer` wraps the routes and not the
+/// fallback, so an unknown path is a plain 404 (`layer` would pass it through untouched too).
 pub(crate) fn app(store: &SqliteIdempotencyStore, orders: Arc<Orders>) -> Router {
-    routes(orders).layer(layer(store))
+    routes(orders).route_layer(layer(store))
 }
 
 // pub(crate): tests/signals.rs runs it in a child process, and stops it with a signal.

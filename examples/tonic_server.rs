@@ -27,7 +27,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use idempotency_rs::tonic_integration::IdempotencyLayer;
+use idempotency_rs::tonic_integration::{ClaimedKey, IdempotencyLayer};
 use idempotency_rs::{Engine, EngineConfig};
 use parking_lot::Mutex;
 use tonic::codegen::tokio_stream;
@@ -53,6 +53,8 @@ impl Orders for OrderBook {
         &self,
         request: Request<CreateOrderRequest>,
     ) -> Result<Response<Order>, Status> {
+        // The key the layer deduplicated on (normalised) and the lease's fencing token.
+        let claimed = request.extensions().get::<ClaimedKey>().cloned();
         let req = request.into_inner();
         if req.symbol.is_empty()
             || req.symbol.len() > 12
@@ -82,6 +84,8 @@ impl Orders for OrderBook {
             symbol = %order.symbol,
             quantity = order.quantity,
             price = %order.price,
+            idempotency_key = claimed.as_ref().map(|c| c.key().as_str()),
+            fencing_token = claimed.as_ref().map(ClaimedKey::fencing_token),
             "order placed"
         );
         self.orders

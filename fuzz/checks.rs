@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use idempotency_rs::http::{KeyPolicy, ProblemKind, canonical_json, parse_key_value};
+use idempotency_rs::contract::{KeyPolicy, ProblemKind, canonical_json, parse_key_value};
 use idempotency_rs::{
     ClaimOutcome, ClaimRequest, Engine, EngineConfig, Error, Fingerprint, HeaderList,
     IdempotencyKey, Lease, ManualClock, StoredResponse, decode_headers,

@@ -235,6 +235,29 @@ impl Engine {
         })
     }
 
+    /// [`Engine::open`] without blocking the caller's thread: the open (which may wait for
+    /// [`EngineConfig::open_timeout`], recover and flush a WAL a crashed process left behind,
+    /// and create or migrate the schema) runs on a thread of its own, and the returned future
+    /// waits for it. Works on any executor (tokio, actix-rt, async-std, `block_on`).
+    ///
+    /// # Errors
+    /// As [`Engine::open`]; [`Error::Storage`] if no thread can be started.
+    pub async fn open_async(config: EngineConfig) -> Result<Engine> {
+        let (tx, rx) = oneshot::channel();
+        std::thread::Builder::new()
+            .name("idempotency-open".into())
+            .spawn(move || {
+                // Nobody waits any more (the future was dropped): the engine shuts down.
+                let _ = tx.send(Engine::open(config));
+            })
+            .map_err(|e| Error::Storage(Arc::new(e)))?;
+        rx.await.map_err(|_| {
+            Error::Storage(Arc::new(std::io::Error::other(
+                "the thread opening the engine panicked",
+            )))
+        })?
+    }
+
     /// Claims `(scope, key)`, blocking the calling thread until the writer answers.
     ///
     /// Replays of completed records are served from a read connection without queueing behind
@@ -307,6 +330,17 @@ impl Engine {
             .send(LeaseCmd::Shutdown(tx))
             .map_err(|_| self.inner.shared.gone())?;
         rx.recv().map_err(|_| self.inner.shared.gone())?
+    }
+
+    /// The lock timeout of claims that do not set their own
+    /// ([`EngineConfig::lock_timeout`](crate::EngineConfig::lock_timeout)).
+    pub fn lock_timeout(&self) -> Duration {
+        Duration::from_millis(u64::try_from(self.inner.lock_ms).unwrap_or(0))
+    }
+
+    /// The retention of claims that do not set their own ([`EngineConfig::retention`](crate::EngineConfig::retention)).
+    pub fn retention(&self) -> Duration {
+        Duration::from_millis(u64::try_from(self.inner.retention_ms).unwrap_or(0))
     }
 
     /// Commands waiting for the writer thread right now.

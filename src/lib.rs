@@ -24,13 +24,15 @@ pub use error::{Error, Result};
 pub use fingerprint::Fingerprint;
 pub use key::{IdempotencyKey, MAX_KEY_LEN, MAX_SCOPE_LEN, validate_key, validate_scope};
 pub use middleware::{
-    BoxError, IdempotencyMiddleware, ProcessError, ProcessedResponse, SqliteIdempotencyStore,
-    parse_url,
+    BoxError, IdempotencyMiddleware, IdempotencyMiddlewareBuilder, Operation, ProcessError,
+    ProcessedResponse, SqliteIdempotencyStore, parse_url,
 };
 pub use response::{HeaderList, StoredResponse, decode_headers};
 
-#[path = "../shims/http/mod.rs"]
-pub mod http;
+pub use contract::{ClaimedKey, KeyPolicy};
+
+#[path = "../shims/contract/mod.rs"]
+pub mod contract;
 
 #[cfg(feature = "axum-integration")]
 #[path = "../shims/axum/mod.rs"]
@@ -57,6 +59,8 @@ mod bounds {
         send_sync::<Lease>();
         send_sync::<Error>();
         send_sync::<StoredResponse>();
+        send_sync::<ClaimedKey>();
+        send_sync::<IdempotencyMiddleware>();
         send::<ClaimOutcome>();
     }
 

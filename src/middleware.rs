@@ -5,15 +5,15 @@ use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::http::{
-    KeyPolicy, Problem, ProblemKind, canonical_json, default_store_policy, parse_key_value,
+use crate::contract::{
+    Config, Contract, KeyPolicy, Problem, ProblemKind, canonical_json, parse_key_value,
 };
-use crate::{ClaimOutcome, ClaimRequest, Engine, EngineConfig, Error, Fingerprint, StoredResponse};
+use crate::{ClaimOutcome, Engine, EngineConfig, Error, Fingerprint, StoredResponse};
 
 /// The trailer that marks a record completed without its response (see
 /// [`ProcessError::ResponseNotStored`]).
@@ -32,14 +32,30 @@ impl SqliteIdempotencyStore {
     /// Opens the store named by `url`: `sqlite:PATH`, `sqlite://PATH`, a plain path, or
     /// `sqlite::memory:` / `:memory:` for a private in-memory store (tests).
     ///
+    /// The open runs on a thread of its own ([`Engine::open_async`]): it never blocks the
+    /// caller's executor, even while it recovers a large WAL or waits for the file's lock.
+    ///
     /// # Errors
     /// [`Error::InvalidConfig`] for a URL of another scheme (`postgres://...`) or an empty
     /// path, and every error of [`Engine::open`].
     pub async fn new(url: &str) -> Result<Self, Error> {
-        Self::with_config(parse_url(url)?)
+        Self::open(parse_url(url)?).await
     }
 
-    /// Opens a store with a full engine configuration.
+    /// Opens a store with a full engine configuration, without blocking the caller's executor
+    /// (as [`SqliteIdempotencyStore::new`]).
+    ///
+    /// # Errors
+    /// As [`Engine::open`].
+    pub async fn open(config: EngineConfig) -> Result<Self, Error> {
+        Ok(SqliteIdempotencyStore {
+            engine: Engine::open_async(config).await?,
+        })
+    }
+
+    /// Opens a store with a full engine configuration **on the calling thread**, which blocks
+    /// until the file is open (for outside an async runtime, or at startup before one runs;
+    /// inside one, use [`SqliteIdempotencyStore::open`]).
     ///
     /// # Errors
     /// As [`Engine::open`].
@@ -140,9 +156,171 @@ pub fn parse_url(url: &str) -> Result<EngineConfig, Error> {
 #[derive(Clone, Debug)]
 pub struct IdempotencyMiddleware {
     store: SqliteIdempotencyStore,
-    ttl: Duration,
-    lock_timeout: Duration,
-    key_policy: KeyPolicy,
+    /// The settings (retention, lock timeout, key policy, storage rule, hint cap) and the
+    /// timings of earlier runs, shared with the HTTP shims' rules.
+    contract: Contract,
+}
+
+/// Builds an [`IdempotencyMiddleware`] with named settings; from
+/// [`IdempotencyMiddleware::builder`].
+///
+/// ```
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// use std::time::Duration;
+/// use idempotency_rs::{IdempotencyMiddleware, KeyPolicy, SqliteIdempotencyStore};
+///
+/// let store = SqliteIdempotencyStore::new("sqlite::memory:").await?;
+/// let middleware = IdempotencyMiddleware::builder(store)
+///     .retention(Duration::from_secs(48 * 3600))
+///     .lock_timeout(Duration::from_secs(10))
+///     .key_policy(KeyPolicy::Opaque)
+///     .build();
+/// assert_eq!(middleware.lock_timeout(), Duration::from_secs(10));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// # }).unwrap();
+/// ```
+#[derive(Debug)]
+#[must_use = "call .build() to get the middleware"]
+pub struct IdempotencyMiddlewareBuilder {
+    store: SqliteIdempotencyStore,
+    config: Config,
+}
+
+impl IdempotencyMiddlewareBuilder {
+    /// How long a completed record is replayed (its TTL). Default 24 h.
+    pub fn retention(mut self, retention: Duration) -> Self {
+        self.config = self.config.retention(retention);
+        self
+    }
+
+    /// How long a lease lives before another caller may take the key over. Default 30 s.
+    pub fn lock_timeout(mut self, timeout: Duration) -> Self {
+        self.config = self.config.lock_timeout(timeout);
+        self
+    }
+
+    /// Which keys are accepted (see [`KeyPolicy`]). Default [`KeyPolicy::Uuid`].
+    pub fn key_policy(mut self, policy: KeyPolicy) -> Self {
+        self.config = self.config.key_policy(policy);
+        self
+    }
+
+    /// Replaces the rule deciding from the status which results are stored (default
+    /// [`default_store_policy`](crate::contract::default_store_policy); see there why validation failures are not).
+    pub fn store_when(mut self, predicate: impl Fn(u16) -> bool + Send + Sync + 'static) -> Self {
+        self.config = self.config.store_when(predicate);
+        self
+    }
+
+    /// The longest `retry_after` of [`ProcessError::InFlight`] (see
+    /// [`Config::retry_after_max`](crate::contract::Config::retry_after_max)).
+    pub fn retry_after_max(mut self, max: Duration) -> Self {
+        self.config = self.config.retry_after_max(max);
+        self
+    }
+
+    /// The middleware.
+    pub fn build(self) -> IdempotencyMiddleware {
+        let engine = self.store.engine().clone();
+        IdempotencyMiddleware {
+            store: self.store,
+            contract: Contract::new(engine, self.config),
+        }
+    }
+}
+
+/// One call of [`IdempotencyMiddleware::process`]: the operation (method and path), the scope
+/// it belongs to and the client's key, each named, so that none can be passed in another's
+/// place.
+///
+/// ```
+/// use idempotency_rs::Operation;
+/// let op = Operation::post("/api/orders")
+///     .scope("user123")
+///     .key("6f1c1c3e-3a51-4f4b-9a43-2c5c6f0b1d2e");
+/// # let _ = op;
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[must_use = "pass the operation to IdempotencyMiddleware::process"]
+pub struct Operation {
+    method: String,
+    path: String,
+    scope: String,
+    key: Option<String>,
+}
+
+impl Operation {
+    /// An operation with this method and path. [`IdempotencyMiddleware::process`] refuses a
+    /// method that is not an HTTP token or a path that does not start with `/`
+    /// ([`ProcessError::InvalidOperation`]), so a swap does not go unnoticed.
+    pub fn new(method: impl Into<String>, path: impl Into<String>) -> Self {
+        Operation {
+            method: method.into(),
+            path: path.into(),
+            scope: String::new(),
+            key: None,
+        }
+    }
+
+    /// A `POST` to `path`.
+    pub fn post(path: impl Into<String>) -> Self {
+        Self::new("POST", path)
+    }
+
+    /// A `PUT` to `path`.
+    pub fn put(path: impl Into<String>) -> Self {
+        Self::new("PUT", path)
+    }
+
+    /// A `PATCH` to `path`.
+    pub fn patch(path: impl Into<String>) -> Self {
+        Self::new("PATCH", path)
+    }
+
+    /// A `DELETE` of `path`.
+    pub fn delete(path: impl Into<String>) -> Self {
+        Self::new("DELETE", path)
+    }
+
+    /// The tenant or user the key belongs to. Without it, the operation is in the one shared
+    /// scope (as on the HTTP layers without a scope header): keys of different users would
+    /// then meet.
+    pub fn scope(mut self, scope: impl Into<String>) -> Self {
+        self.scope = scope.into();
+        self
+    }
+
+    /// The client's idempotency key. Without one, [`IdempotencyMiddleware::process`] runs the
+    /// handler without deduplication (as an HTTP request without the header).
+    pub fn key(mut self, key: impl Into<String>) -> Self {
+        self.key = Some(key.into());
+        self
+    }
+
+    /// The client's key, if it sent one (see [`Operation::key`]).
+    pub fn maybe_key(mut self, key: Option<impl Into<String>>) -> Self {
+        self.key = key.map(Into::into);
+        self
+    }
+
+    fn check(&self) -> Result<(), ProcessError> {
+        let token = !self.method.is_empty()
+            && self
+                .method
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+        if !token {
+            return Err(ProcessError::InvalidOperation {
+                detail: format!("`{}` is not an HTTP method", self.method),
+            });
+        }
+        if !self.path.starts_with('/') {
+            return Err(ProcessError::InvalidOperation {
+                detail: format!("the path `{}` does not start with `/`", self.path),
+            });
+        }
+        Ok(())
+    }
 }
 
 /// The result of [`IdempotencyMiddleware::process_request`].
@@ -176,7 +354,9 @@ pub enum ProcessError {
     KeyMismatch,
     /// A request with this key is still running: retry after the delay.
     InFlight {
-        /// When the running request's lock times out.
+        /// How long to wait before retrying: what runs of this path have been taking, less
+        /// the time the running one has had, never past its lock timeout (see
+        /// [`Contract::retry_hint`](crate::contract::Contract::retry_hint)).
         retry_after: Duration,
     },
     /// The store is closed, overloaded or failing; the business logic did not run.
@@ -188,6 +368,12 @@ pub enum ProcessError {
     /// [`ProcessError::ResponseNotStored`]), or a stored response no longer deserialises into
     /// the response type.
     Serialization(String),
+    /// The [`Operation`] is malformed (its method is not an HTTP token, or its path does not
+    /// start with `/`); nothing ran.
+    InvalidOperation {
+        /// What is wrong with it.
+        detail: String,
+    },
     /// The operation ran before with this key, but its response was not kept for replay (it
     /// could not be serialised, or it was over the HTTP layer's store limit). Do not run it
     /// again: look its result up, or use a new key for a new operation.
@@ -202,6 +388,7 @@ impl fmt::Display for ProcessError {
         match self {
             ProcessError::InvalidKey { detail } => write!(f, "invalid idempotency key: {detail}"),
             ProcessError::InvalidScope { detail } => write!(f, "invalid scope: {detail}"),
+            ProcessError::InvalidOperation { detail } => write!(f, "invalid operation: {detail}"),
             ProcessError::KeyMismatch => {
                 write!(f, "idempotency key reused with a different request")
             }
@@ -233,50 +420,68 @@ impl std::error::Error for ProcessError {
 impl IdempotencyMiddleware {
     /// Defaults: records kept 24 h, leases time out after 30 s, keys must be UUIDs.
     pub fn new(store: SqliteIdempotencyStore) -> Self {
-        Self::with_config(
-            store,
-            Duration::from_secs(24 * 3600),
-            Duration::from_secs(30),
-        )
+        Self::builder(store).build()
     }
 
-    /// Sets the retention (TTL) of completed records and the lock timeout of leases.
+    /// Named settings: `IdempotencyMiddleware::builder(store).retention(..).lock_timeout(..)
+    /// .build()` (see [`IdempotencyMiddlewareBuilder`]).
+    pub fn builder(store: SqliteIdempotencyStore) -> IdempotencyMiddlewareBuilder {
+        IdempotencyMiddlewareBuilder {
+            store,
+            config: Config::default()
+                .retention(Duration::from_secs(24 * 3600))
+                .lock_timeout(Duration::from_secs(30)),
+        }
+    }
+
+    /// Sets the retention (TTL) of completed records and the lock timeout of leases, in that
+    /// order. [`IdempotencyMiddleware::builder`] names them instead.
     pub fn with_config(
         store: SqliteIdempotencyStore,
         ttl: Duration,
         lock_timeout: Duration,
     ) -> Self {
-        IdempotencyMiddleware {
-            store,
-            ttl,
-            lock_timeout,
-            key_policy: KeyPolicy::Uuid,
-        }
+        Self::builder(store)
+            .retention(ttl)
+            .lock_timeout(lock_timeout)
+            .build()
     }
 
     /// Accepts other keys than UUIDs (see [`KeyPolicy`]).
-    pub fn key_policy(mut self, policy: KeyPolicy) -> Self {
-        self.key_policy = policy;
-        self
+    pub fn key_policy(self, policy: KeyPolicy) -> Self {
+        let config = self.contract.config().clone().key_policy(policy);
+        IdempotencyMiddleware {
+            contract: self.contract.with_config(config),
+            store: self.store,
+        }
     }
 
     /// The retention of completed records.
     pub fn ttl(&self) -> Duration {
-        self.ttl
+        self.contract
+            .config()
+            .retention
+            .unwrap_or_else(|| self.store.engine.retention())
     }
 
     /// The lock timeout of leases.
     pub fn lock_timeout(&self) -> Duration {
-        self.lock_timeout
+        self.contract
+            .config()
+            .lock_timeout
+            .unwrap_or_else(|| self.store.engine.lock_timeout())
     }
 
     /// Runs `handler` at most once for `(scope, key)` and the fingerprint of
-    /// `(method, path, request)`, and replays its stored result to retries.
+    /// `(method, path, request)`, and replays its stored result to retries: the seed's
+    /// signature. [`IdempotencyMiddleware::process`] does the same with the four strings
+    /// named in an [`Operation`], so none can take another's place.
     ///
     /// `key == None` runs the handler without idempotency. The request is fingerprinted as
-    /// canonical JSON, so map key order does not matter. Results with status 2xx, 3xx and
-    /// deterministic 4xx are stored; 5xx, 408, 425, 429, a handler error or a panic release
-    /// the key so a retry runs again. If this future is dropped mid-way, the key is released.
+    /// canonical JSON, so map key order does not matter. Results are stored by
+    /// [`default_store_policy`](crate::contract::default_store_policy) (2xx, 3xx and the 4xx that are results; validation failures
+    /// such as 400 and 422, 5xx, 429, a handler error or a panic release the key, so a retry
+    /// runs again). If this future is dropped mid-way, the key is released.
     ///
     /// # Errors
     /// See [`ProcessError`].
@@ -296,6 +501,76 @@ impl IdempotencyMiddleware {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<(u16, HashMap<String, String>, Resp), BoxError>>,
     {
+        let op = Operation {
+            method,
+            path,
+            scope,
+            key,
+        };
+        self.run(op, request, handler).await
+    }
+
+    /// Runs `handler` at most once for the operation's scope and key and the fingerprint of
+    /// its method, path and `request`, and replays its stored result to retries.
+    ///
+    /// ```
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// use std::collections::HashMap;
+    /// use idempotency_rs::{IdempotencyMiddleware, Operation, SqliteIdempotencyStore};
+    ///
+    /// let middleware = IdempotencyMiddleware::new(SqliteIdempotencyStore::new("sqlite::memory:").await?);
+    /// let op = Operation::post("/api/orders")
+    ///     .scope("user123")
+    ///     .key("6f1c1c3e-3a51-4f4b-9a43-2c5c6f0b1d2e");
+    /// let request = serde_json::json!({"symbol": "AAPL", "quantity": 10});
+    /// let first = middleware
+    ///     .process(op.clone(), &request, || async { Ok((201, HashMap::new(), "order-1".to_string())) })
+    ///     .await?;
+    /// let retry = middleware
+    ///     .process(op, &request, || async { Ok((201, HashMap::new(), "order-2".to_string())) })
+    ///     .await?;
+    /// assert_eq!((first.body.as_str(), retry.body.as_str()), ("order-1", "order-1"));
+    /// assert!(retry.replayed);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// # }).unwrap();
+    /// ```
+    ///
+    /// # Errors
+    /// See [`ProcessError`]; [`ProcessError::InvalidOperation`] for a malformed method or path.
+    pub async fn process<Req, Resp, F, Fut>(
+        &self,
+        operation: Operation,
+        request: &Req,
+        handler: F,
+    ) -> Result<ProcessedResponse<Resp>, ProcessError>
+    where
+        Req: Serialize + ?Sized,
+        Resp: Serialize + DeserializeOwned,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<(u16, HashMap<String, String>, Resp), BoxError>>,
+    {
+        operation.check()?;
+        self.run(operation, request, handler).await
+    }
+
+    async fn run<Req, Resp, F, Fut>(
+        &self,
+        op: Operation,
+        request: &Req,
+        handler: F,
+    ) -> Result<ProcessedResponse<Resp>, ProcessError>
+    where
+        Req: Serialize + ?Sized,
+        Resp: Serialize + DeserializeOwned,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<(u16, HashMap<String, String>, Resp), BoxError>>,
+    {
+        let Operation {
+            method,
+            path,
+            scope,
+            key,
+        } = op;
         let Some(key) = key else {
             let (status, headers, body) = handler().await.map_err(ProcessError::Handler)?;
             return Ok(ProcessedResponse {
@@ -305,7 +580,8 @@ impl IdempotencyMiddleware {
                 replayed: false,
             });
         };
-        let key = parse_key_value(key.as_bytes(), self.key_policy)
+        let config = self.contract.config();
+        let key = parse_key_value(key.as_bytes(), config.key_policy)
             .map_err(|p| ProcessError::InvalidKey { detail: p.detail })?;
         // Canonical JSON of the request's own bytes: a `serde_json::Value` would have lost
         // integers beyond 64 bits and decimals beyond f64 (two different requests, one
@@ -318,14 +594,14 @@ impl IdempotencyMiddleware {
             path.as_bytes(),
             &canonical,
         ]);
-        let req = ClaimRequest::new(scope, key, fp)
-            .lock_timeout(self.lock_timeout)
-            .retention(self.ttl);
+        let req = self.contract.claim_request(scope, key, fp);
         let lease = match self.store.engine.claim_async(req).await {
             Ok(ClaimOutcome::Claimed(lease)) => lease,
             Ok(ClaimOutcome::Replay(stored)) => return decode(stored),
             Ok(ClaimOutcome::InFlight { retry_after }) => {
-                return Err(ProcessError::InFlight { retry_after });
+                return Err(ProcessError::InFlight {
+                    retry_after: self.contract.retry_hint(&path, retry_after),
+                });
             }
             Ok(ClaimOutcome::Mismatch) => return Err(ProcessError::KeyMismatch),
             Err(Error::InvalidScope { reason }) => {
@@ -336,8 +612,10 @@ impl IdempotencyMiddleware {
             Err(e) => return Err(ProcessError::StoreUnavailable(e)),
         };
         // An error returns early and drops the lease, which releases the key.
+        let started = Instant::now();
         let (status, headers, body) = handler().await.map_err(ProcessError::Handler)?;
-        if !default_store_policy(status) {
+        self.contract.record_run(&path, started.elapsed());
+        if !(config.store_when)(status) {
             lease
                 .release_async()
                 .await

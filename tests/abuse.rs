@@ -32,7 +32,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
-use idempotency_rs::http::KeyPolicy;
+use idempotency_rs::contract::KeyPolicy;
 use idempotency_rs::{ClaimOutcome, EngineConfig, Error, ManualClock, SqliteIdempotencyStore};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -1495,6 +1495,43 @@ fn file_vanishes_under_a_running_engine() {
 // The case list
 // ---------------------------------------------------------------------------------------------
 
+/// Issue #14: the framework's own refusal of a malformed body (Axum's `Json` rejection, 422;
+/// Actix's `web::Json` error, 400) is not stored, so the client fixes the body and retries with
+/// the same key; and a path no route serves is the framework's plain 404, with or without a key.
+async fn framework_rejections_can_be_fixed_and_retried(t: &Target) {
+    let c = common::client();
+    let k = key();
+    let url = t.url("/orders");
+    let refused = match t.framework {
+        Framework::Axum => 422,
+        Framework::Actix => 400,
+    };
+    let before = t.orders();
+    for _ in 0..2 {
+        let r = common::post(
+            &c,
+            url.clone(),
+            Some(&k),
+            Some("fixer"),
+            &json!({"symbol": "AAPL"}),
+        )
+        .await;
+        assert_eq!(r.status(), refused, "{:?}", t.framework);
+        assert!(r.headers().get("idempotent-replayed").is_none());
+    }
+    let r = post_order(&c, url.clone(), Some(&k), "fixer").await;
+    assert_eq!(r.status(), 201);
+    assert!(r.headers().get("idempotent-replayed").is_none());
+    let r = post_order(&c, url.clone(), Some(&k), "fixer").await;
+    assert_eq!(r.headers()["idempotent-replayed"], "true");
+    assert_eq!(t.orders(), before + 1);
+    for key in [None, Some(k.as_str()), Some("not a uuid")] {
+        let r = post_order(&c, t.url("/no-such-route"), key, "fixer").await;
+        assert_eq!(r.status(), 404, "{:?} {key:?}", t.framework);
+        assert!(r.headers().get("idempotent-replayed").is_none());
+    }
+}
+
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -1562,6 +1599,7 @@ abuse_cases! {
         slow_body_does_not_hold_the_key,
         disconnect_mid_body,
         disconnect_mid_response,
+        framework_rejections_can_be_fixed_and_retried,
     ],
     exclusive: [slow_huge_body, ten_thousand_keys],
     own: [

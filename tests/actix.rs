@@ -14,8 +14,8 @@ use actix_web::dev::ServerHandle;
 use actix_web::web::{self, Bytes, Data};
 use actix_web::{App, HttpResponse, HttpServer, http::StatusCode};
 use common::{Probe, REQUEST_LIMIT, RESPONSE_LIMIT, Server, client, key, post};
-use idempotency_rs::actix_integration::Idempotency;
-use idempotency_rs::{Engine, EngineConfig};
+use idempotency_rs::actix_integration::{ClaimedKey, Idempotency};
+use idempotency_rs::{Engine, EngineConfig, IdempotencyKey};
 use serde_json::{Value, json};
 
 /// Counts the calls of `/panic`, which panics on its first call.
@@ -65,8 +65,13 @@ async fn panics(p: Data<Panics>) -> HttpResponse {
     HttpResponse::Created().json(json!({"ran": true}))
 }
 
+async fn echo_key(claimed: Option<ClaimedKey>) -> HttpResponse {
+    HttpResponse::Ok().json(common::echo_key(claimed.as_ref()))
+}
+
 fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/orders", web::post().to(orders))
+        .route("/echo-key", web::post().to(echo_key))
         .route("/orders", web::get().to(list))
         .route("/fail", web::post().to(fail))
         .route("/missing", web::post().to(missing))
@@ -209,4 +214,140 @@ async fn panicking_handler_releases_key() {
     assert_eq!(again.headers()["idempotent-replayed"], "true");
     assert_eq!(panics.0.load(Ordering::SeqCst), 2);
     (s.stop)();
+}
+
+/// One in-process request to an Actix app: `POST path` with a JSON body, user `u1`, the key if
+/// any. Answers the status, the `idempotent-replayed` header and the body.
+async fn call<S, B>(
+    app: &S,
+    path: &str,
+    key: Option<&str>,
+    body: &'static str,
+) -> (u16, bool, Bytes)
+where
+    S: actix_web::dev::Service<
+            actix_http::Request,
+            Response = actix_web::dev::ServiceResponse<B>,
+            Error = actix_web::Error,
+        >,
+    B: actix_web::body::MessageBody,
+{
+    let mut req = actix_web::test::TestRequest::post()
+        .uri(path)
+        .insert_header(("x-user-id", "u1"))
+        .insert_header(("content-type", "application/json"))
+        .set_payload(body);
+    if let Some(key) = key {
+        req = req.insert_header(("idempotency-key", key));
+    }
+    let r = actix_web::test::call_service(app, req.to_request()).await;
+    let status = r.status().as_u16();
+    let replayed = r.headers().contains_key("idempotent-replayed");
+    (status, replayed, actix_web::test::read_body(r).await)
+}
+
+const ORDER: &str = r#"{"symbol":"AAPL","quantity":10,"price":150.5}"#;
+
+/// Issue #14: `paths` and `cover_if` choose the covered routes; the default service's 404 is
+/// never the middleware's business.
+#[actix_web::test]
+async fn paths_and_cover_if_choose_what_is_covered() {
+    let engine = common::engine();
+    let probe = Probe::new();
+    let app = actix_web::test::init_service(
+        App::new()
+            .app_data(Data::from(probe.clone()))
+            .app_data(Data::new(Panics::default()))
+            .wrap(
+                layer(&engine)
+                    .require_key(true)
+                    .paths(["/orders", "/missing"])
+                    .cover_if(|req| !req.headers().contains_key("x-internal")),
+            )
+            .configure(routes),
+    )
+    .await;
+    assert_eq!(call(&app, "/orders", None, ORDER).await.0, 400);
+    assert_eq!(call(&app, "/fail", None, "{}").await.0, 500);
+    assert_eq!(call(&app, "/nope", None, "{}").await.0, 404);
+    let internal = actix_web::test::TestRequest::post()
+        .uri("/orders")
+        .insert_header(("x-internal", "1"))
+        .set_payload(ORDER)
+        .to_request();
+    assert_eq!(
+        actix_web::test::call_service(&app, internal).await.status(),
+        201
+    );
+}
+
+#[derive(serde::Deserialize)]
+struct CreateOrder {
+    #[allow(dead_code)]
+    symbol: String,
+    quantity: u32,
+}
+
+async fn json_order(p: Data<Probe>, order: web::Json<CreateOrder>) -> HttpResponse {
+    p.orders.fetch_add(1, Ordering::SeqCst);
+    HttpResponse::Created().json(json!({ "quantity": order.quantity }))
+}
+
+/// Issue #14: Actix's `web::Json` error (400) is not stored by default, so the client fixes the
+/// body and retries with the same key; with `store_when(store_all_4xx)` it is replayed.
+#[actix_web::test]
+async fn the_json_extractors_error_is_released_by_default_and_kept_with_store_all_4xx() {
+    let k = key();
+    let bad = r#"{"symbol":"AAPL"}"#;
+    let fixed = r#"{"symbol":"AAPL","quantity":3}"#;
+    for store_all in [false, true] {
+        let probe = Probe::new();
+        let mut idempotency = layer(&common::engine());
+        if store_all {
+            idempotency = idempotency.store_when(idempotency_rs::actix_integration::store_all_4xx);
+        }
+        let app = actix_web::test::init_service(
+            App::new()
+                .app_data(Data::from(probe.clone()))
+                .wrap(idempotency)
+                .route("/orders", web::post().to(json_order)),
+        )
+        .await;
+        assert_eq!(call(&app, "/orders", Some(&k), bad).await.0, 400);
+        let again = call(&app, "/orders", Some(&k), bad).await;
+        assert_eq!((again.0, again.1), (400, store_all));
+        let fixed = call(&app, "/orders", Some(&k), fixed).await;
+        let expected = if store_all { 422 } else { 201 };
+        assert_eq!(fixed.0, expected, "store_all_4xx: {store_all}");
+        assert_eq!(probe.orders.load(Ordering::SeqCst), usize::from(!store_all));
+    }
+}
+
+/// Issue #14: `IdempotencyKey` is an extractor; without a claimed key it answers 400
+/// `key-missing` as problem+json, and `Option<IdempotencyKey>` is `None`.
+#[actix_web::test]
+async fn the_key_is_an_extractor() {
+    async fn must(key: IdempotencyKey) -> String {
+        key.as_str().to_owned()
+    }
+    async fn may(key: Option<IdempotencyKey>) -> String {
+        key.map_or_else(|| "none".to_owned(), |k| k.as_str().to_owned())
+    }
+    let app = actix_web::test::init_service(
+        App::new()
+            .wrap(layer(&common::engine()))
+            .route("/must", web::post().to(must))
+            .route("/may", web::post().to(may)),
+    )
+    .await;
+    let k = key();
+    let quoted: &'static str =
+        Box::leak(format!("\"{}\"", k.to_ascii_uppercase()).into_boxed_str());
+    let (status, _, body) = call(&app, "/must", Some(quoted), "{}").await;
+    assert_eq!((status, body.as_ref()), (200, k.as_bytes()));
+    let (status, _, body) = call(&app, "/must", None, "{}").await;
+    assert_eq!(status, 400);
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["type"], "urn:idempotency-rs:problem:key-missing");
+    assert_eq!(call(&app, "/may", None, "{}").await.2, "none");
 }

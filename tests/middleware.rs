@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use idempotency_rs::http::KeyPolicy;
+use idempotency_rs::contract::KeyPolicy;
 use idempotency_rs::{
     BoxError, EngineConfig, Error, IdempotencyMiddleware, ManualClock, ProcessError,
     ProcessedResponse, SqliteIdempotencyStore,
@@ -448,13 +448,17 @@ async fn a_second_call_while_the_first_runs_is_in_flight() {
 }
 
 #[tokio::test]
-async fn deterministic_client_errors_are_stored_transient_ones_and_5xx_are_not() {
+async fn results_are_stored_validation_failures_transient_ones_and_5xx_are_not() {
     let logic = Logic::default();
     for (status, stored) in [
         (200, true),
         (303, true),
-        (400, true),
-        (422, true),
+        (402, true),
+        (404, true),
+        (409, true),
+        (400, false),
+        (401, false),
+        (422, false),
         (408, false),
         (425, false),
         (429, false),

@@ -1,6 +1,6 @@
 //! Actix-Web 4 integration: the [`Idempotency`] middleware.
 //!
-//! The middleware answers every case of the shared contract ([`crate::http`]): it buffers the
+//! The middleware answers every case of the shared contract ([`crate::contract`]): it buffers the
 //! request body through a limit (413 over it), claims the key through
 //! [`Engine::claim_async`](crate::Engine::claim_async) (awaited on the worker's own runtime,
 //! never blocking it), puts the body back for the handler, runs it, buffers the response
@@ -48,14 +48,19 @@ use actix_web::http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use actix_web::{HttpMessage as _, HttpRequest, HttpResponse};
 use bytes::Bytes;
 
-use crate::http::body::concat;
-use crate::http::{
-    Begin, Config, Contract, Finished, KEY_HEADER, Problem, STORED_HEADER, config_setters,
-    store_unavailable,
+use crate::contract::body::concat;
+use crate::contract::{
+    Begin, Config, Contract, Finished, Incoming, KEY_HEADER, Problem, ProblemKind, STORED_HEADER,
+    Timings, config_setters, store_unavailable,
 };
-use crate::{Engine, Error, HeaderList, StoredResponse};
+use crate::{Engine, Error, HeaderList, IdempotencyKey, StoredResponse};
+
+pub use crate::contract::{
+    ClaimedKey, KeyPolicy, PathPattern, default_store_policy, store_all_4xx,
+};
 
 type ScopeFn = Arc<dyn Fn(&HttpRequest) -> Option<String> + Send + Sync>;
+type CoverFn = Arc<dyn Fn(&HttpRequest) -> bool + Send + Sync>;
 
 /// Actix-Web middleware that makes the wrapped app, scope or resource idempotent. Cheap to
 /// clone; build it once and clone it into the `HttpServer::new` factory.
@@ -68,6 +73,8 @@ pub struct Idempotency {
     config: Config,
     engine: Engine,
     scope_fn: Option<ScopeFn>,
+    cover_if: Option<CoverFn>,
+    timings: Arc<Timings>,
 }
 
 impl fmt::Debug for Idempotency {
@@ -75,6 +82,7 @@ impl fmt::Debug for Idempotency {
         f.debug_struct("Idempotency")
             .field("config", &self.config)
             .field("scope_fn", &self.scope_fn.is_some())
+            .field("cover_if", &self.cover_if.is_some())
             .finish()
     }
 }
@@ -86,7 +94,27 @@ impl Idempotency {
             config: Config::default(),
             engine: engine.into(),
             scope_fn: None,
+            cover_if: None,
+            timings: Arc::default(),
         }
+    }
+
+    /// Covers only the requests for which `predicate` is true (besides a covered method and,
+    /// with [`Self::paths`], a matching path); the others pass through untouched.
+    ///
+    /// ```
+    /// # use idempotency_rs::{Engine, EngineConfig, actix_integration::Idempotency};
+    /// # let engine = Engine::open(EngineConfig::in_memory()).unwrap();
+    /// let idempotency = Idempotency::new(&engine)
+    ///     .cover_if(|req| !req.path().starts_with("/internal/"));
+    /// # let _ = idempotency;
+    /// ```
+    pub fn cover_if(
+        mut self,
+        predicate: impl Fn(&HttpRequest) -> bool + Send + Sync + 'static,
+    ) -> Self {
+        self.cover_if = Some(Arc::new(predicate));
+        self
     }
 
     config_setters!(forward: config, all);
@@ -122,29 +150,35 @@ where
 {
     type Response = ServiceResponse<EitherBody<B>>;
     type Error = actix_web::Error;
-    type Transform = IdempotencyMiddleware<S>;
+    type Transform = IdempotencyService<S>;
     type InitError = ();
     type Future = Ready<Result<Self::Transform, Self::InitError>>;
 
     fn new_transform(&self, service: S) -> Self::Future {
-        ready(Ok(IdempotencyMiddleware {
+        ready(Ok(IdempotencyService {
             service: Rc::new(service),
-            contract: Contract::new(self.engine.clone(), self.config.clone()),
+            contract: Contract::with_timings(
+                self.engine.clone(),
+                self.config.clone(),
+                self.timings.clone(),
+            ),
             scope_fn: self.scope_fn.clone(),
+            cover_if: self.cover_if.clone(),
         }))
     }
 }
 
 /// The service made by [`Idempotency`] around the wrapped one.
-pub struct IdempotencyMiddleware<S> {
+pub struct IdempotencyService<S> {
     service: Rc<S>,
     contract: Contract,
     scope_fn: Option<ScopeFn>,
+    cover_if: Option<CoverFn>,
 }
 
-impl<S> fmt::Debug for IdempotencyMiddleware<S> {
+impl<S> fmt::Debug for IdempotencyService<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("IdempotencyMiddleware")
+        f.debug_struct("IdempotencyService")
             .field("config", self.contract.config())
             .field("scope_fn", &self.scope_fn.is_some())
             .finish_non_exhaustive()
@@ -153,7 +187,7 @@ impl<S> fmt::Debug for IdempotencyMiddleware<S> {
 
 type Reply<B> = Result<ServiceResponse<EitherBody<B>>, actix_web::Error>;
 
-impl<S, B> Service<ServiceRequest> for IdempotencyMiddleware<S>
+impl<S, B> Service<ServiceRequest> for IdempotencyService<S>
 where
     S: Service<ServiceRequest, Response = ServiceResponse<B>, Error = actix_web::Error> + 'static,
     B: MessageBody + 'static,
@@ -165,10 +199,23 @@ where
     actix_web::dev::forward_ready!(service);
 
     fn call(&self, req: ServiceRequest) -> Self::Future {
+        // The route the request matched (its pattern), `None` for the default service: a
+        // request no resource matched passes through untouched.
+        let route = req.match_pattern();
+        let covered = route.is_some()
+            && self
+                .contract
+                .covers_request(req.method().as_str(), req.path())
+            && self.cover_if.as_ref().is_none_or(|p| p(req.request()));
+        if !covered {
+            let service = self.service.clone();
+            return Box::pin(async move { pass_through(&service, req).await });
+        }
         Box::pin(handle(
             self.service.clone(),
             self.contract.clone(),
             self.scope_fn.clone(),
+            route.unwrap_or_default(),
             req,
         ))
     }
@@ -178,44 +225,17 @@ async fn handle<S, B>(
     service: Rc<S>,
     contract: Contract,
     scope_fn: Option<ScopeFn>,
+    route: String,
     mut req: ServiceRequest,
 ) -> Reply<B>
 where
     S: Service<ServiceRequest, Response = ServiceResponse<B>, Error = actix_web::Error>,
     B: MessageBody + 'static,
 {
-    if !contract.covers(req.method().as_str()) {
-        return pass_through(&service, req).await;
-    }
-    let keys: Vec<&[u8]> = req
-        .headers()
-        .get_all(KEY_HEADER)
-        .map(HeaderValue::as_bytes)
-        .collect();
-    let key = match contract.parse_key(&keys) {
-        Err(problem) => return Ok(reject(req, &problem)),
+    let key_and_scope = match key_and_scope(&contract, scope_fn.as_ref(), &req) {
         Ok(None) => return pass_through(&service, req).await,
-        Ok(Some(key)) => key,
-    };
-    let scope = match &scope_fn {
-        Some(f) => match contract.scope_from_fn(f(req.request())) {
-            Ok(s) => s,
-            Err(problem) => return Ok(reject(req, &problem)),
-        },
-        None => {
-            let values: Vec<&[u8]> = match contract.config().scope_header_name() {
-                Some(name) => req
-                    .headers()
-                    .get_all(name)
-                    .map(HeaderValue::as_bytes)
-                    .collect(),
-                None => Vec::new(),
-            };
-            match contract.scope_from_header(&values) {
-                Ok(scope) => scope.unwrap_or_default(),
-                Err(problem) => return Ok(reject(req, &problem)),
-            }
-        }
+        Ok(Some(found)) => Ok(found),
+        Err(problem) => Err(problem),
     };
     let limit = contract.config().request_limit();
     let declared = req
@@ -224,10 +244,20 @@ where
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
-        return Ok(reject(req, &contract.body_too_large()));
+        let problem = key_and_scope
+            .err()
+            .unwrap_or_else(|| contract.body_too_large());
+        return Ok(reject(req, &problem));
     }
+    // The body is read before any answer, a rejection included: Actix closes the connection
+    // after a response sent before the request's body was read, and a client should keep it.
     let payload = BodyStream::new(req.take_payload());
-    let bytes = match actix_web::body::to_bytes_limited(payload, limit).await {
+    let read = actix_web::body::to_bytes_limited(payload, limit).await;
+    let (key, scope) = match key_and_scope {
+        Ok(found) => found,
+        Err(problem) => return Ok(reject(req, &problem)),
+    };
+    let bytes = match read {
         Ok(Ok(bytes)) => bytes,
         Err(_) => return Ok(reject(req, &contract.body_too_large())),
         Ok(Err(_)) => {
@@ -246,16 +276,14 @@ where
         .headers()
         .get(header::CONTENT_TYPE)
         .map(HeaderValue::as_bytes);
-    let begin = contract
-        .begin(
-            scope,
-            key,
-            req.method().as_str(),
-            path,
-            content_type,
-            &bytes,
-        )
-        .await;
+    let incoming = Incoming {
+        method: req.method().as_str(),
+        path_and_query: path,
+        route: &route,
+        content_type,
+        body: &bytes,
+    };
+    let begin = contract.begin(scope, key, incoming).await;
     let pending = match begin {
         Begin::Replay(stored) => {
             let (http_req, _) = req.into_parts();
@@ -269,6 +297,9 @@ where
     // From here until `finish`, an error, a panic or a dropped future drops `pending`, which
     // releases the key.
     req.set_payload(Payload::from(bytes));
+    let claimed = pending.claimed().clone();
+    req.extensions_mut().insert(claimed.key().clone());
+    req.extensions_mut().insert(claimed);
     let response = service.call(req).await?;
     let (http_req, response) = response.into_parts();
     let (mut head, body) = response.into_parts();
@@ -302,6 +333,37 @@ where
         }
     };
     Ok(ServiceResponse::new(http_req, head.set_body(body)).map_into_right_body())
+}
+
+/// The key and scope of a covered request. `Ok(None)`: no key, and none is required.
+fn key_and_scope(
+    contract: &Contract,
+    scope_fn: Option<&ScopeFn>,
+    req: &ServiceRequest,
+) -> Result<Option<(IdempotencyKey, String)>, Problem> {
+    let keys: Vec<&[u8]> = req
+        .headers()
+        .get_all(KEY_HEADER)
+        .map(HeaderValue::as_bytes)
+        .collect();
+    let Some(key) = contract.parse_key(&keys)? else {
+        return Ok(None);
+    };
+    let scope = match scope_fn {
+        Some(f) => contract.scope_from_fn(f(req.request()))?,
+        None => {
+            let values: Vec<&[u8]> = match contract.config().scope_header_name() {
+                Some(name) => req
+                    .headers()
+                    .get_all(name)
+                    .map(HeaderValue::as_bytes)
+                    .collect(),
+                None => Vec::new(),
+            };
+            contract.scope_from_header(&values)?.unwrap_or_default()
+        }
+    };
+    Ok(Some((key, scope)))
 }
 
 async fn pass_through<S, B>(service: &S, req: ServiceRequest) -> Reply<B>
@@ -444,4 +506,63 @@ fn stored_response(stored: StoredResponse) -> HttpResponse {
 /// The problem+json response for a problem.
 fn problem_response(problem: &Problem) -> HttpResponse {
     stored_response(problem.to_response())
+}
+
+/// The error of the [`ClaimedKey`] and [`IdempotencyKey`] extractors when the request carries
+/// no claimed key (it came without an `Idempotency-Key` while the key is optional, or the
+/// route is not behind the middleware): 400 `key-missing`, problem+json. `Option<ClaimedKey>`
+/// and `Option<IdempotencyKey>` extract `None` instead.
+#[derive(Debug, Clone, Copy)]
+pub struct KeyMissing;
+
+impl fmt::Display for KeyMissing {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("the request carries no claimed Idempotency-Key")
+    }
+}
+
+impl actix_web::ResponseError for KeyMissing {
+    fn status_code(&self) -> StatusCode {
+        StatusCode::BAD_REQUEST
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        problem_response(&Problem::new(
+            ProblemKind::KeyMissing,
+            "This endpoint requires an Idempotency-Key header. Send a new UUID with each new \
+             request, and the same one when you retry it.",
+        ))
+    }
+}
+
+/// The key, scope and fencing token of a request that won its key, put there by the
+/// middleware.
+impl actix_web::FromRequest for ClaimedKey {
+    type Error = KeyMissing;
+    type Future = Ready<Result<Self, KeyMissing>>;
+
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        ready(
+            req.extensions()
+                .get::<ClaimedKey>()
+                .cloned()
+                .ok_or(KeyMissing),
+        )
+    }
+}
+
+/// The key of a request that won it, as the engine stored it (unquoted, normalised), put
+/// there by the middleware.
+impl actix_web::FromRequest for IdempotencyKey {
+    type Error = KeyMissing;
+    type Future = Ready<Result<Self, KeyMissing>>;
+
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        ready(
+            req.extensions()
+                .get::<IdempotencyKey>()
+                .cloned()
+                .ok_or(KeyMissing),
+        )
+    }
 }

@@ -1,6 +1,6 @@
 //! Axum (and any tower HTTP service) integration: [`IdempotencyLayer`].
 //!
-//! The layer answers every case of the shared contract ([`crate::http`]): it buffers the
+//! The layer answers every case of the shared contract ([`crate::contract`]): it buffers the
 //! request body through a limit (413 over it), claims the key through
 //! [`Engine::claim_async`](crate::Engine::claim_async) (never blocking the runtime), runs the
 //! inner service, buffers the response through a limit, completes or releases the key, and
@@ -24,6 +24,7 @@
 //! # Ok(()) }
 //! ```
 
+use std::any::TypeId;
 use std::fmt;
 use std::future::Future;
 use std::pin::{Pin, pin};
@@ -31,19 +32,27 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use axum::body::Body;
+use axum::extract::{FromRequestParts, MatchedPath, OptionalFromRequestParts};
+use axum::response::IntoResponse;
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, request::Parts};
 use tower::{Layer, Service};
 
-use crate::http::body::{
+use crate::contract::body::{
     BoxError, Collected, Prefixed, collect, header_list, header_map, mark_unstored,
 };
-use crate::http::{
-    Begin, Config, Contract, Finished, KEY_HEADER, Problem, config_setters, store_unavailable,
+use crate::contract::{
+    Begin, Config, Contract, Finished, Incoming, KEY_HEADER, Problem, ProblemKind, Timings,
+    config_setters, store_unavailable,
 };
-use crate::{Engine, Error, StoredResponse};
+use crate::{Engine, Error, IdempotencyKey, StoredResponse};
+
+pub use crate::contract::{
+    ClaimedKey, KeyPolicy, PathPattern, default_store_policy, store_all_4xx,
+};
 
 type ScopeFn = Arc<dyn Fn(&Parts) -> Option<String> + Send + Sync>;
+type CoverFn = Arc<dyn Fn(&Parts) -> bool + Send + Sync>;
 
 /// A tower [`Layer`] that makes the wrapped HTTP service idempotent. Cheap to clone.
 ///
@@ -54,6 +63,8 @@ pub struct IdempotencyLayer {
     config: Config,
     engine: Engine,
     scope_fn: Option<ScopeFn>,
+    cover_if: Option<CoverFn>,
+    timings: Arc<Timings>,
 }
 
 /// A layer over `store` with the default settings (see [`IdempotencyLayer`]).
@@ -66,6 +77,7 @@ impl fmt::Debug for IdempotencyLayer {
         f.debug_struct("IdempotencyLayer")
             .field("config", &self.config)
             .field("scope_fn", &self.scope_fn.is_some())
+            .field("cover_if", &self.cover_if.is_some())
             .finish()
     }
 }
@@ -77,7 +89,27 @@ impl IdempotencyLayer {
             config: Config::default(),
             engine: engine.into(),
             scope_fn: None,
+            cover_if: None,
+            timings: Arc::default(),
         }
+    }
+
+    /// Covers only the requests for which `predicate` is true (besides a covered method and,
+    /// with [`Self::paths`], a matching path); the others pass through untouched, as with
+    /// tower-http's predicates. It sees the request head: method, URI, headers and the
+    /// extensions (such as Axum's [`MatchedPath`] when the layer is inside the router).
+    ///
+    /// ```
+    /// # use idempotency_rs::{Engine, EngineConfig, axum_integration::IdempotencyLayer};
+    /// # let engine = Engine::open(EngineConfig::in_memory()).unwrap();
+    /// // Every covered request except the internal ones.
+    /// let layer = IdempotencyLayer::new(&engine)
+    ///     .cover_if(|parts| !parts.uri.path().starts_with("/internal/"));
+    /// # let _ = layer;
+    /// ```
+    pub fn cover_if(mut self, predicate: impl Fn(&Parts) -> bool + Send + Sync + 'static) -> Self {
+        self.cover_if = Some(Arc::new(predicate));
+        self
     }
 
     config_setters!(forward: config, all);
@@ -103,14 +135,25 @@ impl IdempotencyLayer {
     }
 }
 
-impl<S> Layer<S> for IdempotencyLayer {
+impl<S: 'static> Layer<S> for IdempotencyLayer {
     type Service = IdempotencyService<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
+        // `Router::layer` and `route_layer` (and `MethodRouter::layer`) wrap each route in an
+        // axum `Route`, after routing: there, a request without a `MatchedPath` is one no route
+        // matched, on its way to the fallback. Anywhere else (around a whole `Router`) no
+        // request has one yet, and every request is a candidate.
+        let inside_router = TypeId::of::<S>() == TypeId::of::<axum::routing::Route>();
         IdempotencyService {
             inner,
-            contract: Contract::new(self.engine.clone(), self.config.clone()),
+            contract: Contract::with_timings(
+                self.engine.clone(),
+                self.config.clone(),
+                self.timings.clone(),
+            ),
             scope_fn: self.scope_fn.clone(),
+            cover_if: self.cover_if.clone(),
+            inside_router,
         }
     }
 }
@@ -121,6 +164,8 @@ pub struct IdempotencyService<S> {
     inner: S,
     contract: Contract,
     scope_fn: Option<ScopeFn>,
+    cover_if: Option<CoverFn>,
+    inside_router: bool,
 }
 
 impl<S: fmt::Debug> fmt::Debug for IdempotencyService<S> {
@@ -157,7 +202,19 @@ where
         let inner = std::mem::replace(&mut self.inner, clone);
         let contract = self.contract.clone();
         let scope_fn = self.scope_fn.clone();
-        Box::pin(handle(inner, contract, scope_fn, req))
+        let covered = self.covers(&req).then(|| self.cover_if.clone());
+        Box::pin(handle(inner, contract, scope_fn, covered, req))
+    }
+}
+
+impl<S> IdempotencyService<S> {
+    /// Whether the request may go through the contract: a covered method and path and, inside
+    /// a router, a route that matched (the fallback's 404 passes through untouched). The
+    /// predicate of [`IdempotencyLayer::cover_if`] is asked next, over the request's parts.
+    fn covers<B>(&self, req: &Request<B>) -> bool {
+        self.contract
+            .covers_request(req.method().as_str(), req.uri().path())
+            && !(self.inside_router && req.extensions().get::<MatchedPath>().is_none())
     }
 }
 
@@ -165,6 +222,8 @@ async fn handle<S, ReqBody, ResBody>(
     mut inner: S,
     contract: Contract,
     scope_fn: Option<ScopeFn>,
+    // `None`: not covered; `Some(predicate)`: covered if the predicate (if any) agrees.
+    covered: Option<Option<CoverFn>>,
     req: Request<ReqBody>,
 ) -> Result<Response<Body>, S::Error>
 where
@@ -174,8 +233,9 @@ where
     ResBody: http_body::Body<Data = Bytes> + Send + 'static,
     ResBody::Error: Into<BoxError>,
 {
-    let (parts, body) = req.into_parts();
-    if !contract.covers(parts.method.as_str()) {
+    let (mut parts, body) = req.into_parts();
+    let covered = covered.is_some_and(|predicate| predicate.is_none_or(|p| p(&parts)));
+    if !covered {
         return pass_through(inner, parts, body).await;
     }
     let keys: Vec<&[u8]> = parts
@@ -235,16 +295,18 @@ where
         .headers
         .get(http::header::CONTENT_TYPE)
         .map(HeaderValue::as_bytes);
-    let begin = contract
-        .begin(
-            scope,
-            key,
-            parts.method.as_str(),
-            path,
-            content_type,
-            &bytes,
-        )
-        .await;
+    let route = parts
+        .extensions
+        .get::<MatchedPath>()
+        .map_or(parts.uri.path(), MatchedPath::as_str);
+    let incoming = Incoming {
+        method: parts.method.as_str(),
+        path_and_query: path,
+        route,
+        content_type,
+        body: &bytes,
+    };
+    let begin = contract.begin(scope, key, incoming).await;
     let pending = match begin {
         Begin::Replay(stored) => {
             tracing::debug!(
@@ -271,6 +333,9 @@ where
     };
     // From here until `finish`, an error, a panic or a dropped future drops `pending`, which
     // releases the key.
+    let claimed = pending.claimed().clone();
+    parts.extensions.insert(claimed.key().clone());
+    parts.extensions.insert(claimed);
     let response = inner
         .call(Request::from_parts(parts, Body::from(bytes)))
         .await?;
@@ -350,4 +415,64 @@ fn plain(status: StatusCode, text: &'static str) -> Response<Body> {
     let mut r = Response::new(Body::from(text));
     *r.status_mut() = status;
     r
+}
+
+/// The rejection of the [`ClaimedKey`] and [`IdempotencyKey`] extractors when the request
+/// carries no claimed key (it came without an `Idempotency-Key` while the key is optional, or
+/// the route is not behind the layer): 400 `key-missing`, problem+json.
+#[derive(Debug, Clone, Copy)]
+pub struct KeyMissing;
+
+impl IntoResponse for KeyMissing {
+    fn into_response(self) -> Response<Body> {
+        problem_response(&Problem::new(
+            ProblemKind::KeyMissing,
+            "This endpoint requires an Idempotency-Key header. Send a new UUID with each new \
+             request, and the same one when you retry it.",
+        ))
+    }
+}
+
+/// The key, scope and fencing token of a request that won its key, put there by the layer.
+/// `Option<ClaimedKey>` is `None` for a request without a key.
+impl<S: Send + Sync> FromRequestParts<S> for ClaimedKey {
+    type Rejection = KeyMissing;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, KeyMissing> {
+        parts
+            .extensions
+            .get::<ClaimedKey>()
+            .cloned()
+            .ok_or(KeyMissing)
+    }
+}
+
+impl<S: Send + Sync> OptionalFromRequestParts<S> for ClaimedKey {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Option<Self>, Self::Rejection> {
+        Ok(parts.extensions.get::<ClaimedKey>().cloned())
+    }
+}
+
+/// The key of a request that won it, as the engine stored it (unquoted, normalised), put
+/// there by the layer. `Option<IdempotencyKey>` is `None` for a request without a key.
+impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKey {
+    type Rejection = KeyMissing;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, KeyMissing> {
+        parts
+            .extensions
+            .get::<IdempotencyKey>()
+            .cloned()
+            .ok_or(KeyMissing)
+    }
+}
+
+impl<S: Send + Sync> OptionalFromRequestParts<S> for IdempotencyKey {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Option<Self>, Self::Rejection> {
+        Ok(parts.extensions.get::<IdempotencyKey>().cloned())
+    }
 }

@@ -8,36 +8,47 @@ use tower::Layer;
 
 use super::service::IdempotencyService;
 use crate::Engine;
-use crate::http::{Config, Contract, config_setters};
+use crate::contract::{Config, Contract, Timings, config_setters};
 
 /// Decides from a response's `grpc-status` whether it is stored for replay.
 pub(crate) type StorePredicate = Arc<dyn Fn(Code) -> bool + Send + Sync>;
 
 type ScopeFn = dyn Fn(&http::request::Parts) -> Option<String> + Send + Sync;
 
-/// The default storage rule: `OK` and the deterministic errors are stored (`INVALID_ARGUMENT`,
-/// `NOT_FOUND`, `ALREADY_EXISTS`, `PERMISSION_DENIED`, `FAILED_PRECONDITION`, `OUT_OF_RANGE`,
-/// `UNIMPLEMENTED`); every other code releases the key so that a retry runs the method again.
+/// The default storage rule: `OK` and the errors that are a result of the call are stored
+/// (`NOT_FOUND`, `ALREADY_EXISTS`, `PERMISSION_DENIED`, `FAILED_PRECONDITION`, `OUT_OF_RANGE`);
+/// every other code releases the key so that a retry runs the method again.
+///
+/// `INVALID_ARGUMENT` (the request failed validation) and `UNIMPLEMENTED` (no such method)
+/// say the call never started, so, as the HTTP shims do with 400 and 422, they are not stored:
+/// the client may fix the request and retry with the same key. A method that answers
+/// `INVALID_ARGUMENT` after it has acted must use [`store_all_deterministic`] instead.
 ///
 /// ```
-/// use idempotency_rs::tonic_integration::default_store_policy;
+/// use idempotency_rs::tonic_integration::{default_store_policy, store_all_deterministic};
 /// use tonic::Code;
 /// assert!(default_store_policy(Code::Ok));
 /// assert!(default_store_policy(Code::NotFound));
+/// assert!(!default_store_policy(Code::InvalidArgument));
+/// assert!(store_all_deterministic(Code::InvalidArgument));
 /// assert!(!default_store_policy(Code::Unavailable));
 /// ```
 pub fn default_store_policy(code: Code) -> bool {
     matches!(
         code,
         Code::Ok
-            | Code::InvalidArgument
             | Code::NotFound
             | Code::AlreadyExists
             | Code::PermissionDenied
             | Code::FailedPrecondition
             | Code::OutOfRange
-            | Code::Unimplemented
     )
+}
+
+/// The storage rule that replays validation failures too: [`default_store_policy`] plus
+/// `INVALID_ARGUMENT` and `UNIMPLEMENTED`.
+pub fn store_all_deterministic(code: Code) -> bool {
+    default_store_policy(code) || matches!(code, Code::InvalidArgument | Code::Unimplemented)
 }
 
 /// Where a call's scope (the tenant or user its key belongs to) comes from.
@@ -149,6 +160,7 @@ fn debug(
 #[derive(Clone)]
 pub struct IdempotencyLayer {
     engine: Engine,
+    timings: Arc<Timings>,
     /// The settings shared with the HTTP shims; its HTTP-only ones (methods, scope header,
     /// JSON canonicalisation, status predicate) are not used.
     config: Config,
@@ -166,12 +178,13 @@ impl fmt::Debug for IdempotencyLayer {
 impl IdempotencyLayer {
     /// A layer over an engine (or a store) covering no method yet, with the defaults of the
     /// HTTP shims where they apply: UUID keys
-    /// ([`KeyPolicy::Uuid`](crate::http::KeyPolicy::Uuid)), optional; one shared
+    /// ([`KeyPolicy::Uuid`](crate::contract::KeyPolicy::Uuid)), optional; one shared
     /// scope; and gRPC's own: 4 MiB message and response limits, [`default_store_policy`]; the
     /// engine's lock timeout and retention.
     pub fn new(engine: impl Into<Engine>) -> Self {
         IdempotencyLayer {
             engine: engine.into(),
+            timings: Arc::default(),
             config: Config::default()
                 .max_request_bytes(4 * 1024 * 1024)
                 .max_response_bytes(4 * 1024 * 1024),
@@ -187,6 +200,7 @@ impl IdempotencyLayer {
         max_response_bytes,
         lock_timeout,
         retention,
+        retry_after_max,
     );
 
     /// Covers the unary method with this full path, `/package.Service/Method` (as in the
@@ -269,7 +283,11 @@ impl<S> Layer<S> for IdempotencyLayer {
 
     fn layer(&self, inner: S) -> Self::Service {
         let settings = Settings {
-            contract: Contract::new(self.engine.clone(), self.config.clone()),
+            contract: Contract::with_timings(
+                self.engine.clone(),
+                self.config.clone(),
+                self.timings.clone(),
+            ),
             methods: self.methods.clone(),
             scope: self.scope.clone(),
             store_when: self.store_when.clone(),

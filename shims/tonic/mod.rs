@@ -34,7 +34,7 @@
 //!
 //! 1. The key is the `idempotency-key` metadata entry, new for each logical call and the same
 //!    on its retries: a UUID by default, or any 1 to 255 printable ASCII characters under
-//!    [`KeyPolicy::Opaque`]. The rules are the HTTP shims' ([`crate::http::parse_key_value`]).
+//!    [`KeyPolicy::Opaque`]. The rules are the HTTP shims' ([`crate::contract::parse_key_value`]).
 //! 2. The scope (the tenant or user the key belongs to) is one shared scope by default, or a
 //!    metadata entry ([`IdempotencyLayer::scope_metadata`]), or any function of the request
 //!    head ([`IdempotencyLayer::scope_fn`]), such as the identity an authentication layer placed
@@ -103,8 +103,8 @@ mod body;
 mod layer;
 mod service;
 
-pub use crate::http::KeyPolicy;
-pub use layer::{IdempotencyLayer, default_store_policy};
+pub use crate::contract::{ClaimedKey, KeyPolicy};
+pub use layer::{IdempotencyLayer, default_store_policy, store_all_deterministic};
 pub use service::IdempotencyService;
 
 /// The request metadata entry that carries the idempotency key.

@@ -5,7 +5,7 @@ use std::future::Future;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
@@ -16,8 +16,8 @@ use tower::Service;
 use super::body::Buffered;
 use super::layer::Settings;
 use super::{KEY_METADATA, REPLAYED_METADATA, RETRY_PUSHBACK_METADATA};
-use crate::http::body::{BoxError, Collected, collect, header_list, header_map, mark_unstored};
-use crate::http::{KeyPolicy, ProblemKind, is_stored_header, unavailable};
+use crate::contract::body::{BoxError, Collected, collect, header_list, header_map, mark_unstored};
+use crate::contract::{ClaimedKey, KeyPolicy, ProblemKind, is_stored_header, unavailable};
 use crate::{ClaimOutcome, Error, Fingerprint, HeaderList, IdempotencyKey, Lease, StoredResponse};
 
 /// The service made by [`IdempotencyLayer`](super::IdempotencyLayer) around tonic's routes.
@@ -117,11 +117,14 @@ where
     };
 
     let fingerprint = Fingerprint::of_parts(&[parts.uri.path().as_bytes(), &message]);
-    let claim = settings.contract.claim_request(scope, key, fingerprint);
+    let claim = settings
+        .contract
+        .claim_request(scope.clone(), key, fingerprint);
     let lease = match settings.contract.engine().claim_async(claim).await {
         Ok(ClaimOutcome::Claimed(lease)) => lease,
         Ok(ClaimOutcome::Replay(stored)) => return Ok(replay(stored)),
         Ok(ClaimOutcome::InFlight { retry_after }) => {
+            let retry_after = settings.contract.retry_hint(parts.uri.path(), retry_after);
             return Ok(with_pushback(
                 reject(Status::aborted(format!(
                     "a call with this idempotency-key is still being processed; retry it \
@@ -143,6 +146,12 @@ where
 
     // From here until the lease is completed or released, dropping this future (the client
     // went away, a deadline passed) drops the lease, which releases the key.
+    let started = Instant::now();
+    let route = parts.uri.path().to_owned();
+    let claimed = ClaimedKey::of(&lease, scope);
+    let mut parts = parts;
+    parts.extensions.insert(claimed.key().clone());
+    parts.extensions.insert(claimed);
     let req = Request::from_parts(parts, Body::new(Buffered::new(message, request_trailers)));
     let response = match inner.call(req).await {
         Ok(response) => response,
@@ -163,6 +172,7 @@ where
         }
     };
 
+    settings.contract.record_run(&route, started.elapsed());
     let code = grpc_code(&head.headers, trailers.as_ref());
     match code {
         Some(code) if head.status == StatusCode::OK && (settings.store_when)(code) => {

@@ -14,6 +14,8 @@
 //! - `POST /closed/orders` -> as `/orders`, behind a layer over `closed_engine`
 //! - `POST /tenant/orders` -> as `/orders`, but the scope comes from a scope function that
 //!   returns the `X-Tenant` header as it is (`None` without it)
+//! - `POST /echo-key` -> 200 [`echo_key`] of the `Option<ClaimedKey>` the handler extracted
+//! - every other path: the framework's 404
 #![allow(dead_code, unreachable_pub)]
 
 use std::future::Future;
@@ -62,6 +64,18 @@ pub fn order_response(body: &[u8]) -> (u16, Value) {
             )
         }
         _ => (400, json!({"error": "expected {symbol, quantity, price}"})),
+    }
+}
+
+/// What `/echo-key` answers: the claimed key the handler extracted, or `{"key": null}`.
+pub fn echo_key(claimed: Option<&idempotency_rs::ClaimedKey>) -> Value {
+    match claimed {
+        Some(c) => json!({
+            "key": c.key().as_str(),
+            "scope": c.scope(),
+            "fencing_token": c.fencing_token(),
+        }),
+        None => json!({ "key": null }),
     }
 }
 
@@ -571,6 +585,216 @@ pub async fn dropped_client_releases_key(s: &Server) {
     assert_eq!(s.probe.slow.load(Ordering::SeqCst), 2);
 }
 
+/// Issue #14: a router's fallback is not an idempotent operation. A request no route matches
+/// gets the framework's 404, untouched: not `key-missing` where the key is required, and not
+/// stored and replayed where it has a key.
+pub async fn an_unknown_path_is_the_frameworks_404(s: &Server) {
+    let c = client();
+    for url in [
+        format!("{}/strict/nope", s.base),
+        format!("{}/nope", s.base),
+    ] {
+        let r = post(&c, url.clone(), None, Some("u1"), &order()).await;
+        assert_eq!(r.status(), 404, "{url} without a key");
+        let k = key();
+        for _ in 0..2 {
+            let r = post(&c, url.clone(), Some(&k), Some("u1"), &order()).await;
+            assert_eq!(r.status(), 404, "{url}");
+            assert!(r.headers().get("idempotent-replayed").is_none(), "{url}");
+            let ct = r
+                .headers()
+                .get("content-type")
+                .map(|v| v.to_str().unwrap().to_owned());
+            assert_ne!(ct.as_deref(), Some("application/problem+json"), "{url}");
+        }
+        // A key no UUID is no business of the layer's on a path it does not cover.
+        let r = post(&c, url.clone(), Some("not a uuid"), None, &order()).await;
+        assert_eq!(r.status(), 404, "{url}");
+    }
+}
+
+/// Issue #14: the handler sees the key the engine stored (unquoted, lower-cased under the UUID
+/// policy), the scope, and a fencing token that grows; replays do not run the handler.
+pub async fn the_handler_gets_the_key_as_it_was_stored(s: &Server) {
+    let c = client();
+    let url = format!("{}/echo-key", s.base);
+    let k = key();
+    let sent = format!("\"{}\"", k.to_ascii_uppercase());
+    let first: Value = post(&c, url.clone(), Some(&sent), Some("u1"), &json!({}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(first["key"], k.as_str());
+    assert_eq!(first["scope"], "u1");
+    let token = first["fencing_token"].as_u64().unwrap();
+    assert!(token > 0);
+    // The retry (bare, lower case) replays the same answer.
+    let r = post(&c, url.clone(), Some(&k), Some("u1"), &json!({})).await;
+    assert_eq!(r.headers()["idempotent-replayed"], "true");
+    assert_eq!(r.json::<Value>().await.unwrap(), first);
+    // A new key gets a greater token; no key, no claimed key.
+    let second: Value = post(&c, url.clone(), Some(&key()), Some("u1"), &json!({}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert!(second["fencing_token"].as_u64().unwrap() > token);
+    let none: Value = post(&c, url, None, Some("u1"), &json!({}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(none, json!({"key": null}));
+}
+
+/// Issue #14: one fingerprint default everywhere. `{"amount": 500}` and `{"amount":500}` are one
+/// request through the layers, as they are through `process_request`.
+pub async fn json_written_differently_is_one_request(s: &Server) {
+    let c = client();
+    let k = key();
+    let url = format!("{}/orders", s.base);
+    let send = |body: &'static str| {
+        c.post(url.clone())
+            .header("content-type", "application/json")
+            .header("idempotency-key", &k)
+            .header("x-user-id", "u1")
+            .body(body)
+            .send()
+    };
+    let first = send(r#"{"symbol":"AAPL","quantity":10,"price":150.5}"#)
+        .await
+        .unwrap();
+    assert_eq!(first.status(), 201);
+    let first: Value = first.json().await.unwrap();
+    let again = send("{ \"price\": 150.5,\n  \"quantity\": 10, \"symbol\": \"AAPL\" }")
+        .await
+        .unwrap();
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    assert_eq!(again.json::<Value>().await.unwrap(), first);
+    // A number that differs is another request.
+    let other = send(r#"{"symbol":"AAPL","quantity":11,"price":150.5}"#)
+        .await
+        .unwrap();
+    expect_problem(other, 422, "key-reused").await;
+    assert_eq!(s.probe.orders.load(Ordering::SeqCst), 1);
+}
+
+/// Issue #14: a request that fails validation (400 or 422) is not stored, so the client can fix
+/// it and retry with the same key, as Stripe allows; the fixed request is then the key's.
+pub async fn a_validation_failure_is_released_and_the_fixed_request_runs(s: &Server) {
+    let c = client();
+    let k = key();
+    let url = format!("{}/orders", s.base);
+    let r = post(
+        &c,
+        url.clone(),
+        Some(&k),
+        Some("u1"),
+        &json!({"symbol": "AAPL"}),
+    )
+    .await;
+    assert_eq!(r.status(), 400);
+    assert!(r.headers().get("idempotent-replayed").is_none());
+    let r = post(&c, url.clone(), Some(&k), Some("u1"), &order()).await;
+    assert_eq!(r.status(), 201);
+    assert!(r.headers().get("idempotent-replayed").is_none());
+    let r = post(&c, url.clone(), Some(&k), Some("u1"), &order()).await;
+    assert_eq!(r.headers()["idempotent-replayed"], "true");
+    let r = post(&c, url, Some(&k), Some("u1"), &json!({"symbol": "AAPL"})).await;
+    expect_problem(r, 422, "key-reused").await;
+    assert_eq!(s.probe.orders.load(Ordering::SeqCst), 2);
+}
+
+/// Issue #14: a 409's `Retry-After` follows what the route's operations take (here a few
+/// milliseconds: the shortest hint, one second), not the 30 s of the lock timeout.
+pub async fn retry_after_follows_what_the_route_takes(s: &Server) {
+    let c = client();
+    let url = format!("{}/slow", s.base);
+    // One quick run of the route.
+    s.probe.gate.add_permits(1);
+    let r = post(&c, url.clone(), Some(&key()), Some("u1"), &json!({"n": 0})).await;
+    assert_eq!(r.status(), 200);
+    let k = key();
+    let first = tokio::spawn({
+        let (c, url, k) = (c.clone(), url.clone(), k.clone());
+        async move { post(&c, url, Some(&k), Some("u1"), &json!({"n": 1})).await }
+    });
+    wait_for(|| s.probe.slow.load(Ordering::SeqCst) == 2).await;
+    let r = post(&c, url.clone(), Some(&k), Some("u1"), &json!({"n": 1})).await;
+    assert_eq!(retry_after(&r), 1);
+    let v = expect_problem(r, 409, "request-in-flight").await;
+    assert_eq!(v["retry_after"], 1);
+    s.probe.gate.add_permits(1);
+    assert_eq!(first.await.unwrap().status(), 200);
+}
+
+/// One HTTP/1.1 exchange on an open connection: the status, the lower-cased head and the body.
+async fn exchange(conn: &mut tokio::net::TcpStream, request: &str) -> (u16, String, Vec<u8>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    conn.write_all(request.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut chunk))
+            .await
+            .expect("a response")
+            .unwrap();
+        assert!(n > 0, "the connection closed before a response");
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+    let status = head[9..12].parse().unwrap();
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .map_or(0, |v| v.trim().parse().unwrap());
+    while buf.len() < head_end + len {
+        let mut chunk = [0u8; 4096];
+        let n = conn.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "the connection closed in the body");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    (status, head, buf[head_end..head_end + len].to_vec())
+}
+
+/// Issue #14: the layer's own answers keep the connection open, as the handler's do: a client
+/// sends its next request on the same connection (Actix closed it after a rejection).
+pub async fn rejections_keep_the_connection(s: &Server) {
+    let addr = s.base.trim_start_matches("http://");
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let k = key();
+    let body = r#"{"symbol":"AAPL","quantity":10,"price":150.5}"#;
+    let request = |key: &str, body: &str| {
+        format!(
+            "POST /orders HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\n\
+             x-user-id: u1\r\nidempotency-key: {key}\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    let other = r#"{"symbol":"MSFT","quantity":10,"price":150.5}"#;
+    let mut statuses = Vec::new();
+    for req in [
+        request("not a uuid", body), // refused before the body
+        request(&k, body),           // runs
+        request(&k, body),           // replayed
+        request(&k, other),          // refused after the body
+        format!(
+            "POST /orders HTTP/1.1\r\nhost: {addr}\r\nidempotency-key: {k}\r\n\
+                 content-length: 2\r\n\r\n{{}}"
+        ), // no scope
+    ] {
+        let (status, head, _) = exchange(&mut conn, &req).await;
+        assert!(!head.contains("connection: close"), "{status}: {head}");
+        statuses.push(status);
+    }
+    assert_eq!(statuses, [400, 201, 201, 422, 400]);
+    assert_eq!(s.probe.orders.load(Ordering::SeqCst), 1);
+}
+
 pub async fn wait_for(mut cond: impl FnMut() -> bool) {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while !cond() {
@@ -671,7 +895,11 @@ macro_rules! contract_cases {
             server_error_is_not_stored, client_error_is_stored,
             large_response_is_sent_whole_and_not_rerun, store_closed_is_503_and_handler_not_run,
             dead_writer_is_503_and_handler_not_run,
-            hundred_concurrent_requests_run_once, dropped_client_releases_key);
+            hundred_concurrent_requests_run_once, dropped_client_releases_key,
+            an_unknown_path_is_the_frameworks_404, the_handler_gets_the_key_as_it_was_stored,
+            json_written_differently_is_one_request,
+            a_validation_failure_is_released_and_the_fixed_request_runs,
+            retry_after_follows_what_the_route_takes, rejections_keep_the_connection);
     };
     (@cases $start:ident; $($case:ident),* $(,)?) => {
         mod contract {

@@ -21,7 +21,7 @@ use serde::de::IgnoredAny;
 /// are copied as text, so it does not change with `arbitrary_precision` either.
 ///
 /// ```
-/// use idempotency_rs::http::canonical_json;
+/// use idempotency_rs::contract::canonical_json;
 /// assert_eq!(
 ///     canonical_json(br#"{ "b": 1, "a": [true, {"d": null, "c": "x"}] }"#).unwrap(),
 ///     br#"{"a":[true,{"c":"x","d":null}],"b":1}"#.to_vec()

@@ -76,14 +76,17 @@
 pub(crate) mod body;
 mod canonical;
 mod problem;
+mod routes;
 mod setters;
 
 use std::fmt;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 pub use canonical::{canonical_json, canonical_value};
 pub use problem::{Problem, ProblemKind};
+pub use routes::PathPattern;
+pub(crate) use routes::Timings;
 pub(crate) use setters::config_setters;
 
 use crate::{
@@ -111,10 +114,86 @@ pub enum KeyPolicy {
 /// Decides from the status whether a response is stored for replay.
 pub type StorePredicate = Arc<dyn Fn(u16) -> bool + Send + Sync>;
 
-/// The default storage rule: 2xx, 3xx and 4xx are stored, except 408, 425 and 429; 1xx and 5xx
-/// are not.
+/// The default storage rule: 2xx, 3xx and the 4xx that are a result are stored; 1xx, 5xx, the
+/// transient 4xx (408, 425, 429) and the 4xx that say the request was refused before it was
+/// processed are not, which releases the key.
+///
+/// Not stored, besides 1xx and 5xx:
+///
+/// | status | why |
+/// |---|---|
+/// | 400, 422 | request validation failed (Axum's `Json` and `Query` rejections, Actix's `web::Json` errors, a handler's own checks): nothing ran, so the client may fix the request and retry **with the same key**, as Stripe allows |
+/// | 401 | not authenticated: the operation did not start |
+/// | 405, 415 | the router or an extractor refused the method or the media type |
+/// | 413, 431 | a framework limit refused the body or the headers |
+/// | 408, 425, 429 | transient: the same request may succeed later |
+///
+/// Every other 4xx (402, 403, 404, 409, 410, ...) is a result of the operation and is replayed.
+/// A handler that answers 400 or 422 **after** it has acted (charged, written) must not rely
+/// on this rule: use [`store_all_4xx`] (or its own [`Config::store_when`]) for that route.
+///
+/// ```
+/// use idempotency_rs::contract::{default_store_policy, store_all_4xx};
+/// assert!(default_store_policy(201) && default_store_policy(404));
+/// assert!(!default_store_policy(422) && !default_store_policy(503));
+/// assert!(store_all_4xx(422) && !store_all_4xx(429));
+/// ```
 pub fn default_store_policy(status: u16) -> bool {
+    matches!(status, 200..=499)
+        && !matches!(
+            status,
+            400 | 401 | 405 | 408 | 413 | 415 | 422 | 425 | 429 | 431
+        )
+}
+
+/// The storage rule that replays validation failures too: 2xx, 3xx and every 4xx except the
+/// transient 408, 425 and 429. Use it (`store_when(store_all_4xx)`) where a 400 or 422 may come
+/// after the operation acted, so a retry must never run it again.
+pub fn store_all_4xx(status: u16) -> bool {
     matches!(status, 200..=499) && !matches!(status, 408 | 425 | 429)
+}
+
+/// What a covered request that won its key carries into the handler: the key as the engine
+/// stored it (unquoted, lower-cased under [`KeyPolicy::Uuid`]), its scope and the fencing token
+/// of the lease.
+///
+/// The Axum layer, the Actix middleware and the Tonic layer insert it (and the bare
+/// [`IdempotencyKey`]) into the request extensions before the handler runs, so a handler that
+/// forwards the key to a payment provider sends exactly the key that was deduplicated, and a
+/// handler that writes to its own database can fence the write with the token (a write tagged
+/// with an older token comes from a holder whose lease was taken over). Replays and rejections
+/// never reach the handler; a request without a key (key optional) carries none.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimedKey {
+    key: IdempotencyKey,
+    scope: String,
+    fencing_token: u64,
+}
+
+impl ClaimedKey {
+    pub(crate) fn of(lease: &Lease, scope: String) -> Self {
+        ClaimedKey {
+            key: lease.key().clone(),
+            scope,
+            fencing_token: lease.fencing_token(),
+        }
+    }
+
+    /// The key, normalised.
+    pub fn key(&self) -> &IdempotencyKey {
+        &self.key
+    }
+
+    /// The scope (tenant or user) the key belongs to; empty for the shared scope.
+    pub fn scope(&self) -> &str {
+        &self.scope
+    }
+
+    /// The fencing token of this request's lease: greater than that of every earlier lease of
+    /// the store.
+    pub fn fencing_token(&self) -> u64 {
+        self.fencing_token
+    }
 }
 
 /// The settings every shim shares. Build with [`Config::default`] and the chained setters.
@@ -123,12 +202,14 @@ pub struct Config {
     pub(crate) key_policy: KeyPolicy,
     pub(crate) require_key: bool,
     pub(crate) methods: Vec<String>,
+    pub(crate) paths: Vec<PathPattern>,
     pub(crate) max_request_bytes: usize,
     pub(crate) max_response_bytes: usize,
     pub(crate) canonicalize_json: bool,
     pub(crate) store_when: StorePredicate,
     pub(crate) lock_timeout: Option<Duration>,
     pub(crate) retention: Option<Duration>,
+    pub(crate) retry_after_max: Option<Duration>,
     pub(crate) scope_header: Option<String>,
 }
 
@@ -138,12 +219,14 @@ impl Default for Config {
             key_policy: KeyPolicy::Uuid,
             require_key: false,
             methods: vec!["POST".into(), "PATCH".into()],
+            paths: Vec::new(),
             max_request_bytes: 1024 * 1024,
             max_response_bytes: 1024 * 1024,
-            canonicalize_json: false,
+            canonicalize_json: true,
             store_when: Arc::new(default_store_policy),
             lock_timeout: None,
             retention: None,
+            retry_after_max: None,
             scope_header: None,
         }
     }
@@ -155,11 +238,13 @@ impl fmt::Debug for Config {
             .field("key_policy", &self.key_policy)
             .field("require_key", &self.require_key)
             .field("methods", &self.methods)
+            .field("paths", &self.paths)
             .field("max_request_bytes", &self.max_request_bytes)
             .field("max_response_bytes", &self.max_response_bytes)
             .field("canonicalize_json", &self.canonicalize_json)
             .field("lock_timeout", &self.lock_timeout)
             .field("retention", &self.retention)
+            .field("retry_after_max", &self.retry_after_max)
             .field("scope_header", &self.scope_header)
             .finish_non_exhaustive()
     }
@@ -189,6 +274,7 @@ impl Config {
 pub struct Contract {
     engine: Engine,
     config: Arc<Config>,
+    timings: Arc<Timings>,
 }
 
 /// What [`Contract::begin`] decided.
@@ -202,12 +288,40 @@ pub enum Begin {
     Reject(Problem),
 }
 
+/// A covered request with its key and scope, as a shim hands it to [`Contract::begin`].
+#[derive(Debug, Clone, Copy)]
+pub struct Incoming<'a> {
+    /// The method.
+    pub method: &'a str,
+    /// The path with its query string, as the client sent it (fingerprinted).
+    pub path_and_query: &'a str,
+    /// The route the request matched (its template, such as `/orders/{id}`, when the framework
+    /// knows it; otherwise the path): the runs of one route give the `Retry-After` hint of its
+    /// in-flight answers.
+    pub route: &'a str,
+    /// The `Content-Type` header, if any (decides the JSON canonical form).
+    pub content_type: Option<&'a [u8]>,
+    /// The whole body.
+    pub body: &'a [u8],
+}
+
+/// The shortest `Retry-After` hint for a request in flight.
+const MIN_HINT: Duration = Duration::from_millis(100);
+/// What a route whose runs were never seen is assumed to take.
+const UNSEEN_RUN: Duration = Duration::from_secs(1);
+
 impl Contract {
     /// Binds `config` to `engine`.
     pub fn new(engine: Engine, config: Config) -> Self {
+        Self::with_timings(engine, config, Arc::default())
+    }
+
+    /// Binds `config` to `engine`, sharing the run timings of the other services of one layer.
+    pub(crate) fn with_timings(engine: Engine, config: Config, timings: Arc<Timings>) -> Self {
         Contract {
             engine,
             config: Arc::new(config),
+            timings,
         }
     }
 
@@ -227,6 +341,47 @@ impl Contract {
             .methods
             .iter()
             .any(|m| m.eq_ignore_ascii_case(method))
+    }
+
+    /// Whether a request with this method and path (without the query string) goes through
+    /// the contract: its method is covered and, if [`Config::paths`] named any, its path
+    /// matches one of them.
+    pub fn covers_request(&self, method: &str, path: &str) -> bool {
+        self.covers(method)
+            && (self.config.paths.is_empty() || self.config.paths.iter().any(|p| p.matches(path)))
+    }
+
+    /// The same engine and timings under other settings.
+    pub(crate) fn with_config(&self, config: Config) -> Self {
+        Contract {
+            engine: self.engine.clone(),
+            config: Arc::new(config),
+            timings: self.timings.clone(),
+        }
+    }
+
+    /// Remembers that a run of `route` took `took` (for [`Self::retry_hint`]).
+    pub(crate) fn record_run(&self, route: &str, took: Duration) {
+        self.timings.record(route, took);
+    }
+
+    /// How long a client should wait before retrying a request of `route` found in flight,
+    /// when its lease times out in `remaining`: the longest of the last runs of the route
+    /// (one second if none was seen), minus the time the running request has had already
+    /// (as far as its lease tells), at least 100 ms, at most [`Config::retry_after_max`], and
+    /// never past the lock timeout.
+    pub fn retry_hint(&self, route: &str, remaining: Duration) -> Duration {
+        let lock = self
+            .config
+            .lock_timeout
+            .unwrap_or_else(|| self.engine.lock_timeout());
+        let elapsed = lock.saturating_sub(remaining);
+        let run = self.timings.longest(route).unwrap_or(UNSEEN_RUN);
+        let mut hint = run.saturating_sub(elapsed).max(MIN_HINT);
+        if let Some(max) = self.config.retry_after_max {
+            hint = hint.min(max);
+        }
+        hint.min(remaining)
     }
 
     /// Reads the key from every value of the `Idempotency-Key` header, in order.
@@ -369,24 +524,25 @@ impl Contract {
     }
 
     /// Claims the key for this request and decides what happens to it.
-    pub async fn begin(
-        &self,
-        scope: String,
-        key: IdempotencyKey,
-        method: &str,
-        path_and_query: &str,
-        content_type: Option<&[u8]>,
-        body: &[u8],
-    ) -> Begin {
-        let fp = self.fingerprint(method, path_and_query, content_type, body);
+    pub async fn begin(&self, scope: String, key: IdempotencyKey, request: Incoming<'_>) -> Begin {
+        let fp = self.fingerprint(
+            request.method,
+            request.path_and_query,
+            request.content_type,
+            request.body,
+        );
         match self
             .engine
-            .claim_async(self.claim_request(scope, key, fp))
+            .claim_async(self.claim_request(scope.clone(), key, fp))
             .await
         {
             Ok(ClaimOutcome::Claimed(lease)) => Begin::Run(Pending {
+                claimed: ClaimedKey::of(&lease, scope),
                 lease,
                 config: self.config.clone(),
+                timings: self.timings.clone(),
+                route: request.route.into(),
+                started: Instant::now(),
             }),
             Ok(ClaimOutcome::Replay(mut stored)) => {
                 stored
@@ -400,7 +556,7 @@ impl Contract {
                     "A request with this Idempotency-Key is still being processed. Retry after \
                      the Retry-After delay with the same key to get its result.",
                 )
-                .retry_after(retry_after),
+                .retry_after(self.retry_hint(request.route, retry_after)),
             ),
             Ok(ClaimOutcome::Mismatch) => Begin::Reject(Problem::new(
                 ProblemKind::KeyReused,
@@ -561,7 +717,11 @@ pub fn is_stored_header(name: &str) -> bool {
 #[derive(Debug)]
 pub struct Pending {
     lease: Lease,
+    claimed: ClaimedKey,
     config: Arc<Config>,
+    timings: Arc<Timings>,
+    route: Box<str>,
+    started: Instant,
 }
 
 /// What [`Pending::finish`] did with the response.
@@ -587,9 +747,20 @@ impl Pending {
         &mut self.lease
     }
 
+    /// The key, scope and fencing token to hand to the handler (the shims put it into the
+    /// request extensions).
+    pub fn claimed(&self) -> &ClaimedKey {
+        &self.claimed
+    }
+
+    fn ran(&self) {
+        self.timings.record(&self.route, self.started.elapsed());
+    }
+
     /// Records the handler's response: stores it (minus hop-by-hop headers) if the storage
     /// rule says so, otherwise releases the key. Call it before the response is sent.
     pub async fn finish(self, status: u16, headers: &HeaderList, body: &[u8]) -> Finished {
+        self.ran();
         if !(self.config.store_when)(status) {
             return match self.lease.release_async().await {
                 Ok(()) | Err(Error::LeaseLost) => Finished::Released,
@@ -607,7 +778,7 @@ impl Pending {
             trailers: None,
         };
         if stored.size() > self.config.max_response_bytes {
-            return self.finish_oversized(status).await;
+            return self.finish_oversized_inner(status).await;
         }
         match self.lease.complete_async(stored).await {
             Ok(()) => Finished::Stored,
@@ -619,6 +790,11 @@ impl Pending {
     /// stored, completes the record with a 410 `response-not-stored` marker (so a retry does
     /// not run the operation again), otherwise releases the key.
     pub async fn finish_oversized(self, status: u16) -> Finished {
+        self.ran();
+        self.finish_oversized_inner(status).await
+    }
+
+    async fn finish_oversized_inner(self, status: u16) -> Finished {
         if !(self.config.store_when)(status) {
             return match self.lease.release_async().await {
                 Ok(()) | Err(Error::LeaseLost) => Finished::Released,
@@ -701,11 +877,17 @@ mod tests {
 
     #[test]
     fn storage_rule() {
-        for s in [200, 201, 204, 301, 400, 404, 409, 422] {
+        for s in [200, 201, 204, 301, 402, 403, 404, 409, 410] {
             assert!(default_store_policy(s), "{s}");
+            assert!(store_all_4xx(s), "{s}");
+        }
+        for s in [400, 401, 405, 413, 415, 422, 431] {
+            assert!(!default_store_policy(s), "{s}");
+            assert!(store_all_4xx(s), "{s}");
         }
         for s in [100, 408, 425, 429, 500, 502, 503] {
             assert!(!default_store_policy(s), "{s}");
+            assert!(!store_all_4xx(s), "{s}");
         }
     }
 

@@ -33,7 +33,7 @@ mod http1 {
     use http_body_util::BodyExt;
 
     use super::concat;
-    use crate::http::STORED_HEADER;
+    use crate::contract::STORED_HEADER;
     use crate::{Error, HeaderList};
 
     #[cfg(feature = "axum-integration")]
@@ -191,7 +191,7 @@ mod http1 {
     }
 
     /// Marks a response whose record could not be stored: `Idempotency-Stored: false` (see
-    /// the [`http`](crate::http) module docs).
+    /// the [`contract`](crate::contract) module docs).
     pub(crate) fn mark_unstored(headers: &mut HeaderMap, error: &Error) {
         tracing::warn!(
             error = %error,
