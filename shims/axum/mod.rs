@@ -10,6 +10,21 @@
 //! If the client disconnects, hyper drops the request future, which drops the lease and
 //! releases the key (the lock timeout is the backstop).
 //!
+//! # Which requests
+//!
+//! A request goes through the contract when its method is covered
+//! ([`IdempotencyLayer::methods`]), its path matches one of [`IdempotencyLayer::paths`] (if
+//! any) and [`IdempotencyLayer::cover_if`] (if set) agrees; the handler then finds a
+//! [`ClaimedKey`] (and the [`IdempotencyKey`]) as extractors. Where the layer sits decides the
+//! rest:
+//!
+//! - `Router::route_layer`, `Router::layer`, a route's own `post(h).layer(..)`: after routing.
+//!   A request no route matched (it carries no [`MatchedPath`]) is on its way to the fallback
+//!   and passes through untouched, so an unknown path is the router's 404. A service mounted
+//!   with `nest_service` is reached the same way, so layer that service itself.
+//! - Around a whole `Router` (`tower::Layer::layer(&layer, router)`, `ServiceBuilder`): before
+//!   routing, where the fallback cannot be told apart; name the covered [`IdempotencyLayer::paths`].
+//!
 //! ```no_run
 //! use axum::{Router, routing::post};
 //! use idempotency_rs::{SqliteIdempotencyStore, axum_integration::idempotency_layer};
@@ -140,9 +155,9 @@ impl<S: 'static> Layer<S> for IdempotencyLayer {
 
     fn layer(&self, inner: S) -> Self::Service {
         // `Router::layer` and `route_layer` (and `MethodRouter::layer`) wrap each route in an
-        // axum `Route`, after routing: there, a request without a `MatchedPath` is one no route
-        // matched, on its way to the fallback. Anywhere else (around a whole `Router`) no
-        // request has one yet, and every request is a candidate.
+        // axum `Route`, after routing: there, a request that matched no route is on its way to
+        // the fallback (see `Coverage::covers`). Anywhere else (around a whole `Router`) no
+        // request has been routed yet, and every request is a candidate.
         let inside_router = TypeId::of::<S>() == TypeId::of::<axum::routing::Route>();
         IdempotencyService {
             inner,
@@ -202,19 +217,13 @@ where
         let inner = std::mem::replace(&mut self.inner, clone);
         let contract = self.contract.clone();
         let scope_fn = self.scope_fn.clone();
-        let covered = self.covers(&req).then(|| self.cover_if.clone());
-        Box::pin(handle(inner, contract, scope_fn, covered, req))
-    }
-}
-
-impl<S> IdempotencyService<S> {
-    /// Whether the request may go through the contract: a covered method and path and, inside
-    /// a router, a route that matched (the fallback's 404 passes through untouched). The
-    /// predicate of [`IdempotencyLayer::cover_if`] is asked next, over the request's parts.
-    fn covers<B>(&self, req: &Request<B>) -> bool {
-        self.contract
+        let covered = contract
             .covers_request(req.method().as_str(), req.uri().path())
-            && !(self.inside_router && req.extensions().get::<MatchedPath>().is_none())
+            .then(|| Coverage {
+                inside_router: self.inside_router,
+                cover_if: self.cover_if.clone(),
+            });
+        Box::pin(handle(inner, contract, scope_fn, covered, req))
     }
 }
 
@@ -222,8 +231,8 @@ async fn handle<S, ReqBody, ResBody>(
     mut inner: S,
     contract: Contract,
     scope_fn: Option<ScopeFn>,
-    // `None`: not covered; `Some(predicate)`: covered if the predicate (if any) agrees.
-    covered: Option<Option<CoverFn>>,
+    // `None`: method or path not covered; `Some`: the checks that need the request's parts.
+    covered: Option<Coverage>,
     req: Request<ReqBody>,
 ) -> Result<Response<Body>, S::Error>
 where
@@ -234,7 +243,10 @@ where
     ResBody::Error: Into<BoxError>,
 {
     let (mut parts, body) = req.into_parts();
-    let covered = covered.is_some_and(|predicate| predicate.is_none_or(|p| p(&parts)));
+    let covered = match covered {
+        Some(coverage) => coverage.covers(&parts),
+        None => false,
+    };
     if !covered {
         return pass_through(inner, parts, body).await;
     }
@@ -365,6 +377,25 @@ where
                 "the response body failed while it was being produced",
             ))
         }
+    }
+}
+
+/// The checks of a covered method and path that need the request's parts.
+struct Coverage {
+    inside_router: bool,
+    cover_if: Option<CoverFn>,
+}
+
+impl Coverage {
+    /// Whether the request goes through the contract: inside a router, one that reached a
+    /// route (not the router's fallback); and the `cover_if` predicate, if any.
+    fn covers(self, parts: &Parts) -> bool {
+        if self.inside_router && parts.extensions.get::<MatchedPath>().is_none() {
+            // No `MatchedPath` inside a router: the router's fallback (default or custom), or
+            // a service nested with `nest_service` (documented: layer that service itself).
+            return false;
+        }
+        self.cover_if.is_none_or(|p| p(parts))
     }
 }
 

@@ -3,14 +3,17 @@
 //! The Axum, Actix-Web and Tonic shims only adapt their request and response types to this
 //! module; the rules live here. A shim:
 //!
-//! 1. passes a request through untouched unless [`Contract::covers`] its method;
+//! 1. passes a request through untouched unless [`Contract::covers_request`] its method and
+//!    path (and the shim's own checks agree: its `cover_if` predicate, and a route that matched,
+//!    so that a router's fallback is never the layer's business);
 //! 2. reads the `Idempotency-Key` header values with [`Contract::parse_key`] (no key and the key
 //!    optional: pass through; a bad key: answer the [`Problem`]);
 //! 3. extracts the scope (a header, or a function of the request), buffers the body through
 //!    [`Config::max_request_bytes`] (over it: [`Contract::body_too_large`], 413);
 //! 4. calls [`Contract::begin`], which claims the key and answers [`Begin::Replay`],
 //!    [`Begin::Reject`] or [`Begin::Run`];
-//! 5. runs the handler, buffers its response through [`Config::max_response_bytes`] and calls
+//! 5. puts [`Pending::claimed`] (a [`ClaimedKey`]) and its key into the request extensions,
+//!    runs the handler, buffers its response through [`Config::max_response_bytes`] and calls
 //!    [`Pending::finish`] (or [`Pending::finish_oversized`]) **before** sending the response, so
 //!    a response never leaves before its record is committed. An error or panic drops the
 //!    [`Pending`], which releases the key.
@@ -19,7 +22,8 @@
 //!
 //! | situation | answer |
 //! |---|---|
-//! | method not covered (default: only POST and PATCH) | pass through untouched |
+//! | method not covered (default: only POST and PATCH), path not in [`Config::paths`], the shim's `cover_if` false | pass through untouched |
+//! | no route matches (a router's fallback, Actix's default service) | pass through untouched |
 //! | no key, key optional (default) | pass through untouched |
 //! | no key, key required | 400 `key-missing` |
 //! | key malformed, empty, over 255 bytes, non-printable, or the header sent twice | 400 `key-invalid` / `key-repeated` |
@@ -28,7 +32,7 @@
 //! | the scope found is unusable (over 1024 bytes, a NUL byte, not UTF-8) | 400 `scope-invalid` |
 //! | request body over the limit (default 1 MiB) | 413 `body-too-large` |
 //! | same scope + key, different fingerprint | 422 `key-reused` (decided before in-flight) |
-//! | same scope + key, first request still running | 409 `request-in-flight` with `Retry-After` |
+//! | same scope + key, first request still running | 409 `request-in-flight` with `Retry-After` ([`Contract::retry_hint`]) |
 //! | same scope + key, first request completed | the stored status, headers and body, plus `Idempotent-Replayed: true` |
 //! | the stored response was over the store limit | 410 `response-not-stored` |
 //! | store closed, overloaded or failing | 503 `store-unavailable` with `Retry-After`; the handler does not run |
@@ -41,18 +45,23 @@
 //! (`"abc"`, the IETF draft's form); both name the same key. Under the UUID policy the key is
 //! normalised to lower case, so `ABC…` and `abc…` are one key.
 //!
-//! **The fingerprint** covers the method, the path with its query string, and the body bytes as
-//! received. With [`Config::canonicalize_json`], a JSON body (by `Content-Type`) is
-//! fingerprinted in [`canonical_json`] form, so key order and white space do not matter.
+//! **The fingerprint** covers the method, the path with its query string, and the body. A JSON
+//! body (by `Content-Type`) is fingerprinted in [`canonical_json`] form, so key order and white
+//! space do not matter, as in
+//! [`IdempotencyMiddleware::process_request`](crate::IdempotencyMiddleware::process_request);
+//! other bodies, and every body with [`Config::canonicalize_json`] off, as received.
 //!
 //! **The scope** keeps tenants apart: two scopes never see each other's records. A scope taken
 //! from a client header (such as `X-User-ID` in the examples) is only as trustworthy as that
 //! header: behind real authentication, take it from what the auth layer put into the request
 //! extensions instead.
 //!
-//! **What is stored.** 2xx, 3xx and deterministic 4xx responses are stored and replayed. 5xx,
-//! 408, 425 and 429, a handler error and a handler panic release the key, so a retry runs again.
-//! [`Config::store_when`] replaces the rule. Hop-by-hop headers (`Connection`,
+//! **What is stored** ([`default_store_policy`]): 2xx, 3xx and the 4xx that are a result of the
+//! operation are stored and replayed. 5xx, the transient 408, 425 and 429, the refusals of a
+//! request before it ran (400 and 422 of validation, 401, 405, 413, 415, 431), a handler error
+//! and a handler panic release the key, so a retry runs again (a request that failed
+//! validation can be fixed and retried with the same key). [`Config::store_when`] replaces the
+//! rule; [`store_all_4xx`] stores validation failures too. Hop-by-hop headers (`Connection`,
 //! `Transfer-Encoding`, ...), `Content-Length` and `Date` are not stored; the framework sets
 //! `Content-Length` from the replayed body.
 //!

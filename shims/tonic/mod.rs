@@ -56,7 +56,7 @@
 //! | the scope function answers a scope over 1024 bytes or with a NUL byte | `INVALID_ARGUMENT` |
 //! | request message over the limit (default 4 MiB) | `RESOURCE_EXHAUSTED` |
 //! | key already used with a different method or message | `FAILED_PRECONDITION` |
-//! | first call with this key still running | `ABORTED`, with `grpc-retry-pushback-ms` metadata |
+//! | first call with this key still running | `ABORTED`, with `grpc-retry-pushback-ms` metadata: what the method's last runs took, less the time the running call has had (100 ms at least, never past its lock timeout) |
 //! | first call completed | its stored response, replayed, with `idempotent-replayed: true` |
 //! | store closed, overloaded or failing | `UNAVAILABLE` (with `grpc-retry-pushback-ms`); the handler does not run |
 //!
@@ -75,12 +75,20 @@
 //!
 //! # What is stored
 //!
-//! [`default_store_policy`]: `OK` and the deterministic errors (`INVALID_ARGUMENT`, `NOT_FOUND`,
-//! `ALREADY_EXISTS`, `PERMISSION_DENIED`, `FAILED_PRECONDITION`, `OUT_OF_RANGE`,
-//! `UNIMPLEMENTED`) are stored and replayed. Every other code (`UNAVAILABLE`, `INTERNAL`,
-//! `UNKNOWN`, `DEADLINE_EXCEEDED`, `ABORTED`, `RESOURCE_EXHAUSTED`, `CANCELLED`, ...), an error
-//! from the inner service, a response without a `grpc-status`, a handler panic and a call
-//! cancelled by the client release the key. [`IdempotencyLayer::store_when`] replaces the rule.
+//! [`default_store_policy`]: `OK` and the errors that are a result of the call (`NOT_FOUND`,
+//! `ALREADY_EXISTS`, `PERMISSION_DENIED`, `FAILED_PRECONDITION`, `OUT_OF_RANGE`) are stored and
+//! replayed. Every other code (`INVALID_ARGUMENT` and `UNIMPLEMENTED`, which say the call never
+//! started, so a client can fix the request and retry with the same key; `UNAVAILABLE`,
+//! `INTERNAL`, `UNKNOWN`, `DEADLINE_EXCEEDED`, `ABORTED`, `RESOURCE_EXHAUSTED`, `CANCELLED`, ...),
+//! an error from the inner service, a response without a `grpc-status`, a handler panic and a
+//! call cancelled by the client release the key. [`IdempotencyLayer::store_when`] replaces the
+//! rule; [`store_all_deterministic`] also stores `INVALID_ARGUMENT` and `UNIMPLEMENTED`.
+//!
+//! # The key in the handler
+//!
+//! Before the handler runs, the layer inserts a [`ClaimedKey`] (the key as stored, its scope,
+//! the lease's fencing token) and the [`IdempotencyKey`](crate::IdempotencyKey) into the request
+//! extensions: `request.extensions().get::<ClaimedKey>()` in the service method.
 //!
 //! A response to store that is larger than [`IdempotencyLayer::max_response_bytes`] is sent to
 //! the client in full, and the record is completed with an `ALREADY_EXISTS` marker instead: a

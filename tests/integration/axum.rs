@@ -263,6 +263,35 @@ async fn paths_route_layer_and_single_routes_choose_what_is_covered() {
             400
         );
     }
+    // A service nested with `nest_service` is reached without a `MatchedPath`, like the
+    // fallback, so the outer router's layer leaves it alone (documented); layered itself, it is
+    // covered whole. A custom fallback passes through like the default one.
+    let outer = Router::new()
+        .nest_service("/legacy", routes(probe.clone()))
+        .route("/orders", post(|| async { StatusCode::CREATED }))
+        .layer(strict());
+    assert_eq!(
+        status(send_to(outer.clone(), "/orders", None, ORDER).await),
+        400
+    );
+    assert_eq!(
+        status(send_to(outer, "/legacy/orders", None, ORDER).await),
+        201
+    );
+    let own = Router::new().nest_service(
+        "/legacy",
+        tower::Layer::layer(&strict(), routes(probe.clone())),
+    );
+    assert_eq!(
+        status(send_to(own, "/legacy/orders", None, ORDER).await),
+        400
+    );
+    let custom = Router::new()
+        .route("/orders", post(|| async { StatusCode::CREATED }))
+        .fallback(|| async { StatusCode::NOT_FOUND })
+        .layer(strict());
+    assert_eq!(status(send_to(custom, "/nope", None, "{}").await), 404);
+
     // A route without the layer needs no key.
     let single = Router::new()
         .route(
