@@ -19,9 +19,11 @@
 //! rest:
 //!
 //! - `Router::route_layer`, `Router::layer`, a route's own `post(h).layer(..)`: after routing.
-//!   A request no route matched (it carries no [`MatchedPath`]) is on its way to the fallback
-//!   and passes through untouched, so an unknown path is the router's 404. A service mounted
-//!   with `nest_service` is reached the same way, so layer that service itself.
+//!   A request the router routed without matching a route (it carries an [`OriginalUri`] and
+//!   no [`MatchedPath`]) is on its way to the fallback and passes through untouched, so an
+//!   unknown path is the router's 404. A service mounted with `nest_service` is reached the
+//!   same way, so layer that service itself. A layered `MethodRouter` served or called on its
+//!   own (no router) covers every request.
 //! - Around a whole `Router` (`tower::Layer::layer(&layer, router)`, `ServiceBuilder`): before
 //!   routing, where the fallback cannot be told apart; name the covered [`IdempotencyLayer::paths`].
 //!
@@ -47,7 +49,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use axum::body::Body;
-use axum::extract::{FromRequestParts, MatchedPath, OptionalFromRequestParts};
+use axum::extract::{FromRequestParts, MatchedPath, OptionalFromRequestParts, OriginalUri};
 use axum::response::IntoResponse;
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, request::Parts};
@@ -390,9 +392,14 @@ impl Coverage {
     /// Whether the request goes through the contract: inside a router, one that reached a
     /// route (not the router's fallback); and the `cover_if` predicate, if any.
     fn covers(self, parts: &Parts) -> bool {
-        if self.inside_router && parts.extensions.get::<MatchedPath>().is_none() {
-            // No `MatchedPath` inside a router: the router's fallback (default or custom), or
-            // a service nested with `nest_service` (documented: layer that service itself).
+        // Routed by a `Router` (which records the `OriginalUri` before it matches anything)
+        // and no route matched (no `MatchedPath`): the router's fallback, default or custom,
+        // or a service nested with `nest_service` (documented: layer that service itself). A
+        // `MethodRouter` served or called on its own is not routed, and stays covered.
+        if self.inside_router
+            && parts.extensions.get::<MatchedPath>().is_none()
+            && parts.extensions.get::<OriginalUri>().is_some()
+        {
             return false;
         }
         self.cover_if.is_none_or(|p| p(parts))

@@ -292,6 +292,17 @@ async fn paths_route_layer_and_single_routes_choose_what_is_covered() {
         .layer(strict());
     assert_eq!(status(send_to(custom, "/nope", None, "{}").await), 404);
 
+    // A layered `MethodRouter` called on its own (no router, so no `MatchedPath`) is covered.
+    let alone = post(|| async { StatusCode::CREATED }).layer(strict());
+    assert_eq!(
+        status(send_to(alone.clone(), "/anything", None, "{}").await),
+        400
+    );
+    assert_eq!(
+        status(send_to(alone, "/anything", Some(&k), "{}").await),
+        201
+    );
+
     // A route without the layer needs no key.
     let single = Router::new()
         .route(
