@@ -351,3 +351,53 @@ async fn the_key_is_an_extractor() {
     assert_eq!(v["type"], "urn:idempotency-rs:problem:key-missing");
     assert_eq!(call(&app, "/may", None, "{}").await.2, "none");
 }
+
+/// Issue #14 review: where the middleware cannot see, before routing, which resource a request
+/// will reach (a second scope behind a guard, a `NormalizePath` inside the middleware, a
+/// percent-encoded path), it refuses nothing but still deduplicates a request with a key: the
+/// handler runs once.
+#[actix_web::test]
+async fn requests_routed_where_the_middleware_cannot_see_are_still_deduplicated() {
+    let engine = common::engine();
+    let probe = Probe::new();
+    let app = actix_web::test::init_service(
+        App::new()
+            .app_data(Data::from(probe.clone()))
+            .app_data(Data::new(Panics::default()))
+            .wrap(actix_web::middleware::NormalizePath::trim())
+            .wrap(layer(&engine).require_key(true))
+            .service(
+                web::scope("/v")
+                    .guard(actix_web::guard::Header("x-api-version", "1"))
+                    .route("/other", web::post().to(list)),
+            )
+            .service(
+                web::scope("/v")
+                    .guard(actix_web::guard::Header("x-api-version", "2"))
+                    .configure(routes),
+            )
+            .configure(routes),
+    )
+    .await;
+    for (path, version) in [("/v/orders", "2"), ("/orders/", ""), ("/%6Frders", "")] {
+        let k = key();
+        let before = probe.orders.load(Ordering::SeqCst);
+        for _ in 0..2 {
+            let mut req = actix_web::test::TestRequest::post()
+                .uri(path)
+                .insert_header(("x-user-id", "u1"))
+                .insert_header(("idempotency-key", k.as_str()))
+                .set_payload(ORDER);
+            if !version.is_empty() {
+                req = req.insert_header(("x-api-version", version));
+            }
+            let r = actix_web::test::call_service(&app, req.to_request()).await;
+            assert_eq!(r.status(), 201, "{path}");
+        }
+        assert_eq!(
+            probe.orders.load(Ordering::SeqCst),
+            before + 1,
+            "{path} ran twice"
+        );
+    }
+}

@@ -199,23 +199,29 @@ where
     actix_web::dev::forward_ready!(service);
 
     fn call(&self, req: ServiceRequest) -> Self::Future {
-        // The route the request matched (its pattern), `None` for the default service: a
-        // request no resource matched passes through untouched.
-        let route = req.match_pattern();
-        let covered = route.is_some()
-            && self
-                .contract
-                .covers_request(req.method().as_str(), req.path())
+        // `paths` match the path as Actix routes it (percent-decoded).
+        let covered = self
+            .contract
+            .covers_request(req.method().as_str(), req.match_info().as_str())
             && self.cover_if.as_ref().is_none_or(|p| p(req.request()));
         if !covered {
             let service = self.service.clone();
             return Box::pin(async move { pass_through(&service, req).await });
         }
+        // The pattern of the resource the path matches. `None` for the default service, and
+        // also where this lookup, made before routing, cannot see what routing will do (guards,
+        // a `NormalizePath` inside this middleware): `Mode::Lenient` then refuses nothing but
+        // still deduplicates a request with a key.
+        let (mode, route) = match req.match_pattern() {
+            Some(pattern) => (Mode::Strict, pattern),
+            None => (Mode::Lenient, req.match_info().as_str().to_owned()),
+        };
         Box::pin(handle(
             self.service.clone(),
             self.contract.clone(),
             self.scope_fn.clone(),
-            route.unwrap_or_default(),
+            mode,
+            route,
             req,
         ))
     }
@@ -225,6 +231,7 @@ async fn handle<S, B>(
     service: Rc<S>,
     contract: Contract,
     scope_fn: Option<ScopeFn>,
+    mode: Mode,
     route: String,
     mut req: ServiceRequest,
 ) -> Reply<B>
@@ -232,31 +239,32 @@ where
     S: Service<ServiceRequest, Response = ServiceResponse<B>, Error = actix_web::Error>,
     B: MessageBody + 'static,
 {
-    let key_and_scope = match key_and_scope(&contract, scope_fn.as_ref(), &req) {
-        Ok(None) => return pass_through(&service, req).await,
-        Ok(Some(found)) => Ok(found),
-        Err(problem) => Err(problem),
-    };
     let limit = contract.config().request_limit();
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok());
+    let (key, scope) = match (key_and_scope(&contract, scope_fn.as_ref(), &req), mode) {
+        (Ok(Some(found)), _) => found,
+        (Ok(None), _) | (Err(_), Mode::Lenient) => return pass_through(&service, req).await,
+        (Err(problem), Mode::Strict) => {
+            // The body is read (and dropped) before the answer: Actix closes the connection
+            // after a response sent before the request's body was read.
+            if declared.is_none_or(|n| n <= limit as u64) && !expects_continue(&req) {
+                drain(req.take_payload(), limit).await;
+            }
+            return Ok(reject(req, &problem));
+        }
+    };
     if declared.is_some_and(|n| n > limit as u64) {
-        let problem = key_and_scope
-            .err()
-            .unwrap_or_else(|| contract.body_too_large());
-        return Ok(reject(req, &problem));
+        return match mode {
+            Mode::Strict => Ok(reject(req, &contract.body_too_large())),
+            Mode::Lenient => pass_through(&service, req).await,
+        };
     }
-    // The body is read before any answer, a rejection included: Actix closes the connection
-    // after a response sent before the request's body was read, and a client should keep it.
     let payload = BodyStream::new(req.take_payload());
     let read = actix_web::body::to_bytes_limited(payload, limit).await;
-    let (key, scope) = match key_and_scope {
-        Ok(found) => found,
-        Err(problem) => return Ok(reject(req, &problem)),
-    };
     let bytes = match read {
         Ok(Ok(bytes)) => bytes,
         Err(_) => return Ok(reject(req, &contract.body_too_large())),
@@ -292,7 +300,10 @@ where
             );
         }
         Begin::Reject(problem) => return Ok(reject(req, &problem)),
-        Begin::Run(pending) => pending,
+        Begin::Run(pending) => match mode {
+            Mode::Strict => pending,
+            Mode::Lenient => pending.release_not_found(),
+        },
     };
     // From here until `finish`, an error, a panic or a dropped future drops `pending`, which
     // releases the key.
@@ -333,6 +344,37 @@ where
         }
     };
     Ok(ServiceResponse::new(http_req, head.set_body(body)).map_into_right_body())
+}
+
+/// How a covered request is handled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    /// The contract, every answer of it.
+    Strict,
+    /// A request whose path matches no resource (seen before routing): the default service's,
+    /// or one that guards or a path rewrite inside this middleware will route after all. The
+    /// middleware refuses nothing (a missing or malformed key, no scope, a large body pass
+    /// through untouched), so an unknown path is the app's own 404; a request with a good key
+    /// is still deduplicated, and a 404 answer releases its key.
+    Lenient,
+}
+
+fn expects_continue(req: &ServiceRequest) -> bool {
+    req.headers()
+        .get(header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
+}
+
+/// Reads and drops a refused request's body, up to `limit` bytes, chunk by chunk.
+async fn drain(payload: Payload, limit: usize) {
+    let mut body = Box::pin(BodyStream::new(payload));
+    let mut read = 0usize;
+    while read <= limit {
+        match poll_fn(|cx| body.as_mut().poll_next(cx)).await {
+            Some(Ok(chunk)) => read += chunk.len(),
+            _ => return,
+        }
+    }
 }
 
 /// The key and scope of a covered request. `Ok(None)`: no key, and none is required.

@@ -20,10 +20,12 @@
 //!
 //! - `Router::route_layer`, `Router::layer`, a route's own `post(h).layer(..)`: after routing.
 //!   A request the router routed without matching a route (it carries an [`OriginalUri`] and
-//!   no [`MatchedPath`]) is on its way to the fallback and passes through untouched, so an
-//!   unknown path is the router's 404. A service mounted with `nest_service` is reached the
-//!   same way, so layer that service itself. A layered `MethodRouter` served or called on its
-//!   own (no router) covers every request.
+//!   no [`MatchedPath`]) is on its way to the fallback: the layer refuses nothing there (no
+//!   `key-missing`, `key-invalid`, `scope-missing`, 413) and does not store a 404, so an
+//!   unknown path is the router's own 404. A service mounted with `nest_service` is reached the
+//!   same way, so there too nothing is refused, but a request with a key is still
+//!   deduplicated; layer that service itself to require keys. A layered `MethodRouter` served
+//!   or called on its own (no router) covers every request.
 //! - Around a whole `Router` (`tower::Layer::layer(&layer, router)`, `ServiceBuilder`): before
 //!   routing, where the fallback cannot be told apart; name the covered [`IdempotencyLayer::paths`].
 //!
@@ -156,12 +158,10 @@ impl<S: 'static> Layer<S> for IdempotencyLayer {
     type Service = IdempotencyService<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        // `Router::layer` and `route_layer` (and `MethodRouter::layer`) wrap each route in an
-        // axum `Route`, after routing: there, a request that matched no route is on its way to
-        // the fallback (see `Coverage::covers`). Anywhere else (around a whole `Router`) no
-        // request has been routed yet, and every request is a candidate.
-        let inside_router = TypeId::of::<S>() == TypeId::of::<axum::routing::Route>();
         IdempotencyService {
+            // Around a whole `Router`, nothing has been routed by it yet: even a request that an
+            // outer router passed on (a `nest_service`) is one of this router's to cover.
+            wraps_router: TypeId::of::<S>() == TypeId::of::<axum::Router>(),
             inner,
             contract: Contract::with_timings(
                 self.engine.clone(),
@@ -170,7 +170,6 @@ impl<S: 'static> Layer<S> for IdempotencyLayer {
             ),
             scope_fn: self.scope_fn.clone(),
             cover_if: self.cover_if.clone(),
-            inside_router,
         }
     }
 }
@@ -182,7 +181,7 @@ pub struct IdempotencyService<S> {
     contract: Contract,
     scope_fn: Option<ScopeFn>,
     cover_if: Option<CoverFn>,
-    inside_router: bool,
+    wraps_router: bool,
 }
 
 impl<S: fmt::Debug> fmt::Debug for IdempotencyService<S> {
@@ -219,11 +218,17 @@ where
         let inner = std::mem::replace(&mut self.inner, clone);
         let contract = self.contract.clone();
         let scope_fn = self.scope_fn.clone();
+        // `paths` match the path the client sent: inside a nested router the URI has lost its
+        // prefix, and the `OriginalUri` the router recorded still has it.
+        let path = req
+            .extensions()
+            .get::<OriginalUri>()
+            .map_or_else(|| req.uri().path(), |o| o.path());
         let covered = contract
-            .covers_request(req.method().as_str(), req.uri().path())
+            .covers_request(req.method().as_str(), path)
             .then(|| Coverage {
-                inside_router: self.inside_router,
                 cover_if: self.cover_if.clone(),
+                wraps_router: self.wraps_router,
             });
         Box::pin(handle(inner, contract, scope_fn, covered, req))
     }
@@ -245,54 +250,43 @@ where
     ResBody::Error: Into<BoxError>,
 {
     let (mut parts, body) = req.into_parts();
-    let covered = match covered {
-        Some(coverage) => coverage.covers(&parts),
-        None => false,
+    let mode = match covered {
+        Some(coverage) => coverage.mode(&parts),
+        None => None,
     };
-    if !covered {
+    let Some(mode) = mode else {
         return pass_through(inner, parts, body).await;
-    }
-    let keys: Vec<&[u8]> = parts
-        .headers
-        .get_all(KEY_HEADER)
-        .iter()
-        .map(HeaderValue::as_bytes)
-        .collect();
-    let key = match contract.parse_key(&keys) {
-        Err(problem) => return Ok(problem_response(&problem)),
-        Ok(None) => return pass_through(inner, parts, body).await,
-        Ok(Some(key)) => key,
-    };
-    let scope = match &scope_fn {
-        Some(f) => match contract.scope_from_fn(f(&parts)) {
-            Ok(s) => s,
-            Err(problem) => return Ok(problem_response(&problem)),
-        },
-        None => {
-            let name = contract.config().scope_header_name().unwrap_or("");
-            let values: Vec<&[u8]> = if name.is_empty() {
-                Vec::new()
-            } else {
-                parts
-                    .headers
-                    .get_all(name)
-                    .iter()
-                    .map(HeaderValue::as_bytes)
-                    .collect()
-            };
-            match contract.scope_from_header(&values) {
-                Ok(scope) => scope.unwrap_or_default(),
-                Err(problem) => return Ok(problem_response(&problem)),
-            }
-        }
     };
     let limit = contract.config().request_limit();
+    let found = key_and_scope(&contract, scope_fn.as_ref(), &parts);
+    let (key, scope) = match (found, mode) {
+        (Ok(Some(found)), _) => found,
+        (Ok(None), _) | (Err(_), Mode::Lenient) => return pass_through(inner, parts, body).await,
+        (Err(problem), Mode::Strict) => {
+            // Read the body first (up to the limit, discarded), so the connection stays open
+            // for the client's next request: hyper closes one whose request body is unread.
+            drain(&parts, body, limit).await;
+            return Ok(problem_response(&problem));
+        }
+    };
     if body.size_hint().lower() > limit as u64 {
-        return Ok(problem_response(&contract.body_too_large()));
+        return match mode {
+            Mode::Strict => Ok(problem_response(&contract.body_too_large())),
+            Mode::Lenient => pass_through(inner, parts, body).await,
+        };
     }
-    let bytes = match collect(pin!(body), Some(limit)).await {
+    let bytes = match collect(Box::pin(body), Some(limit)).await {
         Collected::Whole { data, .. } => data,
-        Collected::TooLarge { .. } => return Ok(problem_response(&contract.body_too_large())),
+        Collected::TooLarge { prefix, rest } => {
+            return match mode {
+                Mode::Strict => Ok(problem_response(&contract.body_too_large())),
+                Mode::Lenient => {
+                    let body = Body::new(Prefixed::new(prefix, rest));
+                    let response = inner.call(Request::from_parts(parts, body)).await?;
+                    Ok(response.map(Body::new))
+                }
+            };
+        }
         Collected::Failed(e) => {
             tracing::debug!(error = %e, "idempotency: the request body could not be read");
             return Ok(plain(
@@ -342,7 +336,10 @@ where
                 fencing_token = pending.lease().fencing_token(),
                 "idempotency: key claimed"
             );
-            pending
+            match mode {
+                Mode::Strict => pending,
+                Mode::Lenient => pending.release_not_found(),
+            }
         }
     };
     // From here until `finish`, an error, a panic or a dropped future drops `pending`, which
@@ -382,27 +379,98 @@ where
     }
 }
 
+/// The key and scope of a covered request. `Ok(None)`: no key, and none is required.
+fn key_and_scope(
+    contract: &Contract,
+    scope_fn: Option<&ScopeFn>,
+    parts: &Parts,
+) -> Result<Option<(IdempotencyKey, String)>, Problem> {
+    let keys: Vec<&[u8]> = parts
+        .headers
+        .get_all(KEY_HEADER)
+        .iter()
+        .map(HeaderValue::as_bytes)
+        .collect();
+    let Some(key) = contract.parse_key(&keys)? else {
+        return Ok(None);
+    };
+    let scope = match scope_fn {
+        Some(f) => contract.scope_from_fn(f(parts))?,
+        None => {
+            let values: Vec<&[u8]> = match contract.config().scope_header_name() {
+                Some(name) => parts
+                    .headers
+                    .get_all(name)
+                    .iter()
+                    .map(HeaderValue::as_bytes)
+                    .collect(),
+                None => Vec::new(),
+            };
+            contract.scope_from_header(&values)?.unwrap_or_default()
+        }
+    };
+    Ok(Some((key, scope)))
+}
+
+/// Reads and discards a request body the layer refuses, up to `limit` bytes, so that hyper
+/// keeps the connection. Not when the client waits for `100 Continue` before it sends the body:
+/// then the refusal goes first, and the body is never asked for.
+async fn drain<B>(parts: &Parts, body: B, limit: usize)
+where
+    B: http_body::Body<Data = Bytes>,
+{
+    let expects_continue = parts
+        .headers
+        .get(http::header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    if expects_continue || body.size_hint().lower() > limit as u64 {
+        return;
+    }
+    let mut body = pin!(body);
+    let mut read = 0usize;
+    while read <= limit {
+        match std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
+            Some(Ok(frame)) => read += frame.data_ref().map_or(0, Bytes::len),
+            _ => return,
+        }
+    }
+}
+
+/// How a covered request is handled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    /// The contract, every answer of it.
+    Strict,
+    /// A request that a router routed to no route: its fallback, or a service mounted with
+    /// `nest_service` (Axum cannot tell the two apart). The layer refuses nothing (a missing
+    /// or malformed key, no scope, a large body pass through untouched), so an unknown path is
+    /// the router's own 404; a request with a good key is still deduplicated, so a nested
+    /// service never loses its protection, and a 404 answer releases the key.
+    Lenient,
+}
+
 /// The checks of a covered method and path that need the request's parts.
 struct Coverage {
-    inside_router: bool,
     cover_if: Option<CoverFn>,
+    wraps_router: bool,
 }
 
 impl Coverage {
-    /// Whether the request goes through the contract: inside a router, one that reached a
-    /// route (not the router's fallback); and the `cover_if` predicate, if any.
-    fn covers(self, parts: &Parts) -> bool {
-        // Routed by a `Router` (which records the `OriginalUri` before it matches anything)
-        // and no route matched (no `MatchedPath`): the router's fallback, default or custom,
-        // or a service nested with `nest_service` (documented: layer that service itself). A
-        // `MethodRouter` served or called on its own is not routed, and stays covered.
-        if self.inside_router
-            && parts.extensions.get::<MatchedPath>().is_none()
-            && parts.extensions.get::<OriginalUri>().is_some()
-        {
-            return false;
+    /// How the request is handled: `None` when `cover_if` says no.
+    fn mode(self, parts: &Parts) -> Option<Mode> {
+        if !self.cover_if.is_none_or(|p| p(parts)) {
+            return None;
         }
-        self.cover_if.is_none_or(|p| p(parts))
+        // Routed by a `Router` (which records the `OriginalUri` before it matches anything)
+        // without matching a route (no `MatchedPath`).
+        let unmatched = !self.wraps_router
+            && parts.extensions.get::<MatchedPath>().is_none()
+            && parts.extensions.get::<OriginalUri>().is_some();
+        Some(if unmatched {
+            Mode::Lenient
+        } else {
+            Mode::Strict
+        })
     }
 }
 

@@ -378,7 +378,7 @@ impl Contract {
     /// when its lease times out in `remaining`: the longest of the last runs of the route
     /// (one second if none was seen), minus the time the running request has had already
     /// (as far as its lease tells), at least 100 ms, at most [`Config::retry_after_max`], and
-    /// never past the lock timeout.
+    /// never past the lock timeout (but never zero either: 1 ms at least).
     pub fn retry_hint(&self, route: &str, remaining: Duration) -> Duration {
         let lock = self
             .config
@@ -390,7 +390,8 @@ impl Contract {
         if let Some(max) = self.config.retry_after_max {
             hint = hint.min(max);
         }
-        hint.min(remaining)
+        // Never zero: "retry at once" would only meet the same lease again.
+        hint.min(remaining).max(Duration::from_millis(1))
     }
 
     /// Reads the key from every value of the `Idempotency-Key` header, in order.
@@ -547,6 +548,7 @@ impl Contract {
         {
             Ok(ClaimOutcome::Claimed(lease)) => Begin::Run(Pending {
                 claimed: ClaimedKey::of(&lease, scope),
+                release_404: false,
                 lease,
                 config: self.config.clone(),
                 timings: self.timings.clone(),
@@ -726,6 +728,9 @@ pub fn is_stored_header(name: &str) -> bool {
 #[derive(Debug)]
 pub struct Pending {
     lease: Lease,
+    /// A 404 answer releases the key instead of being stored (a request the framework routed
+    /// to no handler: its fallback's 404 is no result of an operation).
+    release_404: bool,
     claimed: ClaimedKey,
     config: Arc<Config>,
     timings: Arc<Timings>,
@@ -762,15 +767,25 @@ impl Pending {
         &self.claimed
     }
 
+    /// A 404 answer will release the key rather than be stored.
+    pub(crate) fn release_not_found(mut self) -> Self {
+        self.release_404 = true;
+        self
+    }
+
     fn ran(&self) {
         self.timings.record(&self.route, self.started.elapsed());
+    }
+
+    fn stores(&self, status: u16) -> bool {
+        (self.config.store_when)(status) && !(self.release_404 && status == 404)
     }
 
     /// Records the handler's response: stores it (minus hop-by-hop headers) if the storage
     /// rule says so, otherwise releases the key. Call it before the response is sent.
     pub async fn finish(self, status: u16, headers: &HeaderList, body: &[u8]) -> Finished {
         self.ran();
-        if !(self.config.store_when)(status) {
+        if !self.stores(status) {
             return match self.lease.release_async().await {
                 Ok(()) | Err(Error::LeaseLost) => Finished::Released,
                 Err(e) => Finished::Failed(e),
@@ -804,7 +819,7 @@ impl Pending {
     }
 
     async fn finish_oversized_inner(self, status: u16) -> Finished {
-        if !(self.config.store_when)(status) {
+        if !self.stores(status) {
             return match self.lease.release_async().await {
                 Ok(()) | Err(Error::LeaseLost) => Finished::Released,
                 Err(e) => Finished::Failed(e),

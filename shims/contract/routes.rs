@@ -13,8 +13,11 @@ use parking_lot::Mutex;
 /// The pattern and the request path are compared segment by segment (the parts between `/`):
 /// `{name}` matches any one non-empty segment, `{*name}` (last only) matches the rest of the
 /// path, one segment or more, and every other segment must be equal. The syntax is Axum's route
-/// syntax, so a layer can name the same strings as the router; it is matched against the path
-/// the client sent, so it works the same in every position of the layer and in every framework.
+/// syntax, so a layer can name the same strings as the router. It is matched against the whole
+/// path the client sent, in every position of the layer: on Axum the router's `OriginalUri`
+/// (inside a nested router too), on Actix the percent-decoded path Actix routes on. A path
+/// rewrite that runs after the layer (Actix's `NormalizePath` wrapped inside it) is not seen:
+/// wrap such middleware outside the idempotency middleware.
 #[derive(Clone, PartialEq, Eq)]
 pub struct PathPattern {
     text: String,
@@ -104,10 +107,8 @@ impl fmt::Debug for PathPattern {
 /// How many runs of a route are remembered.
 const RUNS: usize = 16;
 /// How many routes are remembered (paths with ids in them, seen without a route template,
-/// must not grow the table without bound); later routes share one entry.
+/// must not grow the table without bound); past it the table starts over.
 const MAX_ROUTES: usize = 512;
-/// The shared entry of the routes past [`MAX_ROUTES`].
-const OTHER: &str = "\0other";
 
 /// The durations of the last runs of each route.
 #[derive(Default)]
@@ -127,10 +128,16 @@ impl Timings {
     pub(crate) fn record(&self, route: &str, took: Duration) {
         let ms = u32::try_from(took.as_millis()).unwrap_or(u32::MAX);
         let mut routes = self.routes.lock();
-        let runs = if routes.contains_key(route) || routes.len() < MAX_ROUTES {
-            routes.entry(route.into()).or_default()
-        } else {
-            routes.entry(OTHER.into()).or_default()
+        if !routes.contains_key(route) {
+            if routes.len() >= MAX_ROUTES {
+                // Paths with ids in them (no route template known) would fill the table with
+                // the first ones seen for good: start it over instead.
+                routes.clear();
+            }
+            routes.insert(route.into(), Runs::default());
+        }
+        let Some(runs) = routes.get_mut(route) else {
+            return;
         };
         runs.millis[runs.next] = ms;
         runs.next = (runs.next + 1) % RUNS;
@@ -140,7 +147,7 @@ impl Timings {
     /// The longest of the last runs of `route`, if one was seen.
     pub(crate) fn longest(&self, route: &str) -> Option<Duration> {
         let routes = self.routes.lock();
-        let runs = routes.get(route).or_else(|| routes.get(OTHER))?;
+        let runs = routes.get(route)?;
         runs.millis[..runs.len]
             .iter()
             .max()
@@ -200,7 +207,11 @@ mod tests {
         for i in 0..MAX_ROUTES + 10 {
             t.record(&format!("/r/{i}"), Duration::from_millis(7));
         }
-        assert!(t.routes.lock().len() <= MAX_ROUTES + 1);
-        assert_eq!(t.longest("/never-seen"), Some(Duration::from_millis(7)));
+        assert!(t.routes.lock().len() <= MAX_ROUTES);
+        assert_eq!(t.longest("/never-seen"), None);
+        assert_eq!(
+            t.longest(&format!("/r/{}", MAX_ROUTES + 9)),
+            Some(Duration::from_millis(7))
+        );
     }
 }

@@ -56,7 +56,7 @@
 //! | the scope function answers a scope over 1024 bytes or with a NUL byte | `INVALID_ARGUMENT` |
 //! | request message over the limit (default 4 MiB) | `RESOURCE_EXHAUSTED` |
 //! | key already used with a different method or message | `FAILED_PRECONDITION` |
-//! | first call with this key still running | `ABORTED`, with `grpc-retry-pushback-ms` metadata: what the method's last runs took, less the time the running call has had (100 ms at least, never past its lock timeout) |
+//! | first call with this key still running | `ABORTED`, with `grpc-retry-pushback-ms` metadata: what the method's last runs took, less the time the running call has had (100 ms at least unless the lock times out sooner, never past it) |
 //! | first call completed | its stored response, replayed, with `idempotent-replayed: true` |
 //! | store closed, overloaded or failing | `UNAVAILABLE` (with `grpc-retry-pushback-ms`); the handler does not run |
 //!

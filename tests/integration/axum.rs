@@ -264,8 +264,10 @@ async fn paths_route_layer_and_single_routes_choose_what_is_covered() {
         );
     }
     // A service nested with `nest_service` is reached without a `MatchedPath`, like the
-    // fallback, so the outer router's layer leaves it alone (documented); layered itself, it is
-    // covered whole. A custom fallback passes through like the default one.
+    // fallback: the outer router's layer refuses nothing there (a request without a key runs),
+    // but still deduplicates a request with a key. Layered itself, it is covered whole. A
+    // custom fallback passes through like the default one; so does the fallback when the
+    // layer sits inside a `ServiceBuilder` stack.
     let outer = Router::new()
         .nest_service("/legacy", routes(probe.clone()))
         .route("/orders", post(|| async { StatusCode::CREATED }))
@@ -275,8 +277,19 @@ async fn paths_route_layer_and_single_routes_choose_what_is_covered() {
         400
     );
     assert_eq!(
-        status(send_to(outer, "/legacy/orders", None, ORDER).await),
+        status(send_to(outer.clone(), "/legacy/orders", None, ORDER).await),
         201
+    );
+    let before = probe.orders.load(Ordering::SeqCst);
+    let nested_key = key();
+    for _ in 0..2 {
+        let r = send_to(outer.clone(), "/legacy/orders", Some(&nested_key), ORDER).await;
+        assert_eq!(r.status(), StatusCode::CREATED);
+    }
+    assert_eq!(
+        probe.orders.load(Ordering::SeqCst),
+        before + 1,
+        "deduplicated"
     );
     let own = Router::new().nest_service(
         "/legacy",
@@ -291,6 +304,31 @@ async fn paths_route_layer_and_single_routes_choose_what_is_covered() {
         .fallback(|| async { StatusCode::NOT_FOUND })
         .layer(strict());
     assert_eq!(status(send_to(custom, "/nope", None, "{}").await), 404);
+    let stacked = Router::new()
+        .route("/orders", post(|| async { StatusCode::CREATED }))
+        .layer(
+            tower::ServiceBuilder::new()
+                .layer(strict())
+                .layer(axum::middleware::from_fn(
+                    |req: axum::extract::Request, next: axum::middleware::Next| next.run(req),
+                )),
+        );
+    assert_eq!(
+        status(send_to(stacked.clone(), "/nope", None, "{}").await),
+        404
+    );
+    assert_eq!(status(send_to(stacked, "/orders", None, "{}").await), 400);
+
+    // `paths` are the paths the client sends, also inside a nested router.
+    let api = Router::new().nest(
+        "/api",
+        routes(probe.clone()).layer(strict().paths(["/api/orders"])),
+    );
+    assert_eq!(
+        status(send_to(api.clone(), "/api/orders", None, ORDER).await),
+        400
+    );
+    assert_eq!(status(send_to(api, "/api/fail", None, "{}").await), 500);
 
     // A layered `MethodRouter` called on its own (no router, so no `MatchedPath`) is covered.
     let alone = post(|| async { StatusCode::CREATED }).layer(strict());
