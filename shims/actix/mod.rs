@@ -299,6 +299,14 @@ where
                 ServiceResponse::new(http_req, stored_response(stored)).map_into_right_body()
             );
         }
+        // Where the middleware cannot see a route, a key used before for another request
+        // (another path, say) is no duplicate of anything: the request passes on, untouched.
+        Begin::Reject(problem)
+            if mode == Mode::Lenient && problem.kind == ProblemKind::KeyReused =>
+        {
+            req.set_payload(Payload::from(bytes));
+            return pass_through(&service, req).await;
+        }
         Begin::Reject(problem) => return Ok(reject(req, &problem)),
         Begin::Run(pending) => match mode {
             Mode::Strict => pending,
@@ -355,7 +363,8 @@ enum Mode {
     /// or one that guards or a path rewrite inside this middleware will route after all. The
     /// middleware refuses nothing (a missing or malformed key, no scope, a large body pass
     /// through untouched), so an unknown path is the app's own 404; a request with a good key
-    /// is still deduplicated, and a 404 answer releases its key.
+    /// is still deduplicated (a key used before for another request passes through), and a 404
+    /// answer releases its key.
     Lenient,
 }
 

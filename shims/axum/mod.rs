@@ -323,6 +323,16 @@ where
             );
             return Ok(stored_response(stored));
         }
+        // Where the layer cannot see a route, a key used before for another request (another
+        // path, say) is no duplicate of anything: the request passes on, untouched.
+        Begin::Reject(problem)
+            if mode == Mode::Lenient && problem.kind == ProblemKind::KeyReused =>
+        {
+            let response = inner
+                .call(Request::from_parts(parts, Body::from(bytes)))
+                .await?;
+            return Ok(response.map(Body::new));
+        }
         Begin::Reject(problem) => {
             tracing::debug!(
                 status = problem.status(),
@@ -445,7 +455,8 @@ enum Mode {
     /// `nest_service` (Axum cannot tell the two apart). The layer refuses nothing (a missing
     /// or malformed key, no scope, a large body pass through untouched), so an unknown path is
     /// the router's own 404; a request with a good key is still deduplicated, so a nested
-    /// service never loses its protection, and a 404 answer releases the key.
+    /// service never loses its protection (a key used before for another request passes
+    /// through), and a 404 answer releases the key.
     Lenient,
 }
 
