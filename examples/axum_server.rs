@@ -65,16 +65,13 @@ async fn create_order(
         status: "created",
         total: f64::from(req.quantity) * req.price,
     };
-    match &claimed {
-        Some(c) => tracing::info!(
-            order_id = %order.order_id,
-            symbol = %req.symbol,
-            idempotency_key = %c.key(),
-            fencing_token = c.fencing_token(),
-            "order created"
-        ),
-        None => tracing::info!(order_id = %order.order_id, symbol = %req.symbol, "order created"),
-    }
+    tracing::info!(
+        order_id = %order.order_id,
+        symbol = %req.symbol,
+        idempotency_key = claimed.as_ref().map(|c| c.key().as_str()),
+        fencing_token = claimed.as_ref().map(ClaimedKey::fencing_token),
+        "order created"
+    );
     (StatusCode::CREATED, Json(order))
 }
 

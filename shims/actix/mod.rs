@@ -50,8 +50,8 @@ use bytes::Bytes;
 
 use crate::contract::body::concat;
 use crate::contract::{
-    Begin, Config, Contract, Finished, Incoming, KEY_HEADER, Problem, ProblemKind, STORED_HEADER,
-    Timings, config_setters, store_unavailable,
+    Begin, Config, Contract, Finished, Incoming, Mode, Problem, ProblemKind, STORED_HEADER,
+    Timings, config_setters, expects_continue, store_unavailable,
 };
 use crate::{Engine, Error, HeaderList, IdempotencyKey, StoredResponse};
 
@@ -245,13 +245,23 @@ where
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok());
-    let (key, scope) = match (key_and_scope(&contract, scope_fn.as_ref(), &req), mode) {
+    let found = contract.key_and_scope(
+        |name| {
+            req.headers()
+                .get_all(name)
+                .map(HeaderValue::as_bytes)
+                .collect()
+        },
+        scope_fn.as_ref().map(|f| || f(req.request())),
+    );
+    let (key, scope) = match (found, mode) {
         (Ok(Some(found)), _) => found,
         (Ok(None), _) | (Err(_), Mode::Lenient) => return pass_through(&service, req).await,
         (Err(problem), Mode::Strict) => {
             // The body is read (and dropped) before the answer: Actix closes the connection
             // after a response sent before the request's body was read.
-            if declared.is_none_or(|n| n <= limit as u64) && !expects_continue(&req) {
+            let expect = req.headers().get(header::EXPECT).map(HeaderValue::as_bytes);
+            if declared.is_none_or(|n| n <= limit as u64) && !expects_continue(expect) {
                 drain(req.take_payload(), limit).await;
             }
             return Ok(reject(req, &problem));
@@ -299,19 +309,12 @@ where
                 ServiceResponse::new(http_req, stored_response(stored)).map_into_right_body()
             );
         }
-        // Where the middleware cannot see a route, a key used before for another request
-        // (another path, say) is no duplicate of anything: the request passes on, untouched.
-        Begin::Reject(problem)
-            if mode == Mode::Lenient && problem.kind == ProblemKind::KeyReused =>
-        {
+        Begin::Reject(problem) if mode.passes_on(&problem) => {
             req.set_payload(Payload::from(bytes));
             return pass_through(&service, req).await;
         }
         Begin::Reject(problem) => return Ok(reject(req, &problem)),
-        Begin::Run(pending) => match mode {
-            Mode::Strict => pending,
-            Mode::Lenient => pending.release_not_found(),
-        },
+        Begin::Run(pending) => mode.pending(pending),
     };
     // From here until `finish`, an error, a panic or a dropped future drops `pending`, which
     // releases the key.
@@ -354,26 +357,6 @@ where
     Ok(ServiceResponse::new(http_req, head.set_body(body)).map_into_right_body())
 }
 
-/// How a covered request is handled.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Mode {
-    /// The contract, every answer of it.
-    Strict,
-    /// A request whose path matches no resource (seen before routing): the default service's,
-    /// or one that guards or a path rewrite inside this middleware will route after all. The
-    /// middleware refuses nothing (a missing or malformed key, no scope, a large body pass
-    /// through untouched), so an unknown path is the app's own 404; a request with a good key
-    /// is still deduplicated (a key used before for another request passes through), and a 404
-    /// answer releases its key.
-    Lenient,
-}
-
-fn expects_continue(req: &ServiceRequest) -> bool {
-    req.headers()
-        .get(header::EXPECT)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
-}
-
 /// Reads and drops a refused request's body, up to `limit` bytes, chunk by chunk.
 async fn drain(payload: Payload, limit: usize) {
     let mut body = Box::pin(BodyStream::new(payload));
@@ -384,37 +367,6 @@ async fn drain(payload: Payload, limit: usize) {
             _ => return,
         }
     }
-}
-
-/// The key and scope of a covered request. `Ok(None)`: no key, and none is required.
-fn key_and_scope(
-    contract: &Contract,
-    scope_fn: Option<&ScopeFn>,
-    req: &ServiceRequest,
-) -> Result<Option<(IdempotencyKey, String)>, Problem> {
-    let keys: Vec<&[u8]> = req
-        .headers()
-        .get_all(KEY_HEADER)
-        .map(HeaderValue::as_bytes)
-        .collect();
-    let Some(key) = contract.parse_key(&keys)? else {
-        return Ok(None);
-    };
-    let scope = match scope_fn {
-        Some(f) => contract.scope_from_fn(f(req.request()))?,
-        None => {
-            let values: Vec<&[u8]> = match contract.config().scope_header_name() {
-                Some(name) => req
-                    .headers()
-                    .get_all(name)
-                    .map(HeaderValue::as_bytes)
-                    .collect(),
-                None => Vec::new(),
-            };
-            contract.scope_from_header(&values)?.unwrap_or_default()
-        }
-    };
-    Ok(Some((key, scope)))
 }
 
 async fn pass_through<S, B>(service: &S, req: ServiceRequest) -> Reply<B>

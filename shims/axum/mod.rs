@@ -61,8 +61,8 @@ use crate::contract::body::{
     BoxError, Collected, Prefixed, collect, header_list, header_map, mark_unstored,
 };
 use crate::contract::{
-    Begin, Config, Contract, Finished, Incoming, KEY_HEADER, Problem, ProblemKind, Timings,
-    config_setters, store_unavailable,
+    Begin, Config, Contract, Finished, Incoming, Mode, Problem, ProblemKind, Timings,
+    config_setters, expects_continue, store_unavailable,
 };
 use crate::{Engine, Error, IdempotencyKey, StoredResponse};
 
@@ -258,7 +258,17 @@ where
         return pass_through(inner, parts, body).await;
     };
     let limit = contract.config().request_limit();
-    let found = key_and_scope(&contract, scope_fn.as_ref(), &parts);
+    let found = contract.key_and_scope(
+        |name| {
+            parts
+                .headers
+                .get_all(name)
+                .iter()
+                .map(HeaderValue::as_bytes)
+                .collect()
+        },
+        scope_fn.as_ref().map(|f| || f(&parts)),
+    );
     let (key, scope) = match (found, mode) {
         (Ok(Some(found)), _) => found,
         (Ok(None), _) | (Err(_), Mode::Lenient) => return pass_through(inner, parts, body).await,
@@ -323,11 +333,7 @@ where
             );
             return Ok(stored_response(stored));
         }
-        // Where the layer cannot see a route, a key used before for another request (another
-        // path, say) is no duplicate of anything: the request passes on, untouched.
-        Begin::Reject(problem)
-            if mode == Mode::Lenient && problem.kind == ProblemKind::KeyReused =>
-        {
+        Begin::Reject(problem) if mode.passes_on(&problem) => {
             let response = inner
                 .call(Request::from_parts(parts, Body::from(bytes)))
                 .await?;
@@ -346,10 +352,7 @@ where
                 fencing_token = pending.lease().fencing_token(),
                 "idempotency: key claimed"
             );
-            match mode {
-                Mode::Strict => pending,
-                Mode::Lenient => pending.release_not_found(),
-            }
+            mode.pending(pending)
         }
     };
     // From here until `finish`, an error, a panic or a dropped future drops `pending`, which
@@ -389,39 +392,6 @@ where
     }
 }
 
-/// The key and scope of a covered request. `Ok(None)`: no key, and none is required.
-fn key_and_scope(
-    contract: &Contract,
-    scope_fn: Option<&ScopeFn>,
-    parts: &Parts,
-) -> Result<Option<(IdempotencyKey, String)>, Problem> {
-    let keys: Vec<&[u8]> = parts
-        .headers
-        .get_all(KEY_HEADER)
-        .iter()
-        .map(HeaderValue::as_bytes)
-        .collect();
-    let Some(key) = contract.parse_key(&keys)? else {
-        return Ok(None);
-    };
-    let scope = match scope_fn {
-        Some(f) => contract.scope_from_fn(f(parts))?,
-        None => {
-            let values: Vec<&[u8]> = match contract.config().scope_header_name() {
-                Some(name) => parts
-                    .headers
-                    .get_all(name)
-                    .iter()
-                    .map(HeaderValue::as_bytes)
-                    .collect(),
-                None => Vec::new(),
-            };
-            contract.scope_from_header(&values)?.unwrap_or_default()
-        }
-    };
-    Ok(Some((key, scope)))
-}
-
 /// Reads and discards a request body the layer refuses, up to `limit` bytes, so that hyper
 /// keeps the connection. Not when the client waits for `100 Continue` before it sends the body:
 /// then the refusal goes first, and the body is never asked for.
@@ -429,11 +399,10 @@ async fn drain<B>(parts: &Parts, body: B, limit: usize)
 where
     B: http_body::Body<Data = Bytes>,
 {
-    let expects_continue = parts
-        .headers
-        .get(http::header::EXPECT)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
-    if expects_continue || body.size_hint().lower() > limit as u64 {
+    let expect = parts.headers.get(http::header::EXPECT);
+    if expects_continue(expect.map(HeaderValue::as_bytes))
+        || body.size_hint().lower() > limit as u64
+    {
         return;
     }
     let mut body = pin!(body);
@@ -444,20 +413,6 @@ where
             _ => return,
         }
     }
-}
-
-/// How a covered request is handled.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Mode {
-    /// The contract, every answer of it.
-    Strict,
-    /// A request that a router routed to no route: its fallback, or a service mounted with
-    /// `nest_service` (Axum cannot tell the two apart). The layer refuses nothing (a missing
-    /// or malformed key, no scope, a large body pass through untouched), so an unknown path is
-    /// the router's own 404; a request with a good key is still deduplicated, so a nested
-    /// service never loses its protection (a key used before for another request passes
-    /// through), and a 404 answer releases the key.
-    Lenient,
 }
 
 /// The checks of a covered method and path that need the request's parts.

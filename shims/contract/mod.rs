@@ -449,6 +449,33 @@ impl Contract {
         }
     }
 
+    /// The key and scope of a covered request: `Ok(None)` for no key where none is required.
+    /// `header` gives every value of a request header, in order; `scope_fn` is the shim's scope
+    /// function over the request, asked only when the request has a key. Without one, the
+    /// scope comes from [`Config::scope_header`], or is the shared empty scope.
+    #[cfg(any(feature = "axum-integration", feature = "actix-integration"))]
+    pub(crate) fn key_and_scope<'a>(
+        &self,
+        header: impl Fn(&str) -> Vec<&'a [u8]>,
+        scope_fn: Option<impl FnOnce() -> Option<String>>,
+    ) -> Result<Option<(IdempotencyKey, String)>, Problem> {
+        let Some(key) = self.parse_key(&header(KEY_HEADER))? else {
+            return Ok(None);
+        };
+        let scope = match scope_fn {
+            Some(f) => self.scope_from_fn(f())?,
+            None => {
+                let values = self
+                    .config
+                    .scope_header
+                    .as_deref()
+                    .map_or_else(Vec::new, &header);
+                self.scope_from_header(&values)?.unwrap_or_default()
+            }
+        };
+        Ok(Some((key, scope)))
+    }
+
     fn scope_checked(&self, scope: String) -> Result<String, Problem> {
         match crate::validate_scope(&scope) {
             Ok(()) => Ok(scope),
@@ -578,6 +605,48 @@ impl Contract {
             Err(e) => Begin::Reject(store_unavailable(&e)),
         }
     }
+}
+
+/// How the HTTP shims handle a covered request.
+#[cfg(any(feature = "axum-integration", feature = "actix-integration"))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Mode {
+    /// The contract, every answer of it.
+    Strict,
+    /// A request the framework routed to no route the shim can see (Axum: routed by a router
+    /// without a `MatchedPath`, which is also how a `nest_service` is reached; Actix: no
+    /// resource pattern before routing, also behind guards or a path rewrite inside the
+    /// middleware). The shim refuses nothing (a missing or malformed key, no scope, a large
+    /// body pass through untouched), so an unknown path is the framework's own 404; a request
+    /// with a good key is still deduplicated, so no operation loses its protection, except
+    /// that a key used before for another request passes through ([`Mode::passes_on`]) and a
+    /// 404 answer releases the key ([`Mode::pending`]).
+    Lenient,
+}
+
+#[cfg(any(feature = "axum-integration", feature = "actix-integration"))]
+impl Mode {
+    /// Whether the request goes on to the handler instead of getting this rejection of
+    /// [`Contract::begin`]: where the shim cannot see a route, a key used before for another
+    /// request (another path, say) is no duplicate of anything.
+    pub(crate) fn passes_on(self, problem: &Problem) -> bool {
+        self == Mode::Lenient && problem.kind == ProblemKind::KeyReused
+    }
+
+    /// The claim, finished as this mode finishes it.
+    pub(crate) fn pending(self, pending: Pending) -> Pending {
+        match self {
+            Mode::Strict => pending,
+            Mode::Lenient => pending.release_not_found(),
+        }
+    }
+}
+
+/// Whether an `Expect` header asks for `100 Continue`: such a client sends its body only when
+/// asked, so a refusal goes first and the body is not drained.
+#[cfg(any(feature = "axum-integration", feature = "actix-integration"))]
+pub(crate) fn expects_continue(expect: Option<&[u8]>) -> bool {
+    expect.is_some_and(|v| v.eq_ignore_ascii_case(b"100-continue"))
 }
 
 /// 503 `store-unavailable` for an engine error.
@@ -768,6 +837,7 @@ impl Pending {
     }
 
     /// A 404 answer will release the key rather than be stored.
+    #[cfg(any(feature = "axum-integration", feature = "actix-integration"))]
     pub(crate) fn release_not_found(mut self) -> Self {
         self.release_404 = true;
         self
