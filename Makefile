@@ -3,9 +3,9 @@ CARGO ?= cargo
 
 .PHONY: test run example lint coverage fuzz bench bench-compare doc ci
 
-## The whole suite: unit, integration (Axum, Actix, Tonic), model, crash, fault, fuzz-corpus and doc tests.
+## The whole suite: unit, integration (Axum, Actix, Tonic), model, crash, fault, fuzz-corpus, doc and PostgreSQL tests; the latter on $IDEMPOTENCY_TEST_PG_URL, or on a throwaway PostgreSQL started (installed if missing) when none answers there (scripts/pg.sh).
 test:
-	$(CARGO) test --workspace --all-features
+	CARGO='$(CARGO)' bash scripts/test.sh
 
 ## The main example: the orders service behind the Axum layer on 127.0.0.1:3000.
 run example:

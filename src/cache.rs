@@ -20,8 +20,8 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 
 use crate::fingerprint::Fingerprint;
+use crate::record::Decision;
 use crate::response::StoredResponse;
-use crate::storage::Decision;
 
 const SHARDS: usize = 8;
 

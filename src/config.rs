@@ -40,6 +40,9 @@ pub enum Durability {
 pub(crate) enum Location {
     File(PathBuf),
     Memory,
+    /// A PostgreSQL URL (`postgres://...`), checked when the engine opens.
+    #[cfg(feature = "postgres")]
+    Postgres(String),
 }
 
 /// Settings for [`Engine::open`](crate::Engine::open). Build it with [`EngineConfig::new`] or
@@ -71,8 +74,19 @@ pub struct EngineConfig {
     pub(crate) max_page_count: Option<u32>,
     pub(crate) open_timeout: Duration,
     pub(crate) clock: Arc<dyn Clock>,
+    #[cfg(feature = "postgres")]
+    pub(crate) postgres: PostgresSettings,
     #[cfg(feature = "fault-injection")]
     pub(crate) fail_open_sync: bool,
+}
+
+/// The settings only a PostgreSQL store reads.
+#[cfg(feature = "postgres")]
+#[derive(Debug, Clone)]
+pub(crate) struct PostgresSettings {
+    pub(crate) table: String,
+    pub(crate) statement_timeout: Duration,
+    pub(crate) database_clock: Option<Arc<dyn Clock>>,
 }
 
 impl EngineConfig {
@@ -87,6 +101,80 @@ impl EngineConfig {
     /// has no read connections: everything goes through the writer thread.
     pub fn in_memory() -> Self {
         Self::with_location(Location::Memory)
+    }
+
+    /// A configuration for the PostgreSQL database at `url` (`postgres://user@host/db` or
+    /// `postgresql://...`), shared by every instance that names it. Checked when the engine
+    /// opens. `sslmode` takes libpq's values: `disable`, `prefer` (the default), `require`
+    /// (encrypted, the server's certificate unchecked, as in libpq), `verify-ca` and
+    /// `verify-full` (checked against `sslrootcert=FILE`, or the Mozilla roots, with the host
+    /// name checked in both). TLS is rustls.
+    ///
+    /// The SQLite settings ([`durability`](Self::durability) aside) do not apply: see
+    /// [`table`](Self::table), [`statement_timeout`](Self::statement_timeout).
+    #[cfg(feature = "postgres")]
+    pub fn postgres(url: impl Into<String>) -> Self {
+        Self::with_location(Location::Postgres(url.into()))
+    }
+
+    /// The configuration a store URL names, whatever its backend: `sqlite:PATH`,
+    /// `sqlite://PATH`, a plain path, `sqlite::memory:` (or `:memory:`), and with the
+    /// `postgres` feature `postgres://...` and `postgresql://...`.
+    ///
+    /// ```
+    /// # use idempotency_rs::EngineConfig;
+    /// let config = EngineConfig::from_url("sqlite:idempotency.db")?;
+    /// # let _ = config;
+    /// # Ok::<(), idempotency_rs::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] for a URL of another scheme, a PostgreSQL URL without the
+    /// `postgres` feature, or an SQLite URL that names no file.
+    pub fn from_url(url: &str) -> Result<Self> {
+        let trimmed = url.trim();
+        if trimmed.starts_with("postgres://") || trimmed.starts_with("postgresql://") {
+            #[cfg(feature = "postgres")]
+            {
+                crate::postgres::check_url(trimmed)?;
+                return Ok(Self::postgres(trimmed));
+            }
+            #[cfg(not(feature = "postgres"))]
+            return Err(Error::InvalidConfig {
+                reason: "a PostgreSQL URL needs idempotency-rs's `postgres` feature".into(),
+            });
+        }
+        crate::middleware::parse_url(trimmed)
+    }
+
+    /// PostgreSQL only: the table of records, `name` or `schema.name` (lower-case letters,
+    /// digits and `_`). Default `idempotency_records`, in the first schema of the
+    /// connection's `search_path`. The store also owns `<name>_meta` (its schema version) and
+    /// the sequence `<name>_fence` (fencing tokens), created beside it on the first open.
+    #[cfg(feature = "postgres")]
+    pub fn table(mut self, table: impl Into<String>) -> Self {
+        self.postgres.table = table.into();
+        self
+    }
+
+    /// PostgreSQL only: the longest one statement may run (`SET LOCAL statement_timeout` in
+    /// each transaction, so it holds behind PgBouncer too), and how long connecting and a
+    /// batch's answer are awaited. Past it, the batch's callers get
+    /// [`Error::Unavailable`](crate::Error::Unavailable). Default 5 s.
+    #[cfg(feature = "postgres")]
+    pub fn statement_timeout(mut self, timeout: Duration) -> Self {
+        self.postgres.statement_timeout = timeout;
+        self
+    }
+
+    /// PostgreSQL only, **for tests and simulations**: take "now" from this clock instead of
+    /// the database server's. By default every lock timeout and expiry is decided by the
+    /// server's clock, so that instances whose clocks drift agree; set this to move time by
+    /// hand in a test (with the same clock as [`clock`](Self::clock)).
+    #[cfg(feature = "postgres")]
+    pub fn database_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.postgres.database_clock = Some(clock);
+        self
     }
 
     fn with_location(location: Location) -> Self {
@@ -106,6 +194,12 @@ impl EngineConfig {
             max_page_count: None,
             open_timeout: Duration::ZERO,
             clock: Arc::new(SystemClock),
+            #[cfg(feature = "postgres")]
+            postgres: PostgresSettings {
+                table: "idempotency_records".into(),
+                statement_timeout: Duration::from_secs(5),
+                database_clock: None,
+            },
             #[cfg(feature = "fault-injection")]
             fail_open_sync: false,
         }
@@ -253,6 +347,10 @@ impl EngineConfig {
         }
         if self.cleanup_interval.is_zero() {
             return bad("the cleanup interval must be longer than zero");
+        }
+        #[cfg(feature = "postgres")]
+        if self.postgres.statement_timeout.is_zero() {
+            return bad("statement_timeout must be longer than zero");
         }
         Ok(())
     }

@@ -17,10 +17,12 @@ use crate::config::{EngineConfig, Location};
 use crate::error::{Error, Result};
 use crate::fingerprint::Fingerprint;
 use crate::key::{IdempotencyKey, record_id, validate_scope};
-use crate::lock::EngineLock;
+use crate::record::{Decision, Read};
 use crate::response::StoredResponse;
-use crate::storage::{self, Decision, Read};
-use crate::syncer::Unsynced;
+use crate::sqlite::SqliteBackend;
+use crate::sqlite::lock::EngineLock;
+use crate::sqlite::storage;
+use crate::sqlite::syncer::Unsynced;
 use crate::writer::{self, ClaimCmd, ClaimReply, LeaseCmd, Shared};
 
 /// What a caller asks to run: a scope (tenant or user), a validated key and the request's
@@ -186,9 +188,15 @@ impl Engine {
     /// [`Error::Storage`].
     pub fn open(mut config: EngineConfig) -> Result<Engine> {
         config.validate()?;
+        #[cfg(feature = "postgres")]
+        if let Location::Postgres(url) = &config.location {
+            let backend = crate::postgres::open(&config, url)?;
+            let cache = ReplayCache::new(config.replay_cache_bytes);
+            return Engine::start(backend, &config, Arc::default(), None, cache, None);
+        }
         let lock = match &config.location {
             Location::File(path) => Some(EngineLock::acquire(path, config.open_timeout)?),
-            Location::Memory => None,
+            _ => None,
         };
         let conn = storage::open_writer(&config)?;
         if let Some(lock) = &lock {
@@ -199,10 +207,8 @@ impl Engine {
             // From here on the resolved path: the syncer opens `<path>-wal` itself.
             config.location = Location::File(lock.db().to_path_buf());
         }
-        let (claims_tx, claims_rx) = crossbeam_channel::bounded(config.queue_capacity);
-        let (leases_tx, leases_rx) = crossbeam_channel::unbounded();
         let shared = Arc::new(Shared::default());
-        let handle = writer::spawn(conn, &config, claims_rx, leases_rx, shared.clone())?;
+        let backend = SqliteBackend::new(conn, &config, shared.clone())?;
         let readers = match &config.location {
             Location::File(path) if config.read_connections > 0 => Some(ReaderPool {
                 path: path.clone(),
@@ -216,15 +222,32 @@ impl Engine {
             }),
             _ => None,
         };
+        // Only with read connections: the writer's own replays may not be on disk yet.
+        let cache = readers
+            .as_ref()
+            .and_then(|_| ReplayCache::new(config.replay_cache_bytes));
+        Engine::start(backend, &config, shared, readers, cache, lock)
+    }
+
+    /// Starts the writer thread on an opened store.
+    fn start<B: writer::Backend>(
+        backend: B,
+        config: &EngineConfig,
+        shared: Arc<Shared>,
+        readers: Option<ReaderPool>,
+        cache: Option<ReplayCache>,
+        lock: Option<EngineLock>,
+    ) -> Result<Engine> {
+        let (claims_tx, claims_rx) = crossbeam_channel::bounded(config.queue_capacity);
+        let (leases_tx, leases_rx) = crossbeam_channel::unbounded();
+        let handle = writer::spawn(backend, config, claims_rx, leases_rx, shared.clone())?;
         Ok(Engine {
             inner: Arc::new(Inner {
                 claims: claims_tx,
                 leases: leases_tx,
                 shared,
                 closed: AtomicBool::new(false),
-                cache: readers
-                    .as_ref()
-                    .and_then(|_| ReplayCache::new(config.replay_cache_bytes)),
+                cache,
                 readers,
                 clock: config.clock.clone(),
                 lock_ms: duration_ms(config.lock_timeout),
@@ -256,6 +279,27 @@ impl Engine {
                 "the thread opening the engine panicked",
             )))
         })?
+    }
+
+    /// Opens the store a URL names, whatever its backend ([`EngineConfig::from_url`]: SQLite
+    /// paths and `sqlite:` URLs, `postgres://` with the `postgres` feature), with the default
+    /// settings, without blocking the caller's executor.
+    ///
+    /// ```
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// use idempotency_rs::Engine;
+    /// let url = std::env::var("IDEMPOTENCY_STORE_URL").unwrap_or("sqlite::memory:".into());
+    /// # let url = "sqlite::memory:";
+    /// let engine = Engine::open_url(&url).await?;
+    /// # drop(engine);
+    /// # Ok::<(), idempotency_rs::Error>(())
+    /// # }).unwrap();
+    /// ```
+    ///
+    /// # Errors
+    /// As [`EngineConfig::from_url`] and [`Engine::open`].
+    pub async fn open_url(url: &str) -> Result<Engine> {
+        Engine::open_async(EngineConfig::from_url(url)?).await
     }
 
     /// Claims `(scope, key)`, blocking the calling thread until the writer answers.
@@ -386,13 +430,16 @@ impl Engine {
         self.check_open()?;
         validate_scope(&req.scope)?;
         let id = record_id(&req.scope, req.key.as_str());
-        if let Some(readers) = &self.inner.readers {
+        let cache = self.inner.cache.as_ref();
+        if let Some(cache) = cache {
             let now = self.inner.clock.now_ms();
-            let cache = self.inner.cache.as_ref();
-            if let Some(record) = cache.and_then(|c| c.get(&id, now)) {
+            if let Some(record) = cache.get(&id, now) {
                 let decision = record.decide(&req.fingerprint);
                 return Ok(Started::Done(ClaimOutcome::from_decision(decision, now)));
             }
+        }
+        if let Some(readers) = &self.inner.readers {
+            let now = self.inner.clock.now_ms();
             if let Some(decision) = readers.lookup(
                 &id,
                 &req.fingerprint,
@@ -419,6 +466,7 @@ impl Engine {
         let pending = PendingClaim {
             id,
             key: req.key,
+            fingerprint: req.fingerprint,
             lock_ms: lock_ms.max(1),
             retention_ms: retention_ms.max(1),
         };
@@ -456,6 +504,16 @@ impl Engine {
                 }))
             }
             ClaimReply::Decided(d) => Ok(ClaimOutcome::from_decision(d, self.inner.clock.now_ms())),
+            ClaimReply::Completed(record) => {
+                let decision = record.decide(&pending.fingerprint);
+                if let Some(cache) = &self.inner.cache {
+                    cache.insert(pending.id, record);
+                }
+                Ok(ClaimOutcome::from_decision(
+                    decision,
+                    self.inner.clock.now_ms(),
+                ))
+            }
         }
     }
 
@@ -470,6 +528,7 @@ impl Engine {
 struct PendingClaim {
     id: [u8; 32],
     key: IdempotencyKey,
+    fingerprint: Fingerprint,
     lock_ms: i64,
     retention_ms: i64,
 }

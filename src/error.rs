@@ -120,7 +120,23 @@ pub enum Error {
         /// The error `fdatasync` returned.
         source: Arc<std::io::Error>,
     },
-    /// Any other SQLite or I/O failure.
+    /// The database server cannot be reached, or it lost the connection (refused, reset,
+    /// restarting, shutting down, a statement timeout). Nothing was done, or, for a batch whose
+    /// `COMMIT` got no answer, whether it was done is unknown: a claim that gets this error
+    /// never runs its operation, and a record such a claim did write stays in flight until its
+    /// lock timeout. The engine reconnects by itself (with a backoff); retry later.
+    Unavailable {
+        /// What failed, with the server's address (never its password).
+        detail: String,
+    },
+    /// The database refused the store for a reason a retry does not fix: wrong credentials, a
+    /// missing database, a missing privilege, a read-only server, or a table of that name that
+    /// is not idempotency-rs's.
+    Refused {
+        /// What was refused, and why.
+        detail: String,
+    },
+    /// Any other SQLite, PostgreSQL or I/O failure.
     Storage(Arc<dyn std::error::Error + Send + Sync>),
 }
 
@@ -137,7 +153,11 @@ impl Error {
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
-            Error::Overloaded { .. } | Error::Busy | Error::DiskFull | Error::Storage(_)
+            Error::Overloaded { .. }
+                | Error::Busy
+                | Error::DiskFull
+                | Error::Unavailable { .. }
+                | Error::Storage(_)
         )
     }
 
@@ -211,6 +231,12 @@ impl fmt::Display for Error {
                 f,
                 "flushing the idempotency log to disk failed ({source}); the engine stopped and must be reopened"
             ),
+            Error::Unavailable { detail } => {
+                write!(f, "the idempotency store is unavailable: {detail}")
+            }
+            Error::Refused { detail } => {
+                write!(f, "the database refused the idempotency store: {detail}")
+            }
             Error::Storage(e) => write!(f, "storage error: {e}"),
         }
     }

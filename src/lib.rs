@@ -3,18 +3,18 @@
 #![warn(missing_docs)]
 
 mod cache;
-mod checkpointer;
 mod clock;
 mod config;
 mod engine;
 mod error;
 mod fingerprint;
 mod key;
-mod lock;
 mod middleware;
+#[cfg(feature = "postgres")]
+mod postgres;
+mod record;
 mod response;
-mod storage;
-mod syncer;
+mod sqlite;
 mod writer;
 
 pub use clock::{Clock, ManualClock, SystemClock};
@@ -23,6 +23,8 @@ pub use engine::{ClaimOutcome, ClaimRequest, Engine, Lease};
 pub use error::{Error, Result};
 pub use fingerprint::Fingerprint;
 pub use key::{IdempotencyKey, MAX_KEY_LEN, MAX_SCOPE_LEN, validate_key, validate_scope};
+#[cfg(feature = "postgres")]
+pub use middleware::PostgresIdempotencyStore;
 pub use middleware::{
     BoxError, IdempotencyMiddleware, IdempotencyMiddlewareBuilder, Operation, ProcessError,
     ProcessedResponse, SqliteIdempotencyStore, parse_url,

@@ -97,7 +97,74 @@ impl From<&Engine> for Engine {
     }
 }
 
-/// Turns a store URL into an engine configuration (see [`SqliteIdempotencyStore::new`]).
+/// An idempotency store in a PostgreSQL database, shared by every instance of a service: a thin,
+/// cloneable wrapper over an [`Engine`] whose records live in one table on the server.
+///
+/// Every instance that opens the same URL (and table) sees the same records: a retry that
+/// lands on another replica replays the first one's response, and the database decides which
+/// of several concurrent claims runs the operation. See the README, *Several instances*.
+#[cfg(feature = "postgres")]
+#[derive(Clone, Debug)]
+pub struct PostgresIdempotencyStore {
+    engine: Engine,
+}
+
+#[cfg(feature = "postgres")]
+impl PostgresIdempotencyStore {
+    /// Connects to the database at `url` (`postgres://user@host/db`, `postgresql://...`; see
+    /// [`EngineConfig::postgres`] for `sslmode`), creates or checks the table
+    /// `idempotency_records`, and starts the engine. Runs on a thread of its own: it never
+    /// blocks the caller's executor.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] for a malformed URL; [`Error::Unavailable`] when the server
+    /// cannot be reached; [`Error::Refused`] for wrong credentials, a missing database or
+    /// privilege, a read-only server or a foreign table; [`Error::SchemaTooNew`].
+    pub async fn new(url: &str) -> Result<Self, Error> {
+        if !url.trim().starts_with("postgres://") && !url.trim().starts_with("postgresql://") {
+            return Err(Error::InvalidConfig {
+                reason: "a PostgresIdempotencyStore needs a postgres:// or postgresql:// URL"
+                    .into(),
+            });
+        }
+        Self::open(EngineConfig::from_url(url)?).await
+    }
+
+    /// Opens a store with a full engine configuration ([`EngineConfig::postgres`] and its
+    /// setters), without blocking the caller's executor.
+    ///
+    /// # Errors
+    /// As [`Engine::open`].
+    pub async fn open(config: EngineConfig) -> Result<Self, Error> {
+        Ok(PostgresIdempotencyStore {
+            engine: Engine::open_async(config).await?,
+        })
+    }
+
+    /// The engine behind the store.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+}
+
+/// The store's engine, so a store can be handed to any integration layer.
+#[cfg(feature = "postgres")]
+impl From<PostgresIdempotencyStore> for Engine {
+    fn from(store: PostgresIdempotencyStore) -> Engine {
+        store.engine
+    }
+}
+
+/// The store's engine (a cheap handle clone).
+#[cfg(feature = "postgres")]
+impl From<&PostgresIdempotencyStore> for Engine {
+    fn from(store: &PostgresIdempotencyStore) -> Engine {
+        store.engine.clone()
+    }
+}
+
+/// Turns an SQLite store URL into an engine configuration (see
+/// [`SqliteIdempotencyStore::new`]; [`EngineConfig::from_url`] takes every backend's URLs).
 ///
 /// # Errors
 /// [`Error::InvalidConfig`] for anything that is not an SQLite location.
@@ -155,7 +222,7 @@ pub fn parse_url(url: &str) -> Result<EngineConfig, Error> {
 /// ```
 #[derive(Clone, Debug)]
 pub struct IdempotencyMiddleware {
-    store: SqliteIdempotencyStore,
+    engine: Engine,
     /// The settings (retention, lock timeout, key policy, storage rule, hint cap) and the
     /// timings of earlier runs, shared with the HTTP shims' rules.
     contract: Contract,
@@ -182,7 +249,7 @@ pub struct IdempotencyMiddleware {
 #[derive(Debug)]
 #[must_use = "call .build() to get the middleware"]
 pub struct IdempotencyMiddlewareBuilder {
-    store: SqliteIdempotencyStore,
+    engine: Engine,
     config: Config,
 }
 
@@ -221,10 +288,9 @@ impl IdempotencyMiddlewareBuilder {
 
     /// The middleware.
     pub fn build(self) -> IdempotencyMiddleware {
-        let engine = self.store.engine().clone();
         IdempotencyMiddleware {
-            store: self.store,
-            contract: Contract::new(engine, self.config),
+            contract: Contract::new(self.engine.clone(), self.config),
+            engine: self.engine,
         }
     }
 }
@@ -419,15 +485,18 @@ impl std::error::Error for ProcessError {
 
 impl IdempotencyMiddleware {
     /// Defaults: records kept 24 h, leases time out after 30 s, keys must be UUIDs.
-    pub fn new(store: SqliteIdempotencyStore) -> Self {
+    ///
+    /// `store` is a [`SqliteIdempotencyStore`], a `PostgresIdempotencyStore` (feature
+    /// `postgres`) or an [`Engine`] (or a reference to one of them).
+    pub fn new(store: impl Into<Engine>) -> Self {
         Self::builder(store).build()
     }
 
     /// Named settings: `IdempotencyMiddleware::builder(store).retention(..).lock_timeout(..)
     /// .build()` (see [`IdempotencyMiddlewareBuilder`]).
-    pub fn builder(store: SqliteIdempotencyStore) -> IdempotencyMiddlewareBuilder {
+    pub fn builder(store: impl Into<Engine>) -> IdempotencyMiddlewareBuilder {
         IdempotencyMiddlewareBuilder {
-            store,
+            engine: store.into(),
             config: Config::default()
                 .retention(Duration::from_secs(24 * 3600))
                 .lock_timeout(Duration::from_secs(30)),
@@ -436,11 +505,7 @@ impl IdempotencyMiddleware {
 
     /// Sets the retention (TTL) of completed records and the lock timeout of leases, in that
     /// order. [`IdempotencyMiddleware::builder`] names them instead.
-    pub fn with_config(
-        store: SqliteIdempotencyStore,
-        ttl: Duration,
-        lock_timeout: Duration,
-    ) -> Self {
+    pub fn with_config(store: impl Into<Engine>, ttl: Duration, lock_timeout: Duration) -> Self {
         Self::builder(store)
             .retention(ttl)
             .lock_timeout(lock_timeout)
@@ -452,7 +517,7 @@ impl IdempotencyMiddleware {
         let config = self.contract.config().clone().key_policy(policy);
         IdempotencyMiddleware {
             contract: self.contract.with_config(config),
-            store: self.store,
+            engine: self.engine,
         }
     }
 
@@ -461,7 +526,7 @@ impl IdempotencyMiddleware {
         self.contract
             .config()
             .retention
-            .unwrap_or_else(|| self.store.engine.retention())
+            .unwrap_or_else(|| self.engine.retention())
     }
 
     /// The lock timeout of leases.
@@ -469,7 +534,7 @@ impl IdempotencyMiddleware {
         self.contract
             .config()
             .lock_timeout
-            .unwrap_or_else(|| self.store.engine.lock_timeout())
+            .unwrap_or_else(|| self.engine.lock_timeout())
     }
 
     /// Runs `handler` at most once for `(scope, key)` and the fingerprint of
@@ -595,7 +660,7 @@ impl IdempotencyMiddleware {
             &canonical,
         ]);
         let req = self.contract.claim_request(scope, key, fp);
-        let lease = match self.store.engine.claim_async(req).await {
+        let lease = match self.engine.claim_async(req).await {
             Ok(ClaimOutcome::Claimed(lease)) => lease,
             Ok(ClaimOutcome::Replay(stored)) => return decode(stored),
             Ok(ClaimOutcome::InFlight { retry_after }) => {

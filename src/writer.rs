@@ -10,21 +10,13 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Select, Sender, TryRecvError};
 use parking_lot::{Condvar, Mutex};
-use rusqlite::Connection;
 
-use crate::checkpointer::Checkpointer;
-use crate::clock::Clock;
-use crate::config::{Durability, EngineConfig, Location};
+use crate::config::EngineConfig;
 use crate::error::{Error, Result};
 use crate::fingerprint::Fingerprint;
+use crate::record::Decision;
 use crate::response::StoredResponse;
-use crate::storage::{self, ClaimRow, Decision};
-use crate::syncer::{AfterSync, Syncer, Unsynced};
-
-/// The longest a cleanup transaction should hold the writer: the number of rows per
-/// transaction halves when one takes longer, and doubles (up to the configured batch) when one
-/// takes less than half of it.
-const CLEANUP_SLICE: Duration = Duration::from_millis(1);
+use crate::sqlite::syncer::{AfterSync, Syncer, Unsynced};
 
 /// Rows in the first cleanup transaction (or the configured batch, if smaller).
 const CLEANUP_FIRST_CHUNK: usize = 64;
@@ -34,6 +26,110 @@ const CLEANUP_FIRST_CHUNK: usize = 64;
 /// many times as long as it took. Expired records are already invisible to claims, so a backlog
 /// only costs disk space while it lasts.
 const CLEANUP_YIELD: u32 = 8;
+
+/// What the writer needs of a store. The writer decides what goes into a batch, in which
+/// order, and what every caller is told; a backend runs a batch as one transaction and says
+/// what each command found. SQLite (`sqlite/backend.rs`) and PostgreSQL (`postgres/`) are the
+/// two.
+pub(crate) trait Backend: Send + 'static {
+    /// Runs `work` in one transaction and commits it. `Ok`: committed, with one result per
+    /// command, in order (a command that failed on its own changed nothing). `Err`: nothing of
+    /// the batch is applied, or whether it was is unknown (a lost `COMMIT`): every command gets
+    /// the error, and no claim of it is a lease.
+    fn run(&mut self, work: &[Work<'_>]) -> Result<Vec<Result<Done>>>;
+
+    /// Deletes up to `limit` expired records, in a transaction of its own.
+    fn delete_expired(&mut self, limit: usize) -> Result<usize>;
+
+    /// The longest a cleanup transaction should hold the writer: the number of rows per
+    /// transaction halves when one takes longer, and doubles (up to the configured batch) when
+    /// one takes less than half of it.
+    fn cleanup_slice(&self) -> Duration;
+
+    /// Housekeeping between two batches.
+    fn between_batches(&mut self) {}
+
+    /// The thread that acknowledges completions once they are on disk, for a store whose
+    /// commit does not wait for the disk.
+    fn syncer(&self) -> Option<&Syncer> {
+        None
+    }
+
+    /// The writer is stopping (`failure`: a flush failed): last words to the store.
+    fn stop(&mut self, failure: Option<&Error>) {
+        let _ = failure;
+    }
+}
+
+/// One command of a batch, as a backend sees it.
+pub(crate) enum Work<'a> {
+    Claim(&'a ClaimCmd),
+    Complete {
+        id: &'a [u8; 32],
+        fence: u64,
+        response: &'a StoredResponse,
+        retention_ms: i64,
+    },
+    Release {
+        id: &'a [u8; 32],
+        fence: u64,
+    },
+    Extend {
+        id: &'a [u8; 32],
+        fence: u64,
+        lock_ms: i64,
+        retention_ms: i64,
+    },
+}
+
+impl Work<'_> {
+    fn of(cmd: &LeaseCmd) -> Option<Work<'_>> {
+        match cmd {
+            LeaseCmd::Complete {
+                id,
+                fence,
+                response,
+                retention_ms,
+                ..
+            } => Some(Work::Complete {
+                id,
+                fence: *fence,
+                response,
+                retention_ms: *retention_ms,
+            }),
+            LeaseCmd::Release { id, fence, .. } => Some(Work::Release { id, fence: *fence }),
+            LeaseCmd::Extend {
+                id,
+                fence,
+                lock_ms,
+                retention_ms,
+                ..
+            } => Some(Work::Extend {
+                id,
+                fence: *fence,
+                lock_ms: *lock_ms,
+                retention_ms: *retention_ms,
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// What one command found.
+#[derive(Debug)]
+pub(crate) enum Done {
+    /// The claim took the record (times in the engine clock's terms).
+    Won { fence: u64, locked_until: i64 },
+    /// The claim could not take it.
+    Decided(Decision),
+    /// A completed record the claim replays, that the engine may keep in its replay cache.
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    Replay(crate::cache::Completed),
+    /// A completion or release: whether the lease still owned its record.
+    Owned(bool),
+    /// An extension: the new lock expiry, `None` when the lease lost its record.
+    Until(Option<i64>),
+}
 
 /// A claim, as the writer sees it.
 pub(crate) struct ClaimCmd {
@@ -54,6 +150,8 @@ pub(crate) struct ClaimCmd {
 pub(crate) enum ClaimReply {
     Claimed(Won),
     Decided(Decision),
+    /// A replay the engine may cache (see [`Done::Replay`]).
+    Completed(crate::cache::Completed),
 }
 
 /// A won claim on its way to its caller: a lease that nobody holds yet. Until the caller turns
@@ -145,7 +243,7 @@ pub(crate) struct Shared {
     sync_failed: AtomicBool,
     sync_failure: Mutex<Option<Error>>,
     #[cfg(feature = "fault-injection")]
-    pub(crate) sync_faults: crate::syncer::SyncFaults,
+    pub(crate) sync_faults: crate::sqlite::syncer::SyncFaults,
 }
 
 impl Shared {
@@ -200,48 +298,29 @@ impl Shared {
     }
 }
 
-/// Starts the writer thread on an opened connection.
-pub(crate) fn spawn(
-    conn: Connection,
+/// Starts the writer thread on an opened store.
+pub(crate) fn spawn<B: Backend>(
+    backend: B,
     config: &EngineConfig,
     claims: Receiver<ClaimCmd>,
     leases: Receiver<LeaseCmd>,
     shared: Arc<Shared>,
 ) -> Result<std::thread::JoinHandle<()>> {
-    let fence = storage::load_fence(&conn)?;
     // A bounded crossbeam channel keeps its messages when its receiver is dropped, so a claim
     // still queued when the writer ends (a panic, or a claim racing a shutdown) would wait for
     // its answer forever. This second receiver sweeps the queue once the end is announced.
     let stranded = claims.clone();
-    let checkpointer = match &config.location {
-        Location::File(path) => Some(Checkpointer::spawn(path, config, shared.clone())?),
-        Location::Memory => None,
-    };
-    // An in-memory database has no WAL to flush: its completions are answered at commit.
-    let syncer = match &config.location {
-        Location::File(path) if config.durability == Durability::Full => {
-            Some(Syncer::spawn(path, shared.clone())?)
-        }
-        _ => None,
-    };
     let writer = Writer {
-        syncer,
-        checkpointer,
+        backend,
         shared: shared.clone(),
-        conn,
         claims,
         leases,
-        clock: config.clock.clone(),
-        checkpoint_on_exit: matches!(config.location, Location::File(_)),
         max_batch: config.max_batch,
         cleanup_interval: config.cleanup_interval,
         cleanup_batch: config.cleanup_batch,
         cleanup_chunk: config.cleanup_batch.min(CLEANUP_FIRST_CHUNK),
         next_cleanup: Instant::now() + config.cleanup_interval,
-        fence,
-        persisted_fence: fence,
         requeued: Vec::new(),
-        registered: Vec::new(),
     };
     std::thread::Builder::new()
         .name("idempotency-writer".into())
@@ -274,34 +353,22 @@ fn lease_commands_first(batch: &mut [Pending]) {
     batch.sort_by_key(|p| matches!(p, Pending::Claim(..)));
 }
 
-// Field order matters: when a panic drops the writer, the syncer flushes and answers what it
-// was handed, and the checkpointer stops, before the connection closes.
-struct Writer {
-    /// `Durability::Full` on a file only.
-    syncer: Option<Syncer>,
-    /// None for an in-memory database (it has no WAL).
-    checkpointer: Option<Checkpointer>,
+struct Writer<B: Backend> {
+    /// First: when a panic drops the writer, the store's helper threads stop (and answer what
+    /// they were handed) before anything else goes.
+    backend: B,
     shared: Arc<Shared>,
-    conn: Connection,
     claims: Receiver<ClaimCmd>,
     leases: Receiver<LeaseCmd>,
-    clock: Arc<dyn Clock>,
-    checkpoint_on_exit: bool,
     max_batch: usize,
     cleanup_interval: Duration,
     cleanup_batch: usize,
-    /// Rows deleted per cleanup transaction now: adapted to [`CLEANUP_SLICE`], at most
-    /// `cleanup_batch`.
+    /// Rows deleted per cleanup transaction now: adapted to the backend's cleanup slice, at
+    /// most `cleanup_batch`.
     cleanup_chunk: usize,
     next_cleanup: Instant,
-    /// The last fencing token handed out, and the last one written to `idempotency_meta`.
-    fence: u64,
-    persisted_fence: u64,
     /// Releases of claims whose caller went away before the answer arrived.
     requeued: Vec<LeaseCmd>,
-    /// Completions of the open transaction registered in `shared.unsynced`, to unregister if
-    /// it rolls back.
-    registered: Vec<[u8; 32]>,
 }
 
 /// One command of a batch, with what its caller will be told.
@@ -310,7 +377,7 @@ enum Pending {
     Lease(LeaseCmd, Option<Result<i64>>),
 }
 
-impl Writer {
+impl<B: Backend> Writer<B> {
     fn run(mut self) -> Exit {
         let mut shutdown = None;
         let mut disconnected = false;
@@ -373,29 +440,10 @@ impl Writer {
             if Instant::now() >= self.next_cleanup {
                 self.cleanup();
             }
-            if let Some(c) = &self.checkpointer
-                && c.take_restart_request()
-                && self.shared.sync_failure().is_none()
-            {
-                // The checkpointer cannot catch up with the WAL while batches keep coming: copy
-                // the last few frames here, between two batches, so the next one rewinds it.
-                let _ = storage::checkpoint_passive(&self.conn);
-            }
-        }
-        // The syncer flushes and answers everything it was handed; the checkpointer stops
-        // before the final checkpoint, which then has the WAL to itself.
-        if let Some(mut s) = self.syncer.take() {
-            s.stop();
-        }
-        if let Some(mut c) = self.checkpointer.take() {
-            c.stop();
+            self.backend.between_batches();
         }
         let failure = self.shared.sync_failure();
-        if failure.is_some() {
-            storage::no_checkpoint_on_close(&self.conn);
-        } else if self.checkpoint_on_exit {
-            let _ = storage::checkpoint(&self.conn);
-        }
+        self.backend.stop(failure.as_ref());
         if let Some(ack) = shutdown {
             let _ = ack.send(failure.clone().map_or(Ok(()), Err));
         }
@@ -465,64 +513,69 @@ impl Writer {
         batch.extend(self.claims.try_iter().map(|m| Pending::Claim(m, None)));
     }
 
-    /// Commits a batch in one transaction, without `fsync` (`synchronous=NORMAL`), and answers
-    /// it: with a syncer, completions (and replays of completions not yet on disk) after its
-    /// next flush of the WAL; everything else at once. See the crate docs, *Design*.
+    /// Commits a batch in one transaction (the backend's) and answers it: with a syncer,
+    /// completions (and replays of completions not yet on disk) after its next flush;
+    /// everything else at once. See the crate docs, *Design*.
     fn process(&mut self, mut batch: Vec<Pending>) {
         if batch.is_empty() {
             return;
         }
-        if let Err(e) = storage::begin(&self.conn) {
-            return self.fail_all(batch, e);
-        }
-        let now = self.clock.now_ms();
-        for p in &mut batch {
-            let aborted = match p {
-                // Its caller is gone (an async claim dropped while queued): running it would
-                // only lock the key until the release this writer would then queue, and a
-                // retry of the same key in this batch would be told to wait for a whole lock
-                // timeout. It is answered `Closed`, which nobody reads.
-                Pending::Claim(cmd, _) if cmd.reply.is_closed() => false,
-                Pending::Claim(cmd, out) => {
-                    let r = self.exec_claim(cmd, now);
-                    let aborted = r.is_err() && self.conn.is_autocommit();
-                    *out = Some(r);
-                    aborted
-                }
-                Pending::Lease(cmd, out) => {
-                    let r = self.exec_lease(cmd, now);
-                    let aborted = r.is_err() && self.conn.is_autocommit();
-                    *out = Some(r);
-                    aborted
-                }
+        // A claim whose caller is gone (an async claim dropped while queued) is not run: it
+        // would only lock the key until the release this writer would then queue, and a retry
+        // of the same key in this batch would be told to wait for a whole lock timeout. It is
+        // answered `Closed`, which nobody reads.
+        let mut index = Vec::with_capacity(batch.len());
+        let mut work = Vec::with_capacity(batch.len());
+        for (i, p) in batch.iter().enumerate() {
+            let w = match p {
+                Pending::Claim(cmd, _) if cmd.reply.is_closed() => None,
+                Pending::Claim(cmd, _) => Some(Work::Claim(cmd)),
+                Pending::Lease(cmd, _) => Work::of(cmd),
             };
-            if aborted {
-                // SQLite rolled the whole transaction back (disk full, I/O error): every
-                // command of the batch failed, including those that had succeeded.
-                let e = match p {
-                    Pending::Claim(_, Some(Err(e))) => e.clone(),
-                    Pending::Lease(_, Some(Err(e))) => e.clone(),
-                    _ => Error::DiskFull,
-                };
-                return self.fail_all(batch, e);
+            if let Some(w) = w {
+                work.push(w);
+                index.push(i);
             }
         }
-        let fence = self.fence;
-        let finish = (|| {
-            if fence != self.persisted_fence {
-                storage::store_fence(&self.conn, fence)?;
+        let results = if work.is_empty() {
+            Ok(Vec::new())
+        } else {
+            self.backend.run(&work)
+        };
+        drop(work);
+        let results = match results {
+            Ok(r) => r,
+            Err(e) => return self.fail_all(batch, e),
+        };
+        for (i, r) in index.into_iter().zip(results) {
+            match &mut batch[i] {
+                Pending::Claim(cmd, out) => {
+                    *out = Some(r.and_then(|done| match done {
+                        Done::Won {
+                            fence,
+                            locked_until,
+                        } => Ok(ClaimReply::Claimed(Won {
+                            fence,
+                            locked_until,
+                            id: cmd.id,
+                            release: cmd.leases.take(),
+                        })),
+                        Done::Decided(d) => Ok(ClaimReply::Decided(d)),
+                        Done::Replay(c) => Ok(ClaimReply::Completed(c)),
+                        other => Err(unexpected(other)),
+                    }));
+                }
+                Pending::Lease(_, out) => {
+                    *out = Some(r.and_then(|done| match done {
+                        Done::Owned(true) => Ok(0),
+                        Done::Owned(false) | Done::Until(None) => Err(Error::LeaseLost),
+                        Done::Until(Some(until)) => Ok(until),
+                        other => Err(unexpected(other)),
+                    }));
+                }
             }
-            storage::commit(&self.conn)
-        })();
-        if let Err(e) = finish {
-            storage::rollback(&self.conn);
-            return self.fail_all(batch, e);
         }
-        self.persisted_fence = fence;
-        // The registered completions are the syncer's to unregister from now on.
-        self.registered.clear();
-        self.poke_checkpointer();
-        if let Some(syncer) = &self.syncer {
+        if let Some(syncer) = self.backend.syncer() {
             let mut after_sync = Vec::new();
             let mut now = Vec::with_capacity(batch.len());
             for p in batch {
@@ -556,24 +609,13 @@ impl Writer {
         }
     }
 
-    fn poke_checkpointer(&self) {
-        if let Some(c) = &self.checkpointer {
-            c.poke();
-        }
-    }
-
+    /// Answers every command of a batch that was not committed (or whose commit is unknown)
+    /// with `e`. No claim of it holds a lease (none was handed out), so nothing is released:
+    /// a record a lost `COMMIT` did write stays in flight until its lock timeout.
     fn fail_all(&mut self, batch: Vec<Pending>, e: Error) {
-        storage::rollback(&self.conn);
-        for id in self.registered.drain(..) {
-            self.shared.unsynced.remove(&id);
-        }
         for p in batch {
             match p {
-                Pending::Claim(cmd, out) => {
-                    // Rolled back: there is no record to release.
-                    if let Some(Ok(ClaimReply::Claimed(won))) = out {
-                        won.disarm();
-                    }
+                Pending::Claim(cmd, _) => {
                     let _ = cmd.reply.send(Err(e.clone()));
                 }
                 Pending::Lease(cmd, _) => self.answer_lease(cmd, Err(e.clone())),
@@ -622,115 +664,22 @@ impl Writer {
         }
     }
 
-    fn exec_claim(&mut self, c: &mut ClaimCmd, now: i64) -> Result<ClaimReply> {
-        let fence = self.fence + 1;
-        let locked_until = now.saturating_add(c.lock_ms);
-        let row = ClaimRow {
-            id: &c.id,
-            scope: &c.scope,
-            key: &c.key,
-            fingerprint: &c.fingerprint,
-            fence,
-            now,
-            locked_until,
-            expires_at: locked_until.saturating_add(c.retention_ms),
-        };
-        if storage::try_claim(&self.conn, &row)? {
-            self.fence = fence;
-            return Ok(ClaimReply::Claimed(Won {
-                fence,
-                locked_until,
-                id: c.id,
-                release: c.leases.take(),
-            }));
-        }
-        match storage::inspect(&self.conn, &c.id, &c.fingerprint, now)? {
-            Some(d) => Ok(ClaimReply::Decided(d)),
-            None => Err(Error::Corrupt {
-                detail: "a record blocked the claim but cannot be read back".into(),
-            }),
-        }
-    }
-
-    fn exec_lease(&mut self, cmd: &LeaseCmd, now: i64) -> Result<i64> {
-        let owned = match cmd {
-            LeaseCmd::Complete {
-                id,
-                fence,
-                response,
-                retention_ms,
-                ..
-            } => {
-                let done = storage::complete(
-                    &self.conn,
-                    id,
-                    *fence,
-                    response,
-                    now,
-                    now.saturating_add(*retention_ms),
-                )?;
-                if done && self.syncer.is_some() {
-                    // Before the commit that makes it visible: from then until its flush, no
-                    // connection replays it.
-                    self.shared.unsynced.add(id);
-                    self.registered.push(*id);
-                }
-                done
-            }
-            LeaseCmd::Release { id, fence, .. } => storage::release(&self.conn, id, *fence)?,
-            LeaseCmd::Extend {
-                id,
-                fence,
-                lock_ms,
-                retention_ms,
-                ..
-            } => {
-                let until = now.saturating_add(*lock_ms);
-                return if storage::extend(
-                    &self.conn,
-                    id,
-                    *fence,
-                    until,
-                    until.saturating_add(*retention_ms),
-                )? {
-                    Ok(until)
-                } else {
-                    Err(Error::LeaseLost)
-                };
-            }
-            LeaseCmd::Shutdown(_) => true,
-            #[cfg(feature = "fault-injection")]
-            LeaseCmd::Panic => true,
-        };
-        if owned {
-            Ok(now)
-        } else {
-            Err(Error::LeaseLost)
-        }
-    }
-
     fn cleanup(&mut self) {
-        let now = self.clock.now_ms();
         let chunk = self.cleanup_chunk;
+        let slice = self.backend.cleanup_slice();
         let started = Instant::now();
-        let deleted = (|| -> Result<usize> {
-            storage::begin(&self.conn)?;
-            let n = storage::delete_expired(&self.conn, now, chunk)?;
-            storage::commit(&self.conn)?;
-            self.poke_checkpointer();
-            Ok(n)
-        })();
+        let deleted = self.backend.delete_expired(chunk);
         let spent = started.elapsed();
         // Each delete dirties a page of the id index at random, so a transaction of a thousand
         // can hold the writer for tens of milliseconds: size the next one to fit the slice.
-        if spent > CLEANUP_SLICE {
+        if spent > slice {
             self.cleanup_chunk = (chunk / 2).max(1);
         }
         match deleted {
             // A full chunk: there may be more. Go on at once when nobody is waiting; under
             // load, leave the writer to the callers for CLEANUP_YIELD times as long.
             Ok(n) if n >= chunk => {
-                if spent < CLEANUP_SLICE / 2 {
+                if spent < slice / 2 {
                     self.cleanup_chunk = (chunk * 2).min(self.cleanup_batch);
                 }
                 let busy = !self.claims.is_empty() || !self.leases.is_empty();
@@ -740,10 +689,15 @@ impl Writer {
                 };
             }
             Ok(_) => self.next_cleanup = Instant::now() + self.cleanup_interval,
-            Err(_) => {
-                storage::rollback(&self.conn);
-                self.next_cleanup = Instant::now() + self.cleanup_interval;
-            }
+            Err(_) => self.next_cleanup = Instant::now() + self.cleanup_interval,
         }
+    }
+}
+
+/// A backend answered a command with a result of another kind: a bug, reported to that
+/// caller rather than panicking the writer.
+fn unexpected(done: Done) -> Error {
+    Error::Corrupt {
+        detail: format!("the store answered a command with {done:?}"),
     }
 }

@@ -668,6 +668,7 @@ pub(crate) fn unavailable(e: &Error) -> (&'static str, Duration) {
     match e {
         Error::Overloaded { retry_after } => ("is overloaded", *retry_after),
         e if e.is_closed() => ("is shut down", Duration::from_secs(5)),
+        Error::Unavailable { .. } => ("cannot be reached", Duration::from_secs(1)),
         _ => ("is failing", Duration::from_secs(1)),
     }
 }

@@ -33,7 +33,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError, select
 
 use crate::config::EngineConfig;
 use crate::error::{Error, Result};
-use crate::storage;
+use crate::sqlite::storage;
 use crate::writer::Shared;
 
 /// The shortest time between two checkpoints.

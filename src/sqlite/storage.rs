@@ -11,7 +11,8 @@ use crate::cache::Completed;
 use crate::config::{EngineConfig, Location};
 use crate::error::{Error, Result};
 use crate::fingerprint::Fingerprint;
-use crate::response::{HeaderList, StoredResponse, decode_headers, encode_headers};
+use crate::record::{Decision, RawRecord, Read};
+use crate::response::{StoredResponse, encode_headers};
 
 /// The schema version this build writes (`PRAGMA user_version`).
 ///
@@ -22,9 +23,6 @@ use crate::response::{HeaderList, StoredResponse, decode_headers, encode_headers
 ///   Measured on the raw ceiling: 1.6x-1.9x the rows/s and half the bytes written per row
 ///   (BENCHMARKS.md). Version 1 files are migrated when opened.
 pub(crate) const SCHEMA_VERSION: i64 = 2;
-
-const STATE_IN_FLIGHT: i64 = 0;
-const STATE_COMPLETED: i64 = 1;
 
 /// The records table and its expiry index (version 2).
 const RECORDS_TABLE: &str = "
@@ -86,6 +84,12 @@ DROP TABLE idempotency_records_v1;
 pub(crate) fn open_writer(config: &EngineConfig) -> Result<Connection> {
     let conn = match &config.location {
         Location::Memory => Connection::open_in_memory()?,
+        #[cfg(feature = "postgres")]
+        Location::Postgres(_) => {
+            return Err(Error::InvalidConfig {
+                reason: "not an SQLite location".into(),
+            });
+        }
         Location::File(path) => {
             let conn = Connection::open_with_flags(
                 path,
@@ -104,7 +108,7 @@ pub(crate) fn open_writer(config: &EngineConfig) -> Result<Connection> {
     };
     let path = match &config.location {
         Location::File(p) => p.as_path(),
-        Location::Memory => Path::new(":memory:"),
+        _ => Path::new(":memory:"),
     };
     conn.busy_timeout(config.busy_timeout)?;
     // Refuse a newer schema (and a file that is not a database) before anything is changed: the
@@ -113,7 +117,7 @@ pub(crate) fn open_writer(config: &EngineConfig) -> Result<Connection> {
     let mode: String = conn
         .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))
         .map_err(|e| open_error(e, path))?;
-    let wanted = if config.location == Location::Memory {
+    let wanted = if matches!(config.location, Location::Memory) {
         "memory"
     } else {
         "wal"
@@ -389,7 +393,7 @@ fn rewrite_wal(conn: &Connection, db: &Path) -> Result<()> {
 fn sync_dir(db: &Path) -> std::io::Result<()> {
     #[cfg(unix)]
     {
-        std::fs::File::open(crate::lock::dir_of(db))?.sync_all()
+        std::fs::File::open(crate::sqlite::lock::dir_of(db))?.sync_all()
     }
     #[cfg(not(unix))]
     {
@@ -459,14 +463,6 @@ pub(crate) fn no_checkpoint_on_close(conn: &Connection) {
     let _ = conn.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true);
 }
 
-/// What a claim found when it could not take the record.
-#[derive(Debug)]
-pub(crate) enum Decision {
-    Replay(StoredResponse),
-    InFlight { locked_until: i64 },
-    Mismatch,
-}
-
 /// The parameters of one claim.
 pub(crate) struct ClaimRow<'a> {
     pub id: &'a [u8; 32],
@@ -525,10 +521,23 @@ pub(crate) fn inspect(
          FROM idempotency_records WHERE id = ?1 AND expires_at > ?2",
     )?;
     let raw = stmt
-        .query_row(params![&id[..], now], RawRecord::from_row)
+        .query_row(params![&id[..], now], raw_record)
         .optional()
         .map_err(column_error)?;
     raw.map(|raw| raw.decide(fingerprint)).transpose()
+}
+
+/// Reads the first seven columns, in the order `inspect` selects them.
+fn raw_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawRecord> {
+    Ok(RawRecord {
+        fingerprint: r.get(0)?,
+        state: r.get(1)?,
+        locked_until: r.get(2)?,
+        status: r.get(3)?,
+        headers: r.get(4)?,
+        body: r.get(5)?,
+        trailers: r.get(6)?,
+    })
 }
 
 /// A type or conversion failure while reading a row means the row is not what we wrote.
@@ -542,85 +551,6 @@ fn column_error(e: rusqlite::Error) -> Error {
         },
         e => e.into(),
     }
-}
-
-struct RawRecord {
-    fingerprint: Vec<u8>,
-    state: i64,
-    locked_until: i64,
-    status: Option<i64>,
-    headers: Option<Vec<u8>>,
-    body: Option<Vec<u8>>,
-    trailers: Option<Vec<u8>>,
-}
-
-impl RawRecord {
-    /// Reads the first seven columns, in the order `inspect` selects them.
-    fn from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawRecord> {
-        Ok(RawRecord {
-            fingerprint: r.get(0)?,
-            state: r.get(1)?,
-            locked_until: r.get(2)?,
-            status: r.get(3)?,
-            headers: r.get(4)?,
-            body: r.get(5)?,
-            trailers: r.get(6)?,
-        })
-    }
-
-    /// The stored fingerprint; a length other than 32 bytes is a corrupt row.
-    fn fingerprint(&self) -> Result<[u8; 32]> {
-        self.fingerprint
-            .as_slice()
-            .try_into()
-            .map_err(|_| Error::Corrupt {
-                detail: format!("fingerprint of {} bytes", self.fingerprint.len()),
-            })
-    }
-
-    fn decide(self, fingerprint: &Fingerprint) -> Result<Decision> {
-        if self.fingerprint()? != *fingerprint.as_bytes() {
-            return Ok(Decision::Mismatch);
-        }
-        match self.state {
-            STATE_IN_FLIGHT => Ok(Decision::InFlight {
-                locked_until: self.locked_until,
-            }),
-            STATE_COMPLETED => Ok(Decision::Replay(self.into_response()?)),
-            s => Err(Error::Corrupt {
-                detail: format!("unknown record state {s}"),
-            }),
-        }
-    }
-
-    /// The stored response of a completed record.
-    fn into_response(self) -> Result<StoredResponse> {
-        let status = self
-            .status
-            .and_then(|s| u16::try_from(s).ok())
-            .ok_or_else(|| Error::Corrupt {
-                detail: format!("completed record with status {:?}", self.status),
-            })?;
-        let headers = match &self.headers {
-            Some(h) => decode_headers(h)?,
-            None => HeaderList::new(),
-        };
-        let trailers = self.trailers.as_deref().map(decode_headers).transpose()?;
-        Ok(StoredResponse {
-            status,
-            headers,
-            body: self.body.unwrap_or_default(),
-            trailers,
-        })
-    }
-}
-
-/// What a read connection found for a claim.
-pub(crate) enum Read {
-    /// A live completed record with another fingerprint (its response is not decoded).
-    Mismatch,
-    /// A live completed record with the claim's fingerprint.
-    Completed(Completed),
 }
 
 /// Reads a live completed record (for the read connections and the replay cache). `None` when
@@ -638,7 +568,7 @@ pub(crate) fn read_completed(
     )?;
     let raw = stmt
         .query_row(params![&id[..], now], |r| {
-            Ok((RawRecord::from_row(r)?, r.get::<_, i64>(7)?))
+            Ok((raw_record(r)?, r.get::<_, i64>(7)?))
         })
         .optional()
         .map_err(column_error)?;

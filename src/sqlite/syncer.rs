@@ -38,7 +38,7 @@ use crossbeam_channel::{Receiver, Sender};
 use parking_lot::Mutex;
 
 use crate::error::{Error, Result};
-use crate::storage;
+use crate::sqlite::storage;
 use crate::writer::{ClaimReply, Shared};
 
 /// Records whose completion is committed but not yet flushed, shared by the writer (which adds

@@ -1,0 +1,813 @@
+//! The writer's PostgreSQL side. A batch is one transaction of set-based statements (arrays
+//! and `unnest`), sent pipelined: `BEGIN`, the lease commands, the claims and `COMMIT` leave
+//! in one write and come back in one round trip. Every statement is unnamed (no prepared
+//! statement outlives it, no session state), so PgBouncer's transaction mode is fine.
+//!
+//! Times are the database's: every lock and expiry is computed and compared in SQL from the
+//! transaction's `now()`, and only translated to the engine's clock (by the offset measured
+//! with this batch) in what the callers are told.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::{Client, Row};
+use tokio_postgres_rustls::MakeRustlsConnect;
+
+use crate::cache::Completed;
+use crate::clock::Clock;
+use crate::error::{Error, Result};
+use crate::fingerprint::Fingerprint;
+use crate::postgres::connect::{Target, pg_error};
+use crate::postgres::schema::Names;
+use crate::record::{Decision, RawRecord, STATE_COMPLETED};
+use crate::response::encode_headers;
+use crate::writer::{Backend, Done, Work};
+
+/// The first pause before reconnecting after a lost connection; it doubles up to
+/// [`MAX_BACKOFF`] while connecting keeps failing. Meanwhile every batch fails at once with
+/// [`Error::Unavailable`]: nobody waits for a server that is not there.
+const MIN_BACKOFF: Duration = Duration::from_millis(50);
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+/// The longest a cleanup transaction should hold the writer.
+const CLEANUP_SLICE: Duration = Duration::from_millis(20);
+
+/// The statements, with the configured table's names in them.
+struct Sql {
+    begin: String,
+    lock: String,
+    complete: String,
+    release: String,
+    extend: String,
+    claim: String,
+    read: String,
+    cleanup: String,
+}
+
+/// The database's clock in ms since the epoch, or the test clock's (`$n`).
+fn now_ms(param: usize) -> String {
+    format!("coalesce(${param}::int8, (extract(epoch from now()) * 1000)::int8)")
+}
+
+impl Sql {
+    fn new(names: &Names, statement_timeout: Duration, synchronous: bool) -> Sql {
+        let t = &names.records;
+        let columns = "r.locked_until, r.fingerprint, r.state, r.status, r.headers, r.body, r.trailers, r.expires_at";
+        Sql {
+            begin: format!(
+                "BEGIN ISOLATION LEVEL READ COMMITTED; SET LOCAL statement_timeout = {}{}",
+                statement_timeout.as_millis().max(1),
+                if synchronous {
+                    ""
+                } else {
+                    "; SET LOCAL synchronous_commit = off"
+                }
+            ),
+            lock: format!("SELECT 1 FROM {t} WHERE id = ANY($1::bytea[]) ORDER BY id FOR UPDATE"),
+            complete: format!(
+                "UPDATE {t} AS r SET state = 1, status = i.status, headers = i.headers,
+                     body = i.body, trailers = i.trailers, completed_at = n.ms,
+                     expires_at = n.ms + i.retention_ms, locked_until = 0
+                 FROM unnest($1::bytea[], $2::int8[], $3::int4[], $4::bytea[], $5::bytea[],
+                             $6::bytea[], $7::int8[])
+                          AS i(id, fence, status, headers, body, trailers, retention_ms),
+                      (SELECT {now} AS ms) AS n
+                 WHERE r.id = i.id AND r.fence = i.fence AND r.state = 0
+                 RETURNING r.id, r.fence",
+                now = now_ms(8)
+            ),
+            release: format!(
+                "DELETE FROM {t} AS r USING unnest($1::bytea[], $2::int8[]) AS i(id, fence)
+                 WHERE r.id = i.id AND r.fence = i.fence AND r.state = 0
+                 RETURNING r.id, r.fence"
+            ),
+            extend: format!(
+                "UPDATE {t} AS r SET locked_until = n.ms + i.lock_ms,
+                     expires_at = greatest(r.expires_at, n.ms + i.lock_ms + i.retention_ms)
+                 FROM unnest($1::bytea[], $2::int8[], $3::int8[], $4::int8[])
+                          AS i(id, fence, lock_ms, retention_ms),
+                      (SELECT {now} AS ms) AS n
+                 WHERE r.id = i.id AND r.fence = i.fence AND r.state = 0
+                 RETURNING r.id, r.fence, r.locked_until, n.ms",
+                now = now_ms(5)
+            ),
+            // Rows are inserted in id order, so two instances' batches take their locks in
+            // the same order. The second half reads, in the statement's snapshot, the records
+            // that kept a claim out (the insert did not change them).
+            claim: format!(
+                "WITH n AS (SELECT {now} AS ms),
+                 i AS (SELECT * FROM unnest($1::bytea[], $2::text[], $3::text[], $4::bytea[],
+                                            $5::int8[], $6::int8[])
+                           AS t(id, scope, key, fingerprint, lock_ms, retention_ms)),
+                 won AS (
+                     INSERT INTO {t} AS r (id, scope, key, fingerprint, state, fence,
+                                           locked_until, expires_at, created_at)
+                     SELECT i.id, i.scope, i.key, i.fingerprint, 0, nextval('{fence}'),
+                            n.ms + i.lock_ms, n.ms + i.lock_ms + i.retention_ms, n.ms
+                     FROM i, n ORDER BY i.id
+                     ON CONFLICT (id) DO UPDATE SET
+                         scope = excluded.scope, key = excluded.key,
+                         fingerprint = excluded.fingerprint, state = 0, fence = excluded.fence,
+                         locked_until = excluded.locked_until, expires_at = excluded.expires_at,
+                         created_at = excluded.created_at, completed_at = NULL, status = NULL,
+                         headers = NULL, body = NULL, trailers = NULL
+                     WHERE r.expires_at <= excluded.created_at
+                        OR (r.state = 0 AND r.locked_until <= excluded.created_at
+                            AND r.fingerprint = excluded.fingerprint)
+                     RETURNING r.id, r.fence, r.locked_until)
+                 SELECT w.id, w.fence, w.locked_until, NULL::bytea, NULL::int2, NULL::int4,
+                        NULL::bytea, NULL::bytea, NULL::bytea, NULL::int8, n.ms
+                 FROM won AS w, n
+                 UNION ALL
+                 SELECT r.id, NULL::int8, {columns}, n.ms
+                 FROM {t} AS r JOIN i ON r.id = i.id, n
+                 WHERE r.expires_at > n.ms AND r.id NOT IN (SELECT id FROM won)",
+                now = now_ms(7),
+                fence = names.fence.replace('\'', "''"),
+            ),
+            read: format!(
+                "SELECT r.id, NULL::int8, {columns}, n.ms
+                 FROM {t} AS r, (SELECT {now} AS ms) AS n
+                 WHERE r.id = ANY($1::bytea[]) AND r.expires_at > n.ms",
+                now = now_ms(2)
+            ),
+            // One instance at a time (a transaction-level advisory lock: nothing outlives the
+            // transaction), the oldest first, skipping rows another transaction holds.
+            cleanup: format!(
+                "WITH l AS (SELECT pg_try_advisory_xact_lock($1) AS got),
+                 doomed AS (
+                     SELECT r.id FROM {t} AS r
+                     WHERE (SELECT got FROM l) AND r.expires_at <= {now}
+                     ORDER BY r.expires_at LIMIT $2
+                     FOR UPDATE OF r SKIP LOCKED),
+                 d AS (DELETE FROM {t} AS r USING doomed WHERE r.id = doomed.id RETURNING 1)
+                 SELECT (SELECT got FROM l), count(*) FROM d",
+                now = now_ms(3)
+            ),
+        }
+    }
+}
+
+/// The PostgreSQL writer backend (see the module docs).
+pub(crate) struct PgBackend {
+    client: Option<Client>,
+    rt: tokio::runtime::Runtime,
+    target: Target,
+    connector: MakeRustlsConnect,
+    names: Names,
+    sql: Sql,
+    /// How long a batch may take before the connection is given up (the statement timeout,
+    /// plus a second for the network).
+    deadline: Duration,
+    clock: Arc<dyn Clock>,
+    db_clock: Option<Arc<dyn Clock>>,
+    backoff: Duration,
+    next_attempt: Instant,
+    /// Why the last connection attempt failed, for the batches refused meanwhile.
+    down: Option<Error>,
+}
+
+/// Runs `f` on the runtime for at most `limit`.
+pub(crate) fn within<F: std::future::Future>(
+    rt: &tokio::runtime::Runtime,
+    limit: Duration,
+    f: F,
+) -> Result<F::Output, tokio::time::error::Elapsed> {
+    rt.block_on(async move { tokio::time::timeout(limit, f).await })
+}
+
+/// Connects and hands the connection's I/O to the runtime.
+pub(crate) async fn connect(
+    target: &Target,
+    connector: &MakeRustlsConnect,
+) -> Result<Client, tokio_postgres::Error> {
+    let (client, connection) = target.config.connect(connector.clone()).await?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(client)
+}
+
+impl PgBackend {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        client: Client,
+        rt: tokio::runtime::Runtime,
+        target: Target,
+        connector: MakeRustlsConnect,
+        names: Names,
+        statement_timeout: Duration,
+        synchronous: bool,
+        clock: Arc<dyn Clock>,
+        db_clock: Option<Arc<dyn Clock>>,
+    ) -> PgBackend {
+        PgBackend {
+            client: Some(client),
+            rt,
+            sql: Sql::new(&names, statement_timeout, synchronous),
+            target,
+            connector,
+            names,
+            deadline: statement_timeout + Duration::from_secs(1),
+            clock,
+            db_clock,
+            backoff: MIN_BACKOFF,
+            next_attempt: Instant::now(),
+            down: None,
+        }
+    }
+
+    /// Takes the connection for one exchange, reconnecting when it was lost and the backoff
+    /// has passed. Give it back with [`PgBackend::give_back`].
+    fn take_client(&mut self) -> Result<Client> {
+        if let Some(client) = self.client.take()
+            && !client.is_closed()
+        {
+            return Ok(client);
+        }
+        if Instant::now() < self.next_attempt
+            && let Some(down) = &self.down
+        {
+            return Err(down.clone());
+        }
+        let attempt = within(
+            &self.rt,
+            self.deadline,
+            connect(&self.target, &self.connector),
+        );
+        match attempt {
+            Ok(Ok(client)) => {
+                self.backoff = MIN_BACKOFF;
+                self.down = None;
+                Ok(client)
+            }
+            failed => {
+                let e = match failed {
+                    Ok(Err(e)) => pg_error(e, &self.target.shown),
+                    _ => Error::Unavailable {
+                        detail: format!(
+                            "{}: no connection within {:?}",
+                            self.target.shown, self.deadline
+                        ),
+                    },
+                };
+                self.next_attempt = Instant::now() + self.backoff;
+                self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+                self.down = Some(e.clone());
+                Err(e)
+            }
+        }
+    }
+
+    /// Ends an exchange: keeps the connection unless it is gone or did not answer in time
+    /// (then the server rolls back whatever it was doing when it notices), and turns the
+    /// failure into the callers' error.
+    fn give_back<T>(&mut self, client: Client, out: Result<T, Fail>) -> Result<T> {
+        let keep = !client.is_closed() && !matches!(out, Err(Fail::Timeout(_)));
+        if keep {
+            self.client = Some(client);
+        }
+        out.map_err(|f| match f {
+            Fail::Pg(e) => pg_error(e, &self.target.shown),
+            Fail::Timeout(what) => Error::Unavailable {
+                detail: format!(
+                    "{}: {what} got no answer within {:?}; its outcome is unknown",
+                    self.target.shown, self.deadline
+                ),
+            },
+            Fail::Other(e) => e,
+        })
+    }
+
+    fn test_now(&self) -> Option<i64> {
+        self.db_clock.as_ref().map(|c| c.now_ms())
+    }
+}
+
+/// The claims of a batch, once per record id (a second claim of the same id in one batch is
+/// decided from the first one's result, as if it came right after it).
+struct Claims<'a> {
+    /// (work index, claim), the first claim of each id, sorted by id.
+    first: Vec<(usize, &'a crate::writer::ClaimCmd)>,
+    /// Later claims of an id: (work index, index into `first`).
+    repeats: Vec<(usize, usize)>,
+}
+
+impl<'a> Claims<'a> {
+    fn of(work: &[Work<'a>]) -> Claims<'a> {
+        let mut first: Vec<(usize, &crate::writer::ClaimCmd)> = Vec::new();
+        let mut seen: HashMap<[u8; 32], usize> = HashMap::new();
+        let mut repeats = Vec::new();
+        for (i, w) in work.iter().enumerate() {
+            if let Work::Claim(c) = w {
+                match seen.get(&c.id) {
+                    Some(&f) => repeats.push((i, f)),
+                    None => {
+                        seen.insert(c.id, first.len());
+                        first.push((i, c));
+                    }
+                }
+            }
+        }
+        // Sort by id, keeping `repeats` pointing at the right entries.
+        let mut order: Vec<usize> = (0..first.len()).collect();
+        order.sort_by_key(|&k| first[k].1.id);
+        let mut position = vec![0; first.len()];
+        for (new, &old) in order.iter().enumerate() {
+            position[old] = new;
+        }
+        let first = order.iter().map(|&k| first[k]).collect();
+        for r in &mut repeats {
+            r.1 = position[r.1];
+        }
+        Claims { first, repeats }
+    }
+}
+
+/// A record row as the claim and read statements return it.
+#[derive(Clone)]
+struct RecordRow {
+    raw: RawRecord,
+    expires_at: i64,
+}
+
+enum ClaimRow {
+    Won { fence: i64, locked_until: i64 },
+    Found(RecordRow),
+}
+
+fn corrupt(e: impl std::fmt::Display) -> Error {
+    Error::Corrupt {
+        detail: e.to_string(),
+    }
+}
+
+/// Reads a row of the claim or read statement: (id, fence, locked_until, fingerprint, state,
+/// status, headers, body, trailers, expires_at, now).
+fn claim_row(row: &Row) -> Result<([u8; 32], ClaimRow, i64)> {
+    let id: &[u8] = row.try_get(0).map_err(corrupt)?;
+    let id: [u8; 32] = id
+        .try_into()
+        .map_err(|_| corrupt(format!("record id of {} bytes", id.len())))?;
+    let now: i64 = row.try_get(10).map_err(corrupt)?;
+    let locked_until: i64 = row.try_get(2).map_err(corrupt)?;
+    if let Some(fence) = row.try_get::<_, Option<i64>>(1).map_err(corrupt)? {
+        return Ok((
+            id,
+            ClaimRow::Won {
+                fence,
+                locked_until,
+            },
+            now,
+        ));
+    }
+    let raw = RawRecord {
+        fingerprint: row.try_get(3).map_err(corrupt)?,
+        state: i64::from(row.try_get::<_, i16>(4).map_err(corrupt)?),
+        locked_until,
+        status: row
+            .try_get::<_, Option<i32>>(5)
+            .map_err(corrupt)?
+            .map(i64::from),
+        headers: row.try_get(6).map_err(corrupt)?,
+        body: row.try_get(7).map_err(corrupt)?,
+        trailers: row.try_get(8).map_err(corrupt)?,
+    };
+    let expires_at: i64 = row.try_get(9).map_err(corrupt)?;
+    Ok((id, ClaimRow::Found(RecordRow { raw, expires_at }), now))
+}
+
+/// What a claim with `fp` gets from a live record that kept it out. `offset` turns database
+/// times into the engine clock's.
+fn decide(record: RecordRow, fp: &Fingerprint, offset: i64) -> Result<Done> {
+    let RecordRow {
+        mut raw,
+        expires_at,
+    } = record;
+    raw.locked_until = raw.locked_until.saturating_add(offset);
+    if raw.state == STATE_COMPLETED && raw.fingerprint()? == *fp.as_bytes() {
+        // A completed record never changes before it expires: the engine may cache it.
+        let fingerprint = raw.fingerprint()?;
+        return Ok(Done::Replay(Completed {
+            fingerprint,
+            expires_at: expires_at.saturating_add(offset),
+            response: Arc::new(raw.into_response()?),
+        }));
+    }
+    Ok(Done::Decided(raw.decide(fp)?))
+}
+
+fn fenced(rows: &[Row]) -> Result<HashMap<([u8; 32], i64), Option<i64>>> {
+    rows.iter()
+        .map(|row| {
+            let id: &[u8] = row.try_get(0).map_err(corrupt)?;
+            let id: [u8; 32] = id.try_into().map_err(corrupt)?;
+            let fence: i64 = row.try_get(1).map_err(corrupt)?;
+            // Extensions also return the new lock and the database's now.
+            let until = match row.len() {
+                4 => {
+                    let until: i64 = row.try_get(2).map_err(corrupt)?;
+                    let now: i64 = row.try_get(3).map_err(corrupt)?;
+                    Some(until - now)
+                }
+                _ => None,
+            };
+            Ok(((id, fence), until))
+        })
+        .collect()
+}
+
+fn fence_i64(fence: u64) -> i64 {
+    i64::try_from(fence).unwrap_or(i64::MAX)
+}
+
+impl Backend for PgBackend {
+    fn run(&mut self, work: &[Work<'_>]) -> Result<Vec<Result<Done>>> {
+        let client = self.take_client()?;
+        let out = self.exchange(&client, work);
+        self.give_back(client, out)
+    }
+
+    fn delete_expired(&mut self, limit: usize) -> Result<usize> {
+        let client = self.take_client()?;
+        let out = self.cleanup(&client, limit);
+        self.give_back(client, out)
+    }
+
+    fn cleanup_slice(&self) -> Duration {
+        CLEANUP_SLICE
+    }
+}
+
+/// Why an exchange failed.
+enum Fail {
+    Pg(tokio_postgres::Error),
+    Timeout(&'static str),
+    Other(Error),
+}
+
+impl From<Error> for Fail {
+    fn from(e: Error) -> Self {
+        Fail::Other(e)
+    }
+}
+
+impl PgBackend {
+    /// One batch: one transaction, one round trip (plus a read when a record that kept a
+    /// claim out was committed by another instance during the claim statement).
+    fn exchange(&self, client: &Client, work: &[Work<'_>]) -> Result<Vec<Result<Done>>, Fail> {
+        let test_now = self.test_now();
+
+        // Lease commands, by kind, as arrays.
+        let mut complete = (
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+        );
+        let mut release = (Vec::<&[u8]>::new(), Vec::<i64>::new());
+        let mut extend = (
+            Vec::<&[u8]>::new(),
+            Vec::<i64>::new(),
+            Vec::<i64>::new(),
+            Vec::<i64>::new(),
+        );
+        let mut touched: Vec<&[u8]> = Vec::new();
+        for w in work {
+            match *w {
+                Work::Complete {
+                    id,
+                    fence,
+                    response,
+                    retention_ms,
+                } => {
+                    complete.0.push(&id[..]);
+                    complete.1.push(fence_i64(fence));
+                    complete.2.push(i32::from(response.status));
+                    complete.3.push(encode_headers(&response.headers));
+                    complete.4.push(&response.body[..]);
+                    complete
+                        .5
+                        .push(response.trailers.as_ref().map(encode_headers));
+                    complete.6.push(retention_ms);
+                    touched.push(&id[..]);
+                }
+                Work::Release { id, fence } => {
+                    release.0.push(&id[..]);
+                    release.1.push(fence_i64(fence));
+                    touched.push(&id[..]);
+                }
+                Work::Extend {
+                    id,
+                    fence,
+                    lock_ms,
+                    retention_ms,
+                } => {
+                    extend.0.push(&id[..]);
+                    extend.1.push(fence_i64(fence));
+                    extend.2.push(lock_ms);
+                    extend.3.push(retention_ms);
+                    touched.push(&id[..]);
+                }
+                Work::Claim(_) => {}
+            }
+        }
+        let claims = Claims::of(work);
+        let claim_ids: Vec<&[u8]> = claims.first.iter().map(|(_, c)| &c.id[..]).collect();
+        let scopes: Vec<&str> = claims.first.iter().map(|(_, c)| c.scope.as_str()).collect();
+        let keys: Vec<&str> = claims.first.iter().map(|(_, c)| c.key.as_str()).collect();
+        let fps: Vec<&[u8]> = claims
+            .first
+            .iter()
+            .map(|(_, c)| &c.fingerprint.as_bytes()[..])
+            .collect();
+        let locks: Vec<i64> = claims.first.iter().map(|(_, c)| c.lock_ms).collect();
+        let retentions: Vec<i64> = claims.first.iter().map(|(_, c)| c.retention_ms).collect();
+        // Rows that lease commands touch are locked first, with the claims' rows, in id
+        // order: two instances' batches then never wait for each other in a cycle.
+        if !touched.is_empty() {
+            touched.extend(claim_ids.iter().copied());
+            touched.sort_unstable();
+            touched.dedup();
+        }
+
+        let sql = &self.sql;
+        let exchange = async {
+            let begin = client.batch_execute(&sql.begin);
+            let lock = async {
+                if touched.is_empty() {
+                    return Ok(Vec::new());
+                }
+                client
+                    .query_typed(&sql.lock, &[(&touched, Type::BYTEA_ARRAY)])
+                    .await
+            };
+            let completed = async {
+                if complete.0.is_empty() {
+                    return Ok(Vec::new());
+                }
+                client
+                    .query_typed(
+                        &sql.complete,
+                        &[
+                            (&complete.0, Type::BYTEA_ARRAY),
+                            (&complete.1, Type::INT8_ARRAY),
+                            (&complete.2, Type::INT4_ARRAY),
+                            (&complete.3, Type::BYTEA_ARRAY),
+                            (&complete.4, Type::BYTEA_ARRAY),
+                            (&complete.5, Type::BYTEA_ARRAY),
+                            (&complete.6, Type::INT8_ARRAY),
+                            (&test_now, Type::INT8),
+                        ],
+                    )
+                    .await
+            };
+            let released = async {
+                if release.0.is_empty() {
+                    return Ok(Vec::new());
+                }
+                client
+                    .query_typed(
+                        &sql.release,
+                        &[
+                            (&release.0, Type::BYTEA_ARRAY),
+                            (&release.1, Type::INT8_ARRAY),
+                        ],
+                    )
+                    .await
+            };
+            let extended = async {
+                if extend.0.is_empty() {
+                    return Ok(Vec::new());
+                }
+                client
+                    .query_typed(
+                        &sql.extend,
+                        &[
+                            (&extend.0, Type::BYTEA_ARRAY),
+                            (&extend.1, Type::INT8_ARRAY),
+                            (&extend.2, Type::INT8_ARRAY),
+                            (&extend.3, Type::INT8_ARRAY),
+                            (&test_now, Type::INT8),
+                        ],
+                    )
+                    .await
+            };
+            let claimed = async {
+                if claim_ids.is_empty() {
+                    return Ok(Vec::new());
+                }
+                let params: [(&(dyn ToSql + Sync), Type); 7] = [
+                    (&claim_ids, Type::BYTEA_ARRAY),
+                    (&scopes, Type::TEXT_ARRAY),
+                    (&keys, Type::TEXT_ARRAY),
+                    (&fps, Type::BYTEA_ARRAY),
+                    (&locks, Type::INT8_ARRAY),
+                    (&retentions, Type::INT8_ARRAY),
+                    (&test_now, Type::INT8),
+                ];
+                client.query_typed(&sql.claim, &params).await
+            };
+            let commit = client.batch_execute("COMMIT");
+            // `biased`: polled (so sent) in this order, all before the first answer.
+            let (begin, lock, completed, released, extended, claimed, commit) = tokio::join!(
+                biased;
+                begin, lock, completed, released, extended, claimed, commit
+            );
+            // The first error is the cause; the statements after it only say the transaction
+            // was aborted, and the COMMIT of an aborted transaction rolls it back.
+            begin?;
+            lock?;
+            let answers = (completed?, released?, extended?, claimed?);
+            commit?;
+            Ok::<_, tokio_postgres::Error>(answers)
+        };
+        let answers = within(&self.rt, self.deadline, exchange);
+        let (completed, released, extended, claimed) = match answers {
+            Ok(Ok(a)) => a,
+            Ok(Err(e)) => return Err(Fail::Pg(e)),
+            Err(_) => return Err(Fail::Timeout("a batch")),
+        };
+        let local_now = self.clock.now_ms();
+
+        let completed = fenced(&completed)?;
+        let released = fenced(&released)?;
+        let extended = fenced(&extended)?;
+        let mut found: HashMap<[u8; 32], ClaimRow> = HashMap::with_capacity(claimed.len());
+        let mut db_now = None;
+        for row in &claimed {
+            let (id, r, now) = claim_row(row)?;
+            db_now = Some(now);
+            found.insert(id, r);
+        }
+        // Records that kept a claim out but were committed after the claim statement's
+        // snapshot (by another instance): read again, in a snapshot of their own. The batch
+        // is committed by now: a failure here fails these claims only.
+        let missing: Vec<&[u8]> = claims
+            .first
+            .iter()
+            .filter(|(_, c)| !found.contains_key(&c.id))
+            .map(|(_, c)| &c.id[..])
+            .collect();
+        let mut unread = None;
+        if !missing.is_empty() {
+            let read = within(
+                &self.rt,
+                self.deadline,
+                client.query_typed(
+                    &self.sql.read,
+                    &[(&missing, Type::BYTEA_ARRAY), (&test_now, Type::INT8)],
+                ),
+            );
+            match read {
+                Ok(Ok(rows)) => {
+                    for row in &rows {
+                        let (id, r, now) = claim_row(row)?;
+                        db_now.get_or_insert(now);
+                        found.insert(id, r);
+                    }
+                }
+                Ok(Err(e)) => unread = Some(pg_error(e, &self.target.shown)),
+                Err(_) => {
+                    unread = Some(Error::Unavailable {
+                        detail: format!(
+                            "{}: no answer within {:?}",
+                            self.target.shown, self.deadline
+                        ),
+                    })
+                }
+            }
+        }
+        // Database times become the engine clock's by the offset seen in this batch.
+        let offset = db_now.map_or(0, |db| local_now - db);
+
+        let mut results: Vec<Option<Result<Done>>> = (0..work.len()).map(|_| None).collect();
+        // What each first claim of an id found, for the later claims of that id.
+        let mut firsts: Vec<Option<(ClaimRow, Fingerprint)>> =
+            Vec::with_capacity(claims.first.len());
+        for (i, c) in &claims.first {
+            let (r, first) = match found.remove(&c.id) {
+                Some(ClaimRow::Won {
+                    fence,
+                    locked_until,
+                }) => {
+                    let locked_until = locked_until.saturating_add(offset);
+                    let fence = u64::try_from(fence).map_err(corrupt)?;
+                    (
+                        Ok(Done::Won {
+                            fence,
+                            locked_until,
+                        }),
+                        Some(ClaimRow::Won {
+                            fence: fence_i64(fence),
+                            locked_until,
+                        }),
+                    )
+                }
+                Some(ClaimRow::Found(record)) => (
+                    decide(record.clone(), &c.fingerprint, offset),
+                    Some(ClaimRow::Found(record)),
+                ),
+                None => match &unread {
+                    Some(e) => (Err(e.clone()), None),
+                    // The record that kept the claim out was gone (expired, released) by the
+                    // time it was read again: a retry succeeds.
+                    None => (Err(Error::Busy), None),
+                },
+            };
+            firsts.push(first.map(|f| (f, c.fingerprint)));
+            results[*i] = Some(r);
+        }
+        for (i, f) in &claims.repeats {
+            let Work::Claim(c) = &work[*i] else {
+                continue;
+            };
+            let r = match &firsts[*f] {
+                Some((ClaimRow::Won { locked_until, .. }, first_fp)) => {
+                    Ok(Done::Decided(if c.fingerprint == *first_fp {
+                        Decision::InFlight {
+                            locked_until: *locked_until,
+                        }
+                    } else {
+                        Decision::Mismatch
+                    }))
+                }
+                Some((ClaimRow::Found(record), _)) => {
+                    decide(record.clone(), &c.fingerprint, offset)
+                }
+                None => match &results[claims.first[*f].0] {
+                    Some(Err(e)) => Err(e.clone()),
+                    _ => Err(Error::Busy),
+                },
+            };
+            results[*i] = Some(r);
+        }
+        for (i, w) in work.iter().enumerate() {
+            let r = match *w {
+                Work::Complete { id, fence, .. } => Ok(Done::Owned(
+                    completed.contains_key(&(*id, fence_i64(fence))),
+                )),
+                Work::Release { id, fence } => {
+                    Ok(Done::Owned(released.contains_key(&(*id, fence_i64(fence)))))
+                }
+                Work::Extend { id, fence, .. } => Ok(Done::Until(
+                    extended
+                        .get(&(*id, fence_i64(fence)))
+                        .map(|left| local_now.saturating_add(left.unwrap_or(0))),
+                )),
+                Work::Claim(_) => continue,
+            };
+            results[i] = Some(r);
+        }
+        Ok(results
+            .into_iter()
+            .map(|r| r.unwrap_or(Err(Error::Busy)))
+            .collect())
+    }
+
+    fn cleanup(&self, client: &Client, limit: usize) -> Result<usize, Fail> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let test_now = self.test_now();
+        let sql = &self.sql;
+        let key = self.names.cleanup_lock;
+        let params: [(&(dyn ToSql + Sync), Type); 3] = [
+            (&key, Type::INT8),
+            (&limit, Type::INT8),
+            (&test_now, Type::INT8),
+        ];
+        let exchange = async {
+            let (begin, deleted, commit) = tokio::join!(
+                biased;
+                client.batch_execute(&sql.begin),
+                client.query_typed(&sql.cleanup, &params),
+                client.batch_execute("COMMIT"),
+            );
+            begin?;
+            let rows = deleted?;
+            commit?;
+            Ok::<_, tokio_postgres::Error>(rows)
+        };
+        match within(&self.rt, self.deadline, exchange) {
+            Ok(Ok(rows)) => {
+                let row = rows
+                    .first()
+                    .ok_or_else(|| corrupt("cleanup returned no row"))?;
+                let got: bool = row.try_get(0).map_err(corrupt)?;
+                let n: i64 = row.try_get(1).map_err(corrupt)?;
+                // Another instance is cleaning: nothing for this one to do until next time.
+                Ok(if got {
+                    usize::try_from(n).unwrap_or(0)
+                } else {
+                    0
+                })
+            }
+            Ok(Err(e)) => Err(Fail::Pg(e)),
+            Err(_) => Err(Fail::Timeout("a cleanup")),
+        }
+    }
+}

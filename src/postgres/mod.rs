@@ -1,0 +1,64 @@
+//! The PostgreSQL store: several instances on one database. Its URL and TLS (`connect.rs`),
+//! its schema (`schema.rs`) and the [`Backend`](crate::writer::Backend) the writer drives
+//! (`backend.rs`). What is decided, in which order, and what every caller is told stays the
+//! writer's and the engine's, shared with SQLite.
+
+mod backend;
+mod connect;
+mod schema;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+pub(crate) use backend::PgBackend;
+use backend::within;
+
+use crate::config::{Durability, EngineConfig};
+use crate::error::{Error, Result};
+use connect::{Target, pg_error};
+use schema::Names;
+
+/// Checks a `postgres://` URL without connecting.
+pub(crate) fn check_url(url: &str) -> Result<()> {
+    Target::parse(url).map(|_| ())
+}
+
+/// Connects, creates or checks the schema, and returns the writer's backend.
+pub(crate) fn open(config: &EngineConfig, url: &str) -> Result<PgBackend> {
+    let settings = &config.postgres;
+    let names = Names::new(&settings.table)?;
+    let mut target = Target::parse(url)?;
+    target.set_connect_timeout(settings.statement_timeout);
+    let connector = target.connector()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Storage(Arc::new(e)))?;
+    let deadline = settings.statement_timeout + Duration::from_secs(1);
+    let client = within(&rt, deadline, backend::connect(&target, &connector))
+        .map_err(|_| Error::Unavailable {
+            detail: format!("{}: no connection within {deadline:?}", target.shown),
+        })?
+        .map_err(|e| pg_error(e, &target.shown))?;
+    // Other instances may be migrating: wait for their advisory lock longer than for a batch.
+    let migration = deadline.max(Duration::from_secs(30));
+    within(&rt, migration, schema::migrate(&client, &names))
+        .map_err(|_| Error::Unavailable {
+            detail: format!(
+                "{}: creating or checking the table {} took longer than {migration:?}",
+                target.shown, names.shown
+            ),
+        })?
+        .map_err(|e| pg_error(e, &target.shown))??;
+    Ok(PgBackend::new(
+        client,
+        rt,
+        target,
+        connector,
+        names,
+        settings.statement_timeout,
+        config.durability == Durability::Full,
+        config.clock.clone(),
+        settings.database_clock.clone(),
+    ))
+}
