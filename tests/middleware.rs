@@ -58,12 +58,11 @@ impl Logic {
     }
 }
 
+mod stores;
+
+/// A middleware on the running test's store (see `on_both_stores!`).
 async fn memory() -> IdempotencyMiddleware {
-    IdempotencyMiddleware::new(
-        SqliteIdempotencyStore::new("sqlite::memory:")
-            .await
-            .unwrap(),
-    )
+    IdempotencyMiddleware::new(stores::engine())
 }
 
 async fn call(
@@ -112,6 +111,7 @@ fn order() -> serde_json::Value {
     json!({"symbol": "AAPL", "quantity": 10, "price": 150.5})
 }
 
+on_both_stores! {
 #[tokio::test]
 async fn the_first_call_runs_and_a_retry_replays_status_headers_and_body() {
     let m = memory().await;
@@ -626,6 +626,7 @@ async fn a_record_is_replayed_for_the_ttl_then_the_key_runs_again() {
     let again = call(&m, Some(KEY), &order(), &logic, 201).await.unwrap();
     assert!(!again.replayed);
     assert_eq!(again.body.id, 2);
+}
 }
 
 #[tokio::test]

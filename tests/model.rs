@@ -15,6 +15,9 @@ use idempotency_rs::{
     ManualClock, StoredResponse,
 };
 use proptest::prelude::*;
+
+#[cfg(feature = "postgres")]
+mod pg;
 use proptest::test_runner::FileFailurePersistence;
 
 /// The manual clock starts here (ms since the epoch).
@@ -159,8 +162,25 @@ struct Held {
     generation: u64,
 }
 
+/// Where a case's engine keeps its records; restarts reopen the same place.
+enum Store {
+    Memory,
+    File(tempfile::TempDir),
+    /// A table of the test PostgreSQL server, with the manual clock as the database's.
+    #[cfg(feature = "postgres")]
+    Postgres(String),
+}
+
+#[derive(Clone, Copy)]
+enum Backend {
+    Memory,
+    File,
+    #[cfg(feature = "postgres")]
+    Postgres,
+}
+
 struct Harness {
-    file: Option<tempfile::TempDir>,
+    store: Store,
     clock: Arc<ManualClock>,
     engine: Engine,
     generation: u64,
@@ -172,10 +192,14 @@ struct Harness {
     serial: u64,
 }
 
-fn config(file: &Option<tempfile::TempDir>, clock: &Arc<ManualClock>) -> EngineConfig {
-    let c = match file {
-        Some(dir) => EngineConfig::new(dir.path().join("model.db")),
-        None => EngineConfig::in_memory(),
+fn config(store: &Store, clock: &Arc<ManualClock>) -> EngineConfig {
+    let c = match store {
+        Store::File(dir) => EngineConfig::new(dir.path().join("model.db")),
+        Store::Memory => EngineConfig::in_memory(),
+        #[cfg(feature = "postgres")]
+        Store::Postgres(table) => EngineConfig::postgres(pg::url())
+            .table(table.clone())
+            .database_clock(clock.clone()),
     };
     c.lock_timeout(Duration::from_millis(LOCK_MS as u64))
         .retention(Duration::from_millis(RETENTION_MS as u64))
@@ -186,12 +210,17 @@ fn config(file: &Option<tempfile::TempDir>, clock: &Arc<ManualClock>) -> EngineC
 }
 
 impl Harness {
-    fn new(on_file: bool) -> Harness {
-        let file = on_file.then(|| tempfile::tempdir().unwrap());
+    fn new(backend: Backend) -> Harness {
+        let store = match backend {
+            Backend::Memory => Store::Memory,
+            Backend::File => Store::File(tempfile::tempdir().unwrap()),
+            #[cfg(feature = "postgres")]
+            Backend::Postgres => Store::Postgres(pg::fresh_table()),
+        };
         let clock = Arc::new(ManualClock::new(T0));
-        let engine = Engine::open(config(&file, &clock)).unwrap();
+        let engine = Engine::open(config(&store, &clock)).unwrap();
         Harness {
-            file,
+            store,
             clock,
             engine,
             generation: 0,
@@ -348,8 +377,8 @@ impl Harness {
                 self.engine.shutdown().unwrap();
                 prop_assert!(matches!(self.engine.shutdown(), Err(Error::Closed)));
                 self.generation += 1;
-                self.engine = Engine::open(config(&self.file, &self.clock)).unwrap();
-                if self.file.is_none() {
+                self.engine = Engine::open(config(&self.store, &self.clock)).unwrap();
+                if matches!(self.store, Store::Memory) {
                     // A memory database starts empty, fencing tokens included.
                     self.rows.clear();
                     self.max_fence = 0;
@@ -457,8 +486,8 @@ fn at(ms: i64) -> std::time::SystemTime {
     UNIX_EPOCH + Duration::from_millis(ms as u64)
 }
 
-fn run(on_file: bool, ops: &[Op]) -> Result<(), TestCaseError> {
-    let mut h = Harness::new(on_file);
+fn run(backend: Backend, ops: &[Op]) -> Result<(), TestCaseError> {
+    let mut h = Harness::new(backend);
     let trace = std::env::var_os("MODEL_TRACE").is_some();
     let mut log = Vec::new();
     for op in ops {
@@ -509,11 +538,19 @@ proptest! {
 
     #[test]
     fn engine_matches_model_in_memory(ops in prop::collection::vec(op_strategy(), 1..80)) {
-        run(false, &ops)?;
+        run(Backend::Memory, &ops)?;
     }
 
     #[test]
     fn engine_matches_model_on_file(ops in prop::collection::vec(op_strategy(), 1..80)) {
-        run(true, &ops)?;
+        run(Backend::File, &ops)?;
+    }
+
+    /// The same model, the same operations, on PostgreSQL: the writer's decisions are one
+    /// copy, and this proves the SQL of each store makes the same ones.
+    #[cfg(feature = "postgres")]
+    #[test]
+    fn engine_matches_model_on_postgres(ops in prop::collection::vec(op_strategy(), 1..80)) {
+        run(Backend::Postgres, &ops)?;
     }
 }

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use idempotency_rs::{
-    Clock, ClaimOutcome, Engine, EngineConfig, Error, StoredResponse, SystemClock,
+    ClaimOutcome, Clock, Engine, EngineConfig, Error, StoredResponse, SystemClock,
 };
 use parking_lot::Mutex;
 use support::{claimed, replayed, request};
@@ -156,7 +156,9 @@ fn a_test_clock_moves_the_database_time() {
     assert!(second.fencing_token() > first.fencing_token());
     second.complete(StoredResponse::new(200, "x")).unwrap();
     clock.advance(Duration::from_secs(61));
-    claimed(engine.claim(request("a")).unwrap()).release().unwrap();
+    claimed(engine.claim(request("a")).unwrap())
+        .release()
+        .unwrap();
 }
 
 /// Expired records are deleted in batches, by one instance at a time.
@@ -238,7 +240,10 @@ fn a_table_that_is_not_ours_is_refused() {
     ));
     let e = open_err(EngineConfig::postgres(pg::url()).table(table.clone()));
     assert!(matches!(e, Error::Refused { .. }), "{e:?}");
-    assert!(e.to_string().contains("not created by idempotency-rs"), "{e}");
+    assert!(
+        e.to_string().contains("not created by idempotency-rs"),
+        "{e}"
+    );
     // Nothing was written: the foreign table is as it was, and no meta table appeared.
     let meta = pg::query(&format!("SELECT to_regclass('{table}_meta')::text"));
     assert_eq!(meta, vec![None]);
@@ -253,7 +258,13 @@ fn a_newer_schema_is_refused() {
     ));
     let e = open_err(EngineConfig::postgres(pg::url()).table(table));
     assert!(
-        matches!(e, Error::SchemaTooNew { found: 99, supported: 1 }),
+        matches!(
+            e,
+            Error::SchemaTooNew {
+                found: 99,
+                supported: 1
+            }
+        ),
         "{e:?}"
     );
 }
@@ -296,7 +307,11 @@ fn a_least_privilege_role_is_enough_after_the_first_open() {
          GRANT USAGE ON SEQUENCE {table}_fence TO {role};"
     ));
     let config: tokio_postgres::Config = pg::url().parse().unwrap();
-    let url = pg::url().replacen(&format!("{}@", config.get_user().unwrap()), &format!("{role}@"), 1);
+    let url = pg::url().replacen(
+        &format!("{}@", config.get_user().unwrap()),
+        &format!("{role}@"),
+        1,
+    );
     let engine = open(EngineConfig::postgres(url.clone()).table(table.clone()));
     let lease = claimed(engine.claim(request("a")).unwrap());
     lease.complete(StoredResponse::new(201, "ok")).unwrap();
@@ -307,9 +322,7 @@ fn a_least_privilege_role_is_enough_after_the_first_open() {
     let e = open_err(EngineConfig::postgres(url).table(table));
     assert!(matches!(e, Error::Refused { .. }), "{e:?}");
     assert!(e.to_string().contains("permission denied"), "{e}");
-    pg::execute(&format!(
-        "DROP OWNED BY {role}; DROP ROLE {role};"
-    ));
+    pg::execute(&format!("DROP OWNED BY {role}; DROP ROLE {role};"));
 }
 
 /// Ten instances starting at once on a new table: one creates it, all open.
@@ -340,7 +353,9 @@ fn tls_require_is_encrypted_or_refused_clearly() {
     let result = Engine::open(EngineConfig::postgres(url).table(pg::fresh_table()));
     if ssl == "on" {
         let engine = result.unwrap();
-        claimed(engine.claim(request("a")).unwrap()).release().unwrap();
+        claimed(engine.claim(request("a")).unwrap())
+            .release()
+            .unwrap();
         let encrypted = pg::query(
             "SELECT bool_and(s.ssl)::text FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid)
              WHERE a.application_name = 'idem_tls_test'",
@@ -388,18 +403,28 @@ fn cut_connections_and_a_restart_lose_nothing_and_run_nothing_twice() {
     let workers: Vec<_> = (0..6)
         .map(|w| {
             let engines = instances.clone();
-            let (log, stop, ok, cutting) =
-                (log.clone(), stop.clone(), ok_after_last_cut.clone(), cutting.clone());
+            let (log, stop, ok, cutting) = (
+                log.clone(),
+                stop.clone(),
+                ok_after_last_cut.clone(),
+                cutting.clone(),
+            );
             std::thread::spawn(move || {
                 let mut n = w as u64;
                 while !stop.load(Ordering::SeqCst) {
-                    n = n.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                    let key = format!("k{}", (n >> 33) % 30);
+                    n = n
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    // Mostly fresh keys (a replay from the cache never meets a cut), some repeats.
+                    let key = format!("k{}", (n >> 33) % 1500);
                     let engine = &engines[((n >> 20) % 2) as usize];
                     match engine.claim(request(&key)) {
                         Ok(ClaimOutcome::Claimed(lease)) => {
                             let fence = lease.fencing_token();
                             log.lock().runs.entry(key.clone()).or_default().push(fence);
+                            // The operation takes a moment: cuts land between claim and
+                            // completion too.
+                            std::thread::sleep(Duration::from_millis(1));
                             let body = fence.to_string();
                             match lease.complete(StoredResponse::new(201, body)) {
                                 Ok(()) => {
@@ -421,7 +446,10 @@ fn cut_connections_and_a_restart_lose_nothing_and_run_nothing_twice() {
                                 matches!(e, Error::Unavailable { .. } | Error::Busy),
                                 "unexpected error {e:?}"
                             );
-                            *log.lock().errors.entry(format!("{e:?}").chars().take(12).collect()).or_default() += 1;
+                            *log.lock()
+                                .errors
+                                .entry(format!("{e:?}").chars().take(12).collect())
+                                .or_default() += 1;
                             std::thread::sleep(Duration::from_millis(5));
                             continue;
                         }
@@ -444,7 +472,10 @@ fn cut_connections_and_a_restart_lose_nothing_and_run_nothing_twice() {
     cutting.store(false, Ordering::SeqCst);
     let deadline = Instant::now() + Duration::from_secs(10);
     while ok_after_last_cut.load(Ordering::SeqCst) < 50 {
-        assert!(Instant::now() < deadline, "the engines did not come back by themselves");
+        assert!(
+            Instant::now() < deadline,
+            "the engines did not come back by themselves"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     stop.store(true, Ordering::SeqCst);
@@ -468,12 +499,19 @@ fn cut_connections_and_a_restart_lose_nothing_and_run_nothing_twice() {
         );
         if let Some(fence) = log.acked.get(key) {
             let r = replayed(check.claim(request(key)).unwrap());
-            assert_eq!(r.body, fence.to_string().as_bytes(), "{key}: acknowledged completion lost");
+            assert_eq!(
+                r.body,
+                fence.to_string().as_bytes(),
+                "{key}: acknowledged completion lost"
+            );
         }
     }
     for (key, body) in &log.replays {
         let fence: u64 = std::str::from_utf8(body).unwrap().parse().unwrap();
-        assert!(log.runs[key].contains(&fence), "{key}: replayed a run that never happened");
+        assert!(
+            log.runs[key].contains(&fence),
+            "{key}: replayed a run that never happened"
+        );
     }
     eprintln!(
         "runs {} acked {} failed completions {} replays {} errors {:?}",

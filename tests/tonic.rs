@@ -34,6 +34,13 @@ use orders::{CreateOrderRequest, Order, OrderUpdate, WatchOrderRequest};
 
 const CREATE: &str = "/orders.Orders/CreateOrder";
 
+mod stores;
+
+/// The engine of the store the running test is on.
+fn test_engine() -> Engine {
+    stores::engine()
+}
+
 /// What the test handlers saw. The symbol of a `CreateOrder` picks the handler's behaviour:
 /// `MISSING` answers NOT_FOUND, `FLAKY` answers UNAVAILABLE on its first run and OK after,
 /// `SLOW` signals `entered` and waits for `gate`, anything else is placed at once.
@@ -149,7 +156,7 @@ impl Harness {
 /// A tonic server on 127.0.0.1 (port 0) with the layer covering `CreateOrder`, configured
 /// further by `configure`, and a client connected to it.
 async fn start(configure: impl FnOnce(IdempotencyLayer) -> IdempotencyLayer) -> Harness {
-    let engine = Engine::open(EngineConfig::in_memory()).unwrap();
+    let engine = test_engine();
     let layer = configure(IdempotencyLayer::new(engine.clone()).method(CREATE));
     let state = Arc::new(State::default());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -203,6 +210,13 @@ fn comparable(metadata: &MetadataMap) -> http::HeaderMap {
     headers
 }
 
+/// The caller an authentication interceptor found.
+#[derive(Clone)]
+struct Caller(String);
+
+// Every test through `start` runs on both stores: `sqlite::*` on an in-memory SQLite engine,
+// `postgres::*` on a table of the test PostgreSQL server.
+on_both_stores! {
 #[tokio::test]
 async fn success_is_replayed_with_identical_message_and_metadata() {
     let mut h = start(|l| l).await;
@@ -672,13 +686,9 @@ async fn scope_from_metadata_keeps_tenants_apart() {
     assert_eq!(h.runs(), 2);
 }
 
-/// The caller an authentication interceptor found.
-#[derive(Clone)]
-struct Caller(String);
-
 #[tokio::test]
 async fn scope_from_an_extension_set_by_an_outer_interceptor() {
-    let engine = Engine::open(EngineConfig::in_memory()).unwrap();
+    let engine = test_engine();
     let state = Arc::new(State::default());
     let auth = |mut request: Request<()>| {
         let caller = request
@@ -839,6 +849,7 @@ async fn custom_store_rule_is_honoured() {
         assert!(!replayed(status.metadata()));
     }
     assert_eq!(h.runs(), 2);
+}
 }
 
 // ---- Frame-exact replay through the bare tower service -------------------------------------

@@ -399,7 +399,11 @@ fn decide(record: RecordRow, fp: &Fingerprint, offset: i64) -> Result<Done> {
     Ok(Done::Decided(raw.decide(fp)?))
 }
 
-fn fenced(rows: &[Row]) -> Result<HashMap<([u8; 32], i64), Option<i64>>> {
+/// The leases a lease statement found, by (record id, fencing token), with the lock time
+/// left (extensions only).
+type Fenced = HashMap<([u8; 32], i64), Option<i64>>;
+
+fn fenced(rows: &[Row]) -> Result<Fenced> {
     rows.iter()
         .map(|row| {
             let id: &[u8] = row.try_get(0).map_err(corrupt)?;

@@ -111,7 +111,7 @@ impl Target {
             _ => SslMode::Require,
         });
         if config.get_user().is_none() {
-            config.user(&std::env::var("USER").unwrap_or_else(|_| "postgres".into()));
+            config.user(std::env::var("USER").unwrap_or_else(|_| "postgres".into()));
         }
         Ok(Target {
             config,

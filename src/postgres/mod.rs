@@ -24,7 +24,21 @@ pub(crate) fn check_url(url: &str) -> Result<()> {
 }
 
 /// Connects, creates or checks the schema, and returns the writer's backend.
+///
+/// On a thread of its own: the backend's runtime must not be started (or dropped, when the
+/// open fails) on a thread that runs an async executor, which `Engine::open` may be called
+/// from.
 pub(crate) fn open(config: &EngineConfig, url: &str) -> Result<PgBackend> {
+    let (config, url) = (config.clone(), url.to_owned());
+    std::thread::Builder::new()
+        .name("idempotency-open".into())
+        .spawn(move || open_here(&config, &url))
+        .map_err(|e| Error::Storage(Arc::new(e)))?
+        .join()
+        .map_err(|_| Error::Storage(Arc::new(std::io::Error::other("the open panicked"))))?
+}
+
+fn open_here(config: &EngineConfig, url: &str) -> Result<PgBackend> {
     let settings = &config.postgres;
     let names = Names::new(&settings.table)?;
     let mut target = Target::parse(url)?;

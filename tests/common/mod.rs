@@ -79,6 +79,10 @@ pub fn echo_key(claimed: Option<&idempotency_rs::ClaimedKey>) -> Value {
     }
 }
 
+#[cfg(feature = "postgres")]
+#[path = "../pg/mod.rs"]
+pub mod pg;
+
 /// A running test server.
 pub struct Server {
     pub base: String,
@@ -92,6 +96,12 @@ pub struct Server {
 
 pub fn engine() -> Engine {
     Engine::open(EngineConfig::in_memory()).unwrap()
+}
+
+/// An engine on a fresh table of the test PostgreSQL server.
+#[cfg(feature = "postgres")]
+pub fn pg_engine() -> Engine {
+    Engine::open(pg::config()).unwrap()
 }
 
 pub fn key() -> String {
@@ -874,20 +884,22 @@ where
     engine.shutdown().unwrap();
 }
 
-/// Runs one case against a fresh server.
-pub async fn run<F, Fut, C, CFut>(start: F, case: C)
+/// Runs one case against a fresh server on `engine`.
+pub async fn run<F, Fut, C, CFut>(engine: Engine, start: F, case: C)
 where
     F: FnOnce(Engine) -> Fut,
     Fut: Future<Output = Server>,
     C: FnOnce(Server) -> CFut,
     CFut: Future<Output = Server>,
 {
-    let server = start(engine()).await;
+    let server = start(engine).await;
     let server = case(server).await;
     (server.stop)();
 }
 
-/// Expands one `#[tokio::test]` per contract case, each on a fresh server from `$start`.
+/// Expands one `#[tokio::test]` per contract case and store, each on a fresh server from
+/// `$start`: `contract::sqlite::*` on an in-memory SQLite engine, `contract::postgres::*` on a
+/// table of the test PostgreSQL server (with the `postgres` feature).
 #[macro_export]
 macro_rules! contract_cases {
     ($start:ident) => {
@@ -908,16 +920,33 @@ macro_rules! contract_cases {
     };
     (@cases $start:ident; $($case:ident),* $(,)?) => {
         mod contract {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    $crate::common::run(super::$start, |s| async move {
-                        $crate::common::$case(&s).await;
-                        s
-                    })
-                    .await;
-                }
-            )*
+            mod sqlite {
+                $(
+                    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                    async fn $case() {
+                        let engine = $crate::common::engine();
+                        $crate::common::run(engine, super::super::$start, |s| async move {
+                            $crate::common::$case(&s).await;
+                            s
+                        })
+                        .await;
+                    }
+                )*
+            }
+            #[cfg(feature = "postgres")]
+            mod postgres {
+                $(
+                    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                    async fn $case() {
+                        let engine = $crate::common::pg_engine();
+                        $crate::common::run(engine, super::super::$start, |s| async move {
+                            $crate::common::$case(&s).await;
+                            s
+                        })
+                        .await;
+                    }
+                )*
+            }
         }
     };
 }

@@ -64,14 +64,14 @@ impl Proxy {
                     tokio::spawn(async move {
                         let served = async {
                             match &*upstream {
-                                Upstream::Tcp(a) => match tokio::net::TcpStream::connect(a).await {
-                                    Ok(server) => pipe(client, server).await,
-                                    Err(_) => {}
-                                },
+                                Upstream::Tcp(a) => {
+                                    if let Ok(server) = tokio::net::TcpStream::connect(a).await {
+                                        pipe(client, server).await;
+                                    }
+                                }
                                 Upstream::Unix(p) => {
-                                    match tokio::net::UnixStream::connect(p).await {
-                                        Ok(server) => pipe(client, server).await,
-                                        Err(_) => {}
+                                    if let Ok(server) = tokio::net::UnixStream::connect(p).await {
+                                        pipe(client, server).await;
                                     }
                                 }
                             }
