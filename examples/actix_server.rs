@@ -6,8 +6,9 @@
 //! ```
 //!
 //! `POST /orders` with `{"symbol","quantity","price"}` answers `{"order_id","status","total"}`
-//! with a fresh UUID. The scope comes from `X-User-ID`; the store is `idempotency.db` in the
-//! working directory. Try it:
+//! with a fresh UUID. The scope comes from `X-User-ID`; the store is the one
+//! `IDEMPOTENCY_STORE_URL` names (default `sqlite:idempotency.db`, in the working directory;
+//! `postgres://...` with the `postgres` feature shares it between instances). Try it:
 //!
 //! ```text
 //! curl -i -X POST localhost:3000/orders -H 'content-type: application/json' \
@@ -26,7 +27,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use actix_web::dev::Server;
 use actix_web::{App, HttpResponse, HttpServer, web};
-use idempotency_rs::SqliteIdempotencyStore;
+use idempotency_rs::Engine;
 use idempotency_rs::actix_integration::{ClaimedKey, Idempotency};
 use serde::{Deserialize, Serialize};
 
@@ -83,7 +84,7 @@ async fn create_order(
 
 /// The idempotency middleware: scope from `X-User-ID`, everything else the defaults (UUID
 /// keys, optional; POST and PATCH; 1 MiB request and response limits).
-pub(crate) fn idempotency(store: &SqliteIdempotencyStore) -> Idempotency {
+pub(crate) fn idempotency(store: impl Into<Engine>) -> Idempotency {
     Idempotency::new(store).scope_header("X-User-ID")
 }
 
@@ -96,7 +97,7 @@ pub(crate) fn routes(cfg: &mut web::ServiceConfig) {
 /// returned `Server` until it stops. Also returns the bound addresses. Call it inside an
 /// Actix system.
 pub(crate) fn server(
-    store: &SqliteIdempotencyStore,
+    store: impl Into<Engine>,
     orders: web::Data<Orders>,
     addr: &str,
 ) -> std::io::Result<(Server, Vec<SocketAddr>)> {
@@ -132,14 +133,18 @@ pub(crate) async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .or_else(|| std::env::var("ADDR").ok())
         .unwrap_or_else(|| "127.0.0.1:3000".into());
 
-    let store = SqliteIdempotencyStore::new("sqlite:idempotency.db").await?;
-    let (server, _addrs) = server(&store, web::Data::new(Orders::default()), &addr)?;
+    let url =
+        std::env::var("IDEMPOTENCY_STORE_URL").unwrap_or_else(|_| "sqlite:idempotency.db".into());
+    let engine = Engine::open_url(&url).await?;
+    // The URL's host and database, never its password.
+    tracing::info!(store = url.rsplit('@').next(), "idempotency store open");
+    let (server, _addrs) = server(&engine, web::Data::new(Orders::default()), &addr)?;
     // Actix-Web stops on its own signals: SIGTERM (what systemd, Docker and Kubernetes send)
     // gracefully, letting requests in progress finish; Ctrl-C (SIGINT) and SIGQUIT at once,
     // which drops them (and so releases their keys).
     server.await?;
     // Commit, flush and close the store.
-    store.engine().shutdown()?;
+    engine.shutdown()?;
     tracing::info!("stopped");
     Ok(())
 }

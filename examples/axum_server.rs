@@ -3,11 +3,16 @@
 //! ```text
 //! cargo run --example axum_server --features axum-integration
 //! ADDR=127.0.0.1:8080 cargo run --example axum_server --features axum-integration
+//! IDEMPOTENCY_STORE_URL=postgres://postgres@127.0.0.1/test \
+//!     cargo run --example axum_server --features axum-integration,postgres
 //! ```
 //!
 //! `POST /orders` with `{"symbol","quantity","price"}` answers `{"order_id","status","total"}`
-//! with a fresh UUID. The scope comes from `X-User-ID`; the store is `idempotency.db` in the
-//! working directory.
+//! with a fresh UUID. The scope comes from `X-User-ID`.
+//!
+//! The store is the one `IDEMPOTENCY_STORE_URL` names (default `sqlite:idempotency.db`, a file
+//! in the working directory); `postgres://user@host/db` shares it between instances (build with
+//! the `postgres` feature).
 //!
 //! [`app`] is the whole service minus the listener; `tests/abuse.rs` runs it (and its
 //! [`routes`] and [`layer`]) on a real socket.
@@ -19,7 +24,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::post;
 use axum::{Json, Router};
-use idempotency_rs::SqliteIdempotencyStore;
+use idempotency_rs::Engine;
 use idempotency_rs::axum_integration::{ClaimedKey, IdempotencyLayer, idempotency_layer};
 use serde::{Deserialize, Serialize};
 
@@ -77,7 +82,7 @@ async fn create_order(
 
 /// The idempotency layer: scope from `X-User-ID`, everything else the defaults (UUID keys,
 /// optional; POST and PATCH; 1 MiB request and response limits).
-pub(crate) fn layer(store: &SqliteIdempotencyStore) -> IdempotencyLayer {
+pub(crate) fn layer(store: impl Into<Engine>) -> IdempotencyLayer {
     idempotency_layer(store).scope_header("X-User-ID")
 }
 
@@ -90,7 +95,7 @@ pub(crate) fn routes(orders: Arc<Orders>) -> Router {
 
 /// The service: the routes behind the layer. `route_layer` wraps the routes and not the
 /// fallback, so an unknown path is a plain 404 (`layer` would pass it through untouched too).
-pub(crate) fn app(store: &SqliteIdempotencyStore, orders: Arc<Orders>) -> Router {
+pub(crate) fn app(store: impl Into<Engine>, orders: Arc<Orders>) -> Router {
     routes(orders).route_layer(layer(store))
 }
 
@@ -109,8 +114,12 @@ pub(crate) async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .or_else(|| std::env::var("ADDR").ok())
         .unwrap_or_else(|| "127.0.0.1:3000".into());
 
-    let store = SqliteIdempotencyStore::new("sqlite:idempotency.db").await?;
-    let app = app(&store, Arc::default());
+    let url =
+        std::env::var("IDEMPOTENCY_STORE_URL").unwrap_or_else(|_| "sqlite:idempotency.db".into());
+    let engine = Engine::open_url(&url).await?;
+    // The URL's host and database, never its password.
+    tracing::info!(store = url.rsplit('@').next(), "idempotency store open");
+    let app = app(&engine, Arc::default());
 
     let listener = tokio::net::TcpListener::bind(&addr).await?;
     tracing::info!("listening on http://{}", listener.local_addr()?);
@@ -118,7 +127,7 @@ pub(crate) async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .with_graceful_shutdown(shutdown_signal())
         .await?;
     // Requests in progress have finished: commit, flush and close the store.
-    store.engine().shutdown()?;
+    engine.shutdown()?;
     tracing::info!("stopped");
     Ok(())
 }

@@ -27,8 +27,8 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use idempotency_rs::Engine;
 use idempotency_rs::tonic_integration::{ClaimedKey, IdempotencyLayer};
-use idempotency_rs::{Engine, EngineConfig};
 use parking_lot::Mutex;
 use tonic::codegen::tokio_stream;
 use tonic::transport::server::TcpIncoming;
@@ -139,8 +139,12 @@ pub(crate) async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let addr: SocketAddr = std::env::var("TONIC_SERVER_ADDR")
         .unwrap_or_else(|_| "127.0.0.1:50051".into())
         .parse()?;
+    // IDEMPOTENCY_STORE_URL names any store (`postgres://...` with the `postgres` feature);
+    // TONIC_SERVER_DB, the SQLite file used when it is not set.
     let db = std::env::var("TONIC_SERVER_DB").unwrap_or_else(|_| "tonic_server.db".into());
-    let engine = Engine::open(EngineConfig::new(&db))?;
+    let url = std::env::var("IDEMPOTENCY_STORE_URL").unwrap_or_else(|_| format!("sqlite:{db}"));
+    let engine = Engine::open_url(&url).await?;
+    let db = url.rsplit('@').next().unwrap_or_default().to_owned();
 
     // Only CreateOrder is covered: WatchOrder streams, and passes through untouched. All callers
     // share one scope here; behind authentication, scope keys per caller with
