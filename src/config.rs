@@ -167,6 +167,16 @@ impl EngineConfig {
         self
     }
 
+    /// PostgreSQL only: the most connections this engine opens, the writer's and `n - 1` read
+    /// connections that answer replays beside it (the same as
+    /// [`read_connections(n - 1)`](Self::read_connections)). Read connections connect at
+    /// their first lookup. Default 5; 1 sends every claim to the writer.
+    #[cfg(feature = "postgres")]
+    pub fn pool_size(mut self, n: usize) -> Self {
+        self.read_connections = n.saturating_sub(1);
+        self
+    }
+
     /// PostgreSQL only, **for tests and simulations**: take "now" from this clock instead of
     /// the database server's. By default every lock timeout and expiry is decided by the
     /// server's clock, so that instances whose clocks drift agree; set this to move time by
@@ -268,7 +278,8 @@ impl EngineConfig {
     }
 
     /// How many read-only connections serve replays beside the writer. 0 sends every claim to
-    /// the writer. Default 4.
+    /// the writer. Default 4. On PostgreSQL each is a connection of its own (see
+    /// `pool_size`).
     pub fn read_connections(mut self, n: usize) -> Self {
         self.read_connections = n;
         self

@@ -127,6 +127,9 @@ struct Inner {
     shared: Arc<Shared>,
     closed: AtomicBool,
     readers: Option<ReaderPool>,
+    /// PostgreSQL's read connections, and when they are worth a look.
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    remote: Remote,
     /// Completed records replayed recently (see `cache.rs`); only with read connections.
     cache: Option<ReplayCache>,
     clock: Arc<dyn Clock>,
@@ -147,6 +150,10 @@ impl Inner {
             let _ = handle.join();
         }
         if let Some(readers) = &self.readers {
+            readers.close();
+        }
+        #[cfg(feature = "postgres")]
+        if let Some((readers, _)) = &self.remote {
             readers.close();
         }
         self.file.lock().take();
@@ -190,9 +197,12 @@ impl Engine {
         config.validate()?;
         #[cfg(feature = "postgres")]
         if let Location::Postgres(url) = &config.location {
-            let backend = crate::postgres::open(&config, url)?;
+            let (backend, readers) = crate::postgres::open(&config, url)?;
+            // Every completed record the writer or a read connection returns is committed, so
+            // durable: all of them may be cached.
             let cache = ReplayCache::new(config.replay_cache_bytes);
-            return Engine::start(backend, &config, Arc::default(), None, cache, None);
+            let remote = readers.map(|r| (r, Gate::default()));
+            return Engine::start(backend, &config, Arc::default(), None, remote, cache, None);
         }
         let lock = match &config.location {
             Location::File(path) => Some(EngineLock::acquire(path, config.open_timeout)?),
@@ -217,8 +227,7 @@ impl Engine {
                 open: AtomicUsize::new(0),
                 in_use: AtomicUsize::new(0),
                 max: config.read_connections,
-                misses: AtomicU64::new(0),
-                skipped: AtomicU64::new(0),
+                gate: Gate::default(),
             }),
             _ => None,
         };
@@ -226,7 +235,15 @@ impl Engine {
         let cache = readers
             .as_ref()
             .and_then(|_| ReplayCache::new(config.replay_cache_bytes));
-        Engine::start(backend, &config, shared, readers, cache, lock)
+        Engine::start(
+            backend,
+            &config,
+            shared,
+            readers,
+            Remote::default(),
+            cache,
+            lock,
+        )
     }
 
     /// Starts the writer thread on an opened store.
@@ -235,6 +252,7 @@ impl Engine {
         config: &EngineConfig,
         shared: Arc<Shared>,
         readers: Option<ReaderPool>,
+        remote: Remote,
         cache: Option<ReplayCache>,
         lock: Option<EngineLock>,
     ) -> Result<Engine> {
@@ -249,6 +267,7 @@ impl Engine {
                 closed: AtomicBool::new(false),
                 cache,
                 readers,
+                remote,
                 clock: config.clock.clone(),
                 lock_ms: duration_ms(config.lock_timeout),
                 retention_ms: duration_ms(config.retention),
@@ -313,11 +332,20 @@ impl Engine {
     /// ([`Error::DiskFull`], [`Error::Busy`], [`Error::Storage`]); [`Error::Corrupt`] when the
     /// stored record does not decode.
     pub fn claim(&self, request: ClaimRequest) -> Result<ClaimOutcome> {
-        match self.start_claim(request)? {
-            Started::Done(outcome) => Ok(outcome),
-            Started::Queued(pending, rx) => {
-                let reply = rx.recv().map_err(|_| self.inner.shared.gone())?;
-                self.finish_claim(pending, reply)
+        #[cfg_attr(not(feature = "postgres"), allow(unused_mut))]
+        let mut started = self.start_claim(request)?;
+        loop {
+            match started {
+                Started::Done(outcome) => return Ok(outcome),
+                Started::Queued(pending, rx) => {
+                    let reply = rx.recv().map_err(|_| self.inner.shared.gone())?;
+                    return self.finish_claim(pending, reply);
+                }
+                #[cfg(feature = "postgres")]
+                Started::Reading(reading, rx) => {
+                    let found = rx.recv().ok();
+                    started = self.after_read(*reading, found)?;
+                }
             }
         }
     }
@@ -329,11 +357,20 @@ impl Engine {
     /// # Errors
     /// As [`Engine::claim`].
     pub async fn claim_async(&self, request: ClaimRequest) -> Result<ClaimOutcome> {
-        match self.start_claim(request)? {
-            Started::Done(outcome) => Ok(outcome),
-            Started::Queued(pending, rx) => {
-                let reply = rx.await.map_err(|_| self.inner.shared.gone())?;
-                self.finish_claim(pending, reply)
+        #[cfg_attr(not(feature = "postgres"), allow(unused_mut))]
+        let mut started = self.start_claim(request)?;
+        loop {
+            match started {
+                Started::Done(outcome) => return Ok(outcome),
+                Started::Queued(pending, rx) => {
+                    let reply = rx.await.map_err(|_| self.inner.shared.gone())?;
+                    return self.finish_claim(pending, reply);
+                }
+                #[cfg(feature = "postgres")]
+                Started::Reading(reading, rx) => {
+                    let found = rx.await.ok();
+                    started = self.after_read(*reading, found)?;
+                }
             }
         }
     }
@@ -450,6 +487,56 @@ impl Engine {
                 return Ok(Started::Done(ClaimOutcome::from_decision(decision, now)));
             }
         }
+        #[cfg(feature = "postgres")]
+        if let Some((readers, gate)) = &self.inner.remote
+            && gate.worth_a_look()
+            && let Some(rx) = readers.lookup(id)
+        {
+            return Ok(Started::Reading(Box::new(Reading { request: req, id }), rx));
+        }
+        self.queue_claim(req, id)
+    }
+
+    /// What a read connection found for a claim: a replay (or a mismatch) is its answer;
+    /// nothing, or a failed read, sends the claim to the writer.
+    #[cfg(feature = "postgres")]
+    fn after_read(
+        &self,
+        reading: Reading,
+        found: Option<crate::postgres::Found>,
+    ) -> Result<Started> {
+        let Reading { request, id } = reading;
+        let gate = self.inner.remote.as_ref().map(|(_, gate)| gate);
+        match found {
+            Some(Ok(Some(record))) => {
+                if let Some(gate) = gate {
+                    gate.hit();
+                }
+                let decision = record.decide(&request.fingerprint);
+                if let Some(cache) = &self.inner.cache {
+                    cache.insert(id, record);
+                }
+                let now = self.inner.clock.now_ms();
+                Ok(Started::Done(ClaimOutcome::from_decision(decision, now)))
+            }
+            Some(Ok(None)) => {
+                if let Some(gate) = gate {
+                    gate.miss();
+                }
+                self.check_open()?;
+                self.queue_claim(request, id)
+            }
+            // The read failed, or its connection went away (the engine is closing): the
+            // writer has the final word (and the engine's error, when it is closed).
+            _ => {
+                self.check_open()?;
+                self.queue_claim(request, id)
+            }
+        }
+    }
+
+    /// Sends a claim to the writer.
+    fn queue_claim(&self, req: ClaimRequest, id: [u8; 32]) -> Result<Started> {
         let lock_ms = req.lock_timeout.map_or(self.inner.lock_ms, duration_ms);
         let retention_ms = req.retention.map_or(self.inner.retention_ms, duration_ms);
         let (tx, rx) = oneshot::channel();
@@ -525,6 +612,46 @@ impl Engine {
     }
 }
 
+/// PostgreSQL's read connections (none without the feature).
+#[cfg(feature = "postgres")]
+type Remote = Option<(crate::postgres::Readers, Gate)>;
+#[cfg(not(feature = "postgres"))]
+type Remote = ();
+
+/// When a read path is worth a look: after [`MISSES_BEFORE_SKIPPING`] lookups in a row that
+/// found nothing to replay, claims go straight to the writer (which answers replays too), but
+/// one in [`PROBE_EVERY`] still looks, so that replays coming back (a retry storm) reopen the
+/// read path at their first hit.
+#[derive(Default)]
+struct Gate {
+    /// Lookups that found nothing since the last one that found a completed record.
+    misses: AtomicU64,
+    /// Claims that skipped the lookup (to probe one in [`PROBE_EVERY`] while skipping).
+    skipped: AtomicU64,
+}
+
+impl Gate {
+    fn worth_a_look(&self) -> bool {
+        self.misses.load(Ordering::Relaxed) < MISSES_BEFORE_SKIPPING
+            || self
+                .skipped
+                .fetch_add(1, Ordering::Relaxed)
+                .is_multiple_of(PROBE_EVERY)
+    }
+
+    fn hit(&self) {
+        // Not written when already 0: replays from several threads would fight over its
+        // cache line for nothing.
+        if self.misses.load(Ordering::Relaxed) != 0 {
+            self.misses.store(0, Ordering::Relaxed);
+        }
+    }
+
+    fn miss(&self) {
+        self.misses.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 struct PendingClaim {
     id: [u8; 32],
     key: IdempotencyKey,
@@ -536,6 +663,16 @@ struct PendingClaim {
 enum Started {
     Done(ClaimOutcome),
     Queued(PendingClaim, oneshot::Receiver<Result<ClaimReply>>),
+    /// Waiting for a PostgreSQL read connection.
+    #[cfg(feature = "postgres")]
+    Reading(Box<Reading>, oneshot::Receiver<crate::postgres::Found>),
+}
+
+/// A claim whose record a read connection is looking up.
+#[cfg(feature = "postgres")]
+struct Reading {
+    request: ClaimRequest,
+    id: [u8; 32],
 }
 
 /// Read-only connections that answer replays (and mismatches against completed records)
@@ -549,10 +686,7 @@ struct ReaderPool {
     /// Lookups under way (see [`ReaderPool::close`]).
     in_use: AtomicUsize,
     max: usize,
-    /// Lookups that found nothing since the last one that found a completed record.
-    misses: AtomicU64,
-    /// Claims that skipped the lookup (to probe one in [`PROBE_EVERY`] while skipping).
-    skipped: AtomicU64,
+    gate: Gate,
 }
 
 /// After this many lookups in a row that found nothing to replay, claims skip the read
@@ -589,15 +723,6 @@ impl ReaderPool {
         }
     }
 
-    /// Whether this claim should look on a read connection first.
-    fn worth_a_look(&self) -> bool {
-        self.misses.load(Ordering::Relaxed) < MISSES_BEFORE_SKIPPING
-            || self
-                .skipped
-                .fetch_add(1, Ordering::Relaxed)
-                .is_multiple_of(PROBE_EVERY)
-    }
-
     /// `Ok(None)`: no completed record here, or not worth looking (see
     /// [`MISSES_BEFORE_SKIPPING`]); ask the writer. Errors other than a corrupt record also
     /// fall back to the writer, which has the final word.
@@ -612,7 +737,7 @@ impl ReaderPool {
         unsynced: &Unsynced,
         cache: Option<&ReplayCache>,
     ) -> Result<Option<Decision>> {
-        if !self.worth_a_look() {
+        if !self.gate.worth_a_look() {
             return Ok(None);
         }
         self.in_use.fetch_add(1, Ordering::SeqCst);
@@ -621,15 +746,9 @@ impl ReaderPool {
         let Some(result) = result else {
             return Ok(None);
         };
-        // The gate's count of misses in a row (not written on a hit when already 0: replays
-        // from several threads would fight over its cache line for nothing).
         match &result {
-            Ok(Some(_)) if self.misses.load(Ordering::Relaxed) != 0 => {
-                self.misses.store(0, Ordering::Relaxed);
-            }
-            Ok(None) => {
-                self.misses.fetch_add(1, Ordering::Relaxed);
-            }
+            Ok(Some(_)) => self.gate.hit(),
+            Ok(None) => self.gate.miss(),
             _ => {}
         }
         match result {

@@ -522,3 +522,65 @@ fn cut_connections_and_a_restart_lose_nothing_and_run_nothing_twice() {
         log.errors
     );
 }
+
+/// Replays go through the read connections, beside the writer: while another session holds a
+/// lock that makes every write wait, a retry of a completed operation is still answered at
+/// once (and a new claim waits, then fails as `Unavailable` at the statement timeout, never
+/// running anything).
+#[test]
+fn replays_do_not_wait_behind_writes() {
+    let table = pg::fresh_table();
+    let config = EngineConfig::postgres(pg::url())
+        .table(table.clone())
+        .statement_timeout(Duration::from_secs(1))
+        .replay_cache_bytes(0)
+        .pool_size(3);
+    let engine = open(config);
+    claimed(engine.claim(request("done")).unwrap())
+        .complete(StoredResponse::new(201, "kept"))
+        .unwrap();
+
+    // Another session: EXCLUSIVE mode lets reads through and blocks every write.
+    let (locked_tx, locked) = std::sync::mpsc::channel();
+    let (release, released) = tokio::sync::oneshot::channel::<()>();
+    let holder = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let (client, conn) = tokio_postgres::connect(&pg::url(), tokio_postgres::NoTls)
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            client
+                .batch_execute(&format!("BEGIN; LOCK TABLE {table} IN EXCLUSIVE MODE"))
+                .await
+                .unwrap();
+            locked_tx.send(()).unwrap();
+            let _ = released.await;
+            client.batch_execute("ROLLBACK").await.unwrap();
+        });
+    });
+    locked.recv().unwrap();
+    let started = Instant::now();
+    for _ in 0..20 {
+        assert_eq!(
+            replayed(engine.claim(request("done")).unwrap()).body,
+            b"kept"
+        );
+    }
+    assert!(
+        started.elapsed() < Duration::from_millis(800),
+        "{:?}",
+        started.elapsed()
+    );
+    let e = engine.claim(request("new")).unwrap_err();
+    assert!(matches!(e, Error::Unavailable { .. }), "{e:?}");
+    release.send(()).unwrap();
+    holder.join().unwrap();
+    // The writer is free again: the new key runs.
+    claimed(engine.claim(request("new")).unwrap())
+        .release()
+        .unwrap();
+}

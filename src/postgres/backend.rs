@@ -47,7 +47,7 @@ struct Sql {
 }
 
 /// The database's clock in ms since the epoch, or the test clock's (`$n`).
-fn now_ms(param: usize) -> String {
+pub(crate) fn now_ms(param: usize) -> String {
     format!("coalesce(${param}::int8, (extract(epoch from now()) * 1000)::int8)")
 }
 
@@ -152,67 +152,44 @@ impl Sql {
 
 /// The PostgreSQL writer backend (see the module docs).
 pub(crate) struct PgBackend {
-    client: Option<Client>,
-    rt: tokio::runtime::Runtime,
-    target: Target,
-    connector: MakeRustlsConnect,
+    link: Link,
     names: Names,
     sql: Sql,
-    /// How long a batch may take before the connection is given up (the statement timeout,
-    /// plus a second for the network).
-    deadline: Duration,
     clock: Arc<dyn Clock>,
     db_clock: Option<Arc<dyn Clock>>,
+}
+
+/// One connection to the server, with its runtime, and the reconnection after it is lost
+/// (with a backoff). The writer has one; so has each read connection.
+pub(crate) struct Link {
+    client: Option<Client>,
+    pub(crate) rt: tokio::runtime::Runtime,
+    pub(crate) target: Target,
+    connector: MakeRustlsConnect,
+    /// How long an exchange may take before the connection is given up (the statement
+    /// timeout, plus a second for the network).
+    pub(crate) deadline: Duration,
     backoff: Duration,
     next_attempt: Instant,
-    /// Why the last connection attempt failed, for the batches refused meanwhile.
+    /// Why the last connection attempt failed, for the exchanges refused meanwhile.
     down: Option<Error>,
 }
 
-/// Runs `f` on the runtime for at most `limit`.
-pub(crate) fn within<F: std::future::Future>(
-    rt: &tokio::runtime::Runtime,
-    limit: Duration,
-    f: F,
-) -> Result<F::Output, tokio::time::error::Elapsed> {
-    rt.block_on(async move { tokio::time::timeout(limit, f).await })
-}
-
-/// Connects and hands the connection's I/O to the runtime.
-pub(crate) async fn connect(
-    target: &Target,
-    connector: &MakeRustlsConnect,
-) -> Result<Client, tokio_postgres::Error> {
-    let (client, connection) = target.config.connect(connector.clone()).await?;
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    Ok(client)
-}
-
-impl PgBackend {
-    #[allow(clippy::too_many_arguments)]
+impl Link {
+    /// A link, connected (`client`) or not yet (it connects at its first exchange).
     pub(crate) fn new(
-        client: Client,
+        client: Option<Client>,
         rt: tokio::runtime::Runtime,
         target: Target,
         connector: MakeRustlsConnect,
-        names: Names,
         statement_timeout: Duration,
-        synchronous: bool,
-        clock: Arc<dyn Clock>,
-        db_clock: Option<Arc<dyn Clock>>,
-    ) -> PgBackend {
-        PgBackend {
-            client: Some(client),
+    ) -> Link {
+        Link {
+            client,
             rt,
-            sql: Sql::new(&names, statement_timeout, synchronous),
             target,
             connector,
-            names,
             deadline: statement_timeout + Duration::from_secs(1),
-            clock,
-            db_clock,
             backoff: MIN_BACKOFF,
             next_attempt: Instant::now(),
             down: None,
@@ -220,8 +197,8 @@ impl PgBackend {
     }
 
     /// Takes the connection for one exchange, reconnecting when it was lost and the backoff
-    /// has passed. Give it back with [`PgBackend::give_back`].
-    fn take_client(&mut self) -> Result<Client> {
+    /// has passed. Give it back with [`Link::give_back`].
+    pub(crate) fn take_client(&mut self) -> Result<Client> {
         if let Some(client) = self.client.take()
             && !client.is_closed()
         {
@@ -264,7 +241,7 @@ impl PgBackend {
     /// Ends an exchange: keeps the connection unless it is gone or did not answer in time
     /// (then the server rolls back whatever it was doing when it notices), and turns the
     /// failure into the callers' error.
-    fn give_back<T>(&mut self, client: Client, out: Result<T, Fail>) -> Result<T> {
+    pub(crate) fn give_back<T>(&mut self, client: Client, out: Result<T, Fail>) -> Result<T> {
         let keep = !client.is_closed() && !matches!(out, Err(Fail::Timeout(_)));
         if keep {
             self.client = Some(client);
@@ -279,6 +256,46 @@ impl PgBackend {
             },
             Fail::Other(e) => e,
         })
+    }
+}
+
+/// Runs `f` on the runtime for at most `limit`.
+pub(crate) fn within<F: std::future::Future>(
+    rt: &tokio::runtime::Runtime,
+    limit: Duration,
+    f: F,
+) -> Result<F::Output, tokio::time::error::Elapsed> {
+    rt.block_on(async move { tokio::time::timeout(limit, f).await })
+}
+
+/// Connects and hands the connection's I/O to the runtime.
+pub(crate) async fn connect(
+    target: &Target,
+    connector: &MakeRustlsConnect,
+) -> Result<Client, tokio_postgres::Error> {
+    let (client, connection) = target.config.connect(connector.clone()).await?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(client)
+}
+
+impl PgBackend {
+    pub(crate) fn new(
+        link: Link,
+        names: Names,
+        statement_timeout: Duration,
+        synchronous: bool,
+        clock: Arc<dyn Clock>,
+        db_clock: Option<Arc<dyn Clock>>,
+    ) -> PgBackend {
+        PgBackend {
+            link,
+            sql: Sql::new(&names, statement_timeout, synchronous),
+            names,
+            clock,
+            db_clock,
+        }
     }
 
     fn test_now(&self) -> Option<i64> {
@@ -429,15 +446,15 @@ fn fence_i64(fence: u64) -> i64 {
 
 impl Backend for PgBackend {
     fn run(&mut self, work: &[Work<'_>]) -> Result<Vec<Result<Done>>> {
-        let client = self.take_client()?;
+        let client = self.link.take_client()?;
         let out = self.exchange(&client, work);
-        self.give_back(client, out)
+        self.link.give_back(client, out)
     }
 
     fn delete_expired(&mut self, limit: usize) -> Result<usize> {
-        let client = self.take_client()?;
+        let client = self.link.take_client()?;
         let out = self.cleanup(&client, limit);
-        self.give_back(client, out)
+        self.link.give_back(client, out)
     }
 
     fn cleanup_slice(&self) -> Duration {
@@ -446,7 +463,7 @@ impl Backend for PgBackend {
 }
 
 /// Why an exchange failed.
-enum Fail {
+pub(crate) enum Fail {
     Pg(tokio_postgres::Error),
     Timeout(&'static str),
     Other(Error),
@@ -631,7 +648,7 @@ impl PgBackend {
             commit?;
             Ok::<_, tokio_postgres::Error>(answers)
         };
-        let answers = within(&self.rt, self.deadline, exchange);
+        let answers = within(&self.link.rt, self.link.deadline, exchange);
         let (completed, released, extended, claimed) = match answers {
             Ok(Ok(a)) => a,
             Ok(Err(e)) => return Err(Fail::Pg(e)),
@@ -661,8 +678,8 @@ impl PgBackend {
         let mut unread = None;
         if !missing.is_empty() {
             let read = within(
-                &self.rt,
-                self.deadline,
+                &self.link.rt,
+                self.link.deadline,
                 client.query_typed(
                     &self.sql.read,
                     &[(&missing, Type::BYTEA_ARRAY), (&test_now, Type::INT8)],
@@ -676,12 +693,12 @@ impl PgBackend {
                         found.insert(id, r);
                     }
                 }
-                Ok(Err(e)) => unread = Some(pg_error(e, &self.target.shown)),
+                Ok(Err(e)) => unread = Some(pg_error(e, &self.link.target.shown)),
                 Err(_) => {
                     unread = Some(Error::Unavailable {
                         detail: format!(
                             "{}: no answer within {:?}",
-                            self.target.shown, self.deadline
+                            self.link.target.shown, self.link.deadline
                         ),
                     })
                 }
@@ -796,7 +813,7 @@ impl PgBackend {
             commit?;
             Ok::<_, tokio_postgres::Error>(rows)
         };
-        match within(&self.rt, self.deadline, exchange) {
+        match within(&self.link.rt, self.link.deadline, exchange) {
             Ok(Ok(rows)) => {
                 let row = rows
                     .first()

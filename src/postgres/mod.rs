@@ -5,13 +5,15 @@
 
 mod backend;
 mod connect;
+mod readers;
 mod schema;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 pub(crate) use backend::PgBackend;
-use backend::within;
+use backend::{Link, within};
+pub(crate) use readers::{Found, Readers};
 
 use crate::config::{Durability, EngineConfig};
 use crate::error::{Error, Result};
@@ -23,12 +25,13 @@ pub(crate) fn check_url(url: &str) -> Result<()> {
     Target::parse(url).map(|_| ())
 }
 
-/// Connects, creates or checks the schema, and returns the writer's backend.
+/// Connects, creates or checks the schema, and returns the writer's backend and the read
+/// connections (`EngineConfig::read_connections` of them; none for 0).
 ///
 /// On a thread of its own: the backend's runtime must not be started (or dropped, when the
 /// open fails) on a thread that runs an async executor, which `Engine::open` may be called
 /// from.
-pub(crate) fn open(config: &EngineConfig, url: &str) -> Result<PgBackend> {
+pub(crate) fn open(config: &EngineConfig, url: &str) -> Result<(PgBackend, Option<Readers>)> {
     let (config, url) = (config.clone(), url.to_owned());
     std::thread::Builder::new()
         .name("idempotency-open".into())
@@ -38,7 +41,7 @@ pub(crate) fn open(config: &EngineConfig, url: &str) -> Result<PgBackend> {
         .map_err(|_| Error::Storage(Arc::new(std::io::Error::other("the open panicked"))))?
 }
 
-fn open_here(config: &EngineConfig, url: &str) -> Result<PgBackend> {
+fn open_here(config: &EngineConfig, url: &str) -> Result<(PgBackend, Option<Readers>)> {
     let settings = &config.postgres;
     let names = Names::new(&settings.table)?;
     let mut target = Target::parse(url)?;
@@ -64,15 +67,33 @@ fn open_here(config: &EngineConfig, url: &str) -> Result<PgBackend> {
             ),
         })?
         .map_err(|e| pg_error(e, &target.shown))??;
-    Ok(PgBackend::new(
-        client,
-        rt,
-        target,
-        connector,
+    let readers = match config.read_connections {
+        0 => None,
+        n => Some(Readers::spawn(
+            n,
+            readers::Setup {
+                target: target.clone(),
+                connector: connector.clone(),
+                names: names.clone(),
+                statement_timeout: settings.statement_timeout,
+                clock: config.clock.clone(),
+                db_clock: settings.database_clock.clone(),
+            },
+        )?),
+    };
+    let backend = PgBackend::new(
+        Link::new(
+            Some(client),
+            rt,
+            target,
+            connector,
+            settings.statement_timeout,
+        ),
         names,
         settings.statement_timeout,
         config.durability == Durability::Full,
         config.clock.clone(),
         settings.database_clock.clone(),
-    ))
+    );
+    Ok((backend, readers))
 }
