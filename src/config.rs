@@ -36,7 +36,7 @@ pub enum Durability {
 }
 
 /// Where the database lives.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub(crate) enum Location {
     File(PathBuf),
     Memory,
@@ -78,6 +78,21 @@ pub struct EngineConfig {
     pub(crate) postgres: PostgresSettings,
     #[cfg(feature = "fault-injection")]
     pub(crate) fail_open_sync: bool,
+}
+
+// By hand: a PostgreSQL URL's password never reaches a log through `{:?}`.
+impl std::fmt::Debug for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Location::File(path) => f.debug_tuple("File").field(path).finish(),
+            Location::Memory => f.write_str("Memory"),
+            #[cfg(feature = "postgres")]
+            Location::Postgres(url) => f
+                .debug_tuple("Postgres")
+                .field(&crate::postgres::hide_password(url))
+                .finish(),
+        }
+    }
 }
 
 /// The settings only a PostgreSQL store reads.

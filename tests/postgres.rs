@@ -584,3 +584,28 @@ fn replays_do_not_wait_behind_writes() {
         .release()
         .unwrap();
 }
+
+/// A retention or lock timeout of `Duration::MAX` ("forever") is stored, not an overflow that
+/// fails the batch (and every other caller in it).
+#[test]
+fn forever_is_a_long_time_not_an_overflow() {
+    let engine = open(pg::config());
+    let forever = request("forever")
+        .lock_timeout(Duration::MAX)
+        .retention(Duration::MAX);
+    let mut lease = claimed(engine.claim(forever).unwrap());
+    lease.extend(Duration::MAX).unwrap();
+    lease.complete(StoredResponse::new(201, "kept")).unwrap();
+    assert_eq!(
+        replayed(engine.claim(request("forever")).unwrap()).body,
+        b"kept"
+    );
+}
+
+#[test]
+fn a_password_never_shows_in_debug_output() {
+    let config = EngineConfig::postgres("postgres://app:hunter2@db.internal/payments");
+    let shown = format!("{config:?}");
+    assert!(!shown.contains("hunter2"), "{shown}");
+    assert!(shown.contains("app:***@db.internal"), "{shown}");
+}

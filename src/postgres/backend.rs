@@ -440,6 +440,14 @@ fn fenced(rows: &[Row]) -> Result<Fenced> {
         .collect()
 }
 
+/// The longest lock or retention sent to the database (about 35,000 years): `now + lock +
+/// retention` then always fits a `bigint`, where an overflow would fail the whole batch.
+const MAX_SPAN_MS: i64 = 1 << 50;
+
+fn span(ms: i64) -> i64 {
+    ms.clamp(0, MAX_SPAN_MS)
+}
+
 fn fence_i64(fence: u64) -> i64 {
     i64::try_from(fence).unwrap_or(i64::MAX)
 }
@@ -515,7 +523,7 @@ impl PgBackend {
                     complete
                         .5
                         .push(response.trailers.as_ref().map(encode_headers));
-                    complete.6.push(retention_ms);
+                    complete.6.push(span(retention_ms));
                     touched.push(&id[..]);
                 }
                 Work::Release { id, fence } => {
@@ -531,8 +539,8 @@ impl PgBackend {
                 } => {
                     extend.0.push(&id[..]);
                     extend.1.push(fence_i64(fence));
-                    extend.2.push(lock_ms);
-                    extend.3.push(retention_ms);
+                    extend.2.push(span(lock_ms));
+                    extend.3.push(span(retention_ms));
                     touched.push(&id[..]);
                 }
                 Work::Claim(_) => {}
@@ -547,8 +555,12 @@ impl PgBackend {
             .iter()
             .map(|(_, c)| &c.fingerprint.as_bytes()[..])
             .collect();
-        let locks: Vec<i64> = claims.first.iter().map(|(_, c)| c.lock_ms).collect();
-        let retentions: Vec<i64> = claims.first.iter().map(|(_, c)| c.retention_ms).collect();
+        let locks: Vec<i64> = claims.first.iter().map(|(_, c)| span(c.lock_ms)).collect();
+        let retentions: Vec<i64> = claims
+            .first
+            .iter()
+            .map(|(_, c)| span(c.retention_ms))
+            .collect();
         // Rows that lease commands touch are locked first, with the claims' rows, in id
         // order: two instances' batches then never wait for each other in a cycle.
         if !touched.is_empty() {
@@ -648,13 +660,16 @@ impl PgBackend {
             commit?;
             Ok::<_, tokio_postgres::Error>(answers)
         };
+        // Read before the exchange: the database's `now` (its transaction's start) is later, so
+        // the times translated with this offset err early (a lease believes it has a little
+        // less time than it has), never late.
+        let local_now = self.clock.now_ms();
         let answers = within(&self.link.rt, self.link.deadline, exchange);
         let (completed, released, extended, claimed) = match answers {
             Ok(Ok(a)) => a,
             Ok(Err(e)) => return Err(Fail::Pg(e)),
             Err(_) => return Err(Fail::Timeout("a batch")),
         };
-        let local_now = self.clock.now_ms();
 
         let completed = fenced(&completed)?;
         let released = fenced(&released)?;

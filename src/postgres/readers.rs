@@ -138,10 +138,11 @@ fn serve(mut link: Link, setup: &Setup, rx: &Receiver<Lookup>) {
             Err(e) => Err(e),
         };
         match found {
-            Ok(mut records) => {
+            Ok(records) => {
                 for l in batch {
-                    let record = records.iter().position(|(id, _)| *id == l.id);
-                    let _ = l.reply.send(Ok(record.map(|i| records.swap_remove(i).1)));
+                    // Two lookups of one id in a batch both get the record.
+                    let record = records.iter().find(|(id, _)| *id == l.id);
+                    let _ = l.reply.send(Ok(record.map(|(_, r)| r.clone())));
                 }
             }
             Err(e) => {
@@ -177,12 +178,14 @@ fn read(
         c?;
         Ok::<_, tokio_postgres::Error>(rows)
     };
+    // Read before the exchange: the database's `now` is later, so a cached record's expiry,
+    // translated, errs early, never late.
+    let local_now = setup.clock.now_ms();
     let rows = match within(&link.rt, link.deadline, exchange) {
         Ok(Ok(rows)) => rows,
         Ok(Err(e)) => return Err(Fail::Pg(e)),
         Err(_) => return Err(Fail::Timeout("a read")),
     };
-    let local_now = setup.clock.now_ms();
     let corrupt = |e: tokio_postgres::Error| Error::Corrupt {
         detail: e.to_string(),
     };

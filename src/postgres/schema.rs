@@ -25,6 +25,8 @@ pub(crate) struct Names {
     /// The `pg_advisory_xact_lock` keys of the migration and of the cleanup.
     pub(crate) migrate_lock: i64,
     pub(crate) cleanup_lock: i64,
+    /// Taken to create the schema (tables of one schema share it).
+    pub(crate) schema_lock: i64,
 }
 
 impl Names {
@@ -70,6 +72,12 @@ impl Names {
             expiry_index: format!("\"{name}_expiry\""),
             migrate_lock: key("migrate"),
             cleanup_lock: key("cleanup"),
+            schema_lock: {
+                let digest = Sha256::digest(
+                    format!("idempotency-rs schema {}", schema.unwrap_or_default()).as_bytes(),
+                );
+                i64::from_be_bytes(digest[..8].try_into().unwrap_or([0; 8]))
+            },
         })
     }
 }
@@ -136,6 +144,14 @@ async fn migrate_in_transaction(
     match (records, meta) {
         (false, false) => {
             if let Some(schema) = &names.schema {
+                // Two stores opening tables of one new schema at once would both create it
+                // (IF NOT EXISTS is not safe against a concurrent CREATE): one at a time.
+                client
+                    .query_typed(
+                        "SELECT pg_advisory_xact_lock($1)",
+                        &[(&names.schema_lock, tokio_postgres::types::Type::INT8)],
+                    )
+                    .await?;
                 client
                     .batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\""))
                     .await?;
