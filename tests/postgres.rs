@@ -371,6 +371,32 @@ fn tls_require_is_encrypted_or_refused_clearly() {
         let url = url_with("sslmode=verify-full");
         let e = Engine::open(EngineConfig::postgres(url).table(pg::fresh_table())).unwrap_err();
         assert!(matches!(e, Error::Unavailable { .. }), "{e:?}");
+        // With the server's certificate as the root, the right name passes and a wrong one
+        // does not (Debian's server has a self-signed certificate for `localhost`).
+        let cert = pg::query("SHOW ssl_cert_file")[0].clone().unwrap();
+        let config: tokio_postgres::Config = pg::url().parse().unwrap();
+        let port = config.get_ports().first().copied().unwrap_or(5432);
+        let user = config.get_user().unwrap().to_owned();
+        let db = config.get_dbname().unwrap().to_owned();
+        if std::fs::read_to_string(&cert).is_ok_and(|pem| pem.contains("BEGIN CERTIFICATE")) {
+            let root = format!("sslrootcert={}", cert.replace('/', "%2F"));
+            let verified = format!(
+                "postgres://{user}@localhost:{port}/{db}?sslmode=verify-full&{root}&application_name=idem_tls_verified"
+            );
+            let engine = Engine::open(EngineConfig::postgres(verified).table(pg::fresh_table()));
+            match engine {
+                Ok(engine) => claimed(engine.claim(request("v")).unwrap())
+                    .release()
+                    .unwrap(),
+                // Only a certificate for another name may refuse `localhost`.
+                Err(e) => assert!(e.to_string().contains("certificate"), "{e}"),
+            }
+            let wrong_name =
+                format!("postgres://{user}@127.0.0.1:{port}/{db}?sslmode=verify-full&{root}");
+            let e = Engine::open(EngineConfig::postgres(wrong_name).table(pg::fresh_table()))
+                .unwrap_err();
+            assert!(matches!(e, Error::Unavailable { .. }), "{e:?}");
+        }
     }
 }
 
