@@ -95,6 +95,32 @@ impl std::fmt::Debug for Location {
     }
 }
 
+/// A URL (or a `key=value` connection string) with every password in it replaced by `***`,
+/// for messages and `Debug`: the user info's password (up to the first `@`, as libpq and
+/// tokio-postgres read it, whatever it holds) and every `password=` parameter.
+pub(crate) fn redact_url(url: &str) -> String {
+    let mut out = match url.split_once("://") {
+        Some((scheme, rest)) => match rest.split_once('@') {
+            Some((userinfo, after)) if userinfo.contains(':') => {
+                let user = userinfo.split(':').next().unwrap_or_default();
+                format!("{scheme}://{user}:***@{after}")
+            }
+            _ => url.to_owned(),
+        },
+        None => url.to_owned(),
+    };
+    let mut from = 0;
+    while let Some(at) = out[from..].find("password=") {
+        let start = from + at + "password=".len();
+        let end = out[start..]
+            .find(['&', ' '])
+            .map_or(out.len(), |n| start + n);
+        out.replace_range(start..end, "***");
+        from = start + 3;
+    }
+    out
+}
+
 /// The settings only a PostgreSQL store reads.
 #[cfg(feature = "postgres")]
 #[derive(Debug, Clone)]

@@ -180,7 +180,8 @@ pub fn parse_url(url: &str) -> Result<EngineConfig, Error> {
     } else if url.contains("://") {
         return Err(Error::InvalidConfig {
             reason: format!(
-                "`{url}` is not an SQLite URL: use sqlite:PATH, sqlite://PATH, a plain path or sqlite::memory:"
+                "`{}` is not an SQLite URL: use sqlite:PATH, sqlite://PATH, a plain path or sqlite::memory:",
+                crate::config::redact_url(url)
             ),
         });
     } else {

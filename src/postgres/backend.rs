@@ -4,8 +4,8 @@
 //! statement outlives it, no session state), so PgBouncer's transaction mode is fine.
 //!
 //! Times are the database's: every lock and expiry is computed and compared in SQL from the
-//! transaction's `now()`, and only translated to the engine's clock (by the offset measured
-//! with this batch) in what the callers are told.
+//! server's clock (`clock_timestamp()`, read after any wait for a lock), and only translated to
+//! the engine's clock (by the offset measured with each batch) in what the callers are told.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -23,7 +23,7 @@ use crate::postgres::connect::{Target, pg_error};
 use crate::postgres::schema::Names;
 use crate::record::{Decision, RawRecord, STATE_COMPLETED};
 use crate::response::encode_headers;
-use crate::writer::{Backend, Done, Work};
+use crate::writer::{Backend, ClaimCmd, Done, Work};
 
 /// The first pause before reconnecting after a lost connection; it doubles up to
 /// [`MAX_BACKOFF`] while connecting keeps failing. Meanwhile every batch fails at once with
@@ -42,27 +42,28 @@ struct Sql {
     release: String,
     extend: String,
     claim: String,
-    read: String,
     cleanup: String,
 }
 
-/// The database's clock in ms since the epoch, or the test clock's (`$n`).
+/// The database's clock in ms since the epoch (`clock_timestamp()`, the time when it is read,
+/// not when the transaction started: a statement that waited for a lock must not grant a lease
+/// whose lock already ran out while it waited), or the test clock's (`$n`).
 pub(crate) fn now_ms(param: usize) -> String {
-    format!("coalesce(${param}::int8, (extract(epoch from now()) * 1000)::int8)")
+    format!("coalesce(${param}::int8, (extract(epoch from clock_timestamp()) * 1000)::int8)")
 }
 
 impl Sql {
-    fn new(names: &Names, statement_timeout: Duration, synchronous: bool) -> Sql {
+    /// `synchronous_commit`: what this engine's transactions set (`None`: the server's).
+    fn new(names: &Names, statement_timeout: Duration, synchronous_commit: Option<&str>) -> Sql {
         let t = &names.records;
         let columns = "r.locked_until, r.fingerprint, r.state, r.status, r.headers, r.body, r.trailers, r.expires_at";
         Sql {
             begin: format!(
                 "BEGIN ISOLATION LEVEL READ COMMITTED; SET LOCAL statement_timeout = {}{}",
                 statement_timeout.as_millis().max(1),
-                if synchronous {
-                    ""
-                } else {
-                    "; SET LOCAL synchronous_commit = off"
+                match synchronous_commit {
+                    Some(mode) => format!("; SET LOCAL synchronous_commit = {mode}"),
+                    None => String::new(),
                 }
             ),
             lock: format!("SELECT 1 FROM {t} WHERE id = ANY($1::bytea[]) ORDER BY id FOR UPDATE"),
@@ -94,44 +95,44 @@ impl Sql {
                 now = now_ms(5)
             ),
             // Rows are inserted in id order, so two instances' batches take their locks in
-            // the same order. The second half reads, in the statement's snapshot, the records
-            // that kept a claim out (the insert did not change them).
+            // the same order. A record is taken over when it has expired, or is in flight with
+            // the same fingerprint past its lock timeout: decided, and the new lock computed,
+            // on the clock read after the row is locked. The second half reads, in the
+            // statement's snapshot, the records that kept a claim out (the insert did not
+            // change them). Every row also says the clock when it was produced (after any wait
+            // for a lock), for the translation into the engine's clock.
             claim: format!(
                 "WITH n AS (SELECT {now} AS ms),
-                 i AS (SELECT * FROM unnest($1::bytea[], $2::text[], $3::text[], $4::bytea[],
-                                            $5::int8[], $6::int8[])
+                 i AS (SELECT t.*, {now} AS c
+                       FROM unnest($1::bytea[], $2::text[], $3::text[], $4::bytea[],
+                                   $5::int8[], $6::int8[])
                            AS t(id, scope, key, fingerprint, lock_ms, retention_ms)),
                  won AS (
                      INSERT INTO {t} AS r (id, scope, key, fingerprint, state, fence,
                                            locked_until, expires_at, created_at)
                      SELECT i.id, i.scope, i.key, i.fingerprint, 0, nextval('{fence}'),
-                            n.ms + i.lock_ms, n.ms + i.lock_ms + i.retention_ms, n.ms
-                     FROM i, n ORDER BY i.id
+                            i.c + i.lock_ms, i.c + i.lock_ms + i.retention_ms, i.c
+                     FROM i ORDER BY i.id
                      ON CONFLICT (id) DO UPDATE SET
                          scope = excluded.scope, key = excluded.key,
                          fingerprint = excluded.fingerprint, state = 0, fence = excluded.fence,
-                         locked_until = excluded.locked_until, expires_at = excluded.expires_at,
-                         created_at = excluded.created_at, completed_at = NULL, status = NULL,
+                         locked_until = {now} + (excluded.locked_until - excluded.created_at),
+                         expires_at = {now} + (excluded.expires_at - excluded.created_at),
+                         created_at = {now}, completed_at = NULL, status = NULL,
                          headers = NULL, body = NULL, trailers = NULL
-                     WHERE r.expires_at <= excluded.created_at
-                        OR (r.state = 0 AND r.locked_until <= excluded.created_at
+                     WHERE r.expires_at <= {now}
+                        OR (r.state = 0 AND r.locked_until <= {now}
                             AND r.fingerprint = excluded.fingerprint)
                      RETURNING r.id, r.fence, r.locked_until)
                  SELECT w.id, w.fence, w.locked_until, NULL::bytea, NULL::int2, NULL::int4,
-                        NULL::bytea, NULL::bytea, NULL::bytea, NULL::int8, n.ms
-                 FROM won AS w, n
+                        NULL::bytea, NULL::bytea, NULL::bytea, NULL::int8, {now}
+                 FROM won AS w
                  UNION ALL
-                 SELECT r.id, NULL::int8, {columns}, n.ms
+                 SELECT r.id, NULL::int8, {columns}, {now}
                  FROM {t} AS r JOIN i ON r.id = i.id, n
                  WHERE r.expires_at > n.ms AND r.id NOT IN (SELECT id FROM won)",
                 now = now_ms(7),
                 fence = names.fence.replace('\'', "''"),
-            ),
-            read: format!(
-                "SELECT r.id, NULL::int8, {columns}, n.ms
-                 FROM {t} AS r, (SELECT {now} AS ms) AS n
-                 WHERE r.id = ANY($1::bytea[]) AND r.expires_at > n.ms",
-                now = now_ms(2)
             ),
             // One instance at a time (a transaction-level advisory lock: nothing outlives the
             // transaction), the oldest first, skipping rows another transaction holds.
@@ -247,7 +248,7 @@ impl Link {
             self.client = Some(client);
         }
         out.map_err(|f| match f {
-            Fail::Pg(e) => pg_error(e, &self.target.shown),
+            Fail::Pg(e) | Fail::RolledBack(e) => pg_error(e, &self.target.shown),
             Fail::Timeout(what) => Error::Unavailable {
                 detail: format!(
                     "{}: {what} got no answer within {:?}; its outcome is unknown",
@@ -285,13 +286,13 @@ impl PgBackend {
         link: Link,
         names: Names,
         statement_timeout: Duration,
-        synchronous: bool,
+        synchronous_commit: Option<&str>,
         clock: Arc<dyn Clock>,
         db_clock: Option<Arc<dyn Clock>>,
     ) -> PgBackend {
         PgBackend {
             link,
-            sql: Sql::new(&names, statement_timeout, synchronous),
+            sql: Sql::new(&names, statement_timeout, synchronous_commit),
             names,
             clock,
             db_clock,
@@ -307,14 +308,14 @@ impl PgBackend {
 /// decided from the first one's result, as if it came right after it).
 struct Claims<'a> {
     /// (work index, claim), the first claim of each id, sorted by id.
-    first: Vec<(usize, &'a crate::writer::ClaimCmd)>,
+    first: Vec<(usize, &'a ClaimCmd)>,
     /// Later claims of an id: (work index, index into `first`).
     repeats: Vec<(usize, usize)>,
 }
 
 impl<'a> Claims<'a> {
     fn of(work: &[Work<'a>]) -> Claims<'a> {
-        let mut first: Vec<(usize, &crate::writer::ClaimCmd)> = Vec::new();
+        let mut first: Vec<(usize, &ClaimCmd)> = Vec::new();
         let mut seen: HashMap<[u8; 32], usize> = HashMap::new();
         let mut repeats = Vec::new();
         for (i, w) in work.iter().enumerate() {
@@ -396,20 +397,30 @@ fn claim_row(row: &Row) -> Result<([u8; 32], ClaimRow, i64)> {
     Ok((id, ClaimRow::Found(RecordRow { raw, expires_at }), now))
 }
 
-/// What a claim with `fp` gets from a live record that kept it out. `offset` turns database
-/// times into the engine clock's.
-fn decide(record: RecordRow, fp: &Fingerprint, offset: i64) -> Result<Done> {
+/// How database times become the engine clock's: the offset between the two clocks seen by one
+/// batch, bounded by the engine's clock read before the batch was sent (`early`: translated
+/// times err early) and after its answer came (`late`: they err late by at most the answer's
+/// trip).
+#[derive(Clone, Copy, Default)]
+struct Offsets {
+    early: i64,
+    late: i64,
+}
+
+/// What a claim with `fp` gets from a live record that kept it out. An expiry (for the replay
+/// cache) is translated early, so the cache never outlives the record; a lock (for hints) late.
+fn decide(record: RecordRow, fp: &Fingerprint, offsets: Offsets) -> Result<Done> {
     let RecordRow {
         mut raw,
         expires_at,
     } = record;
-    raw.locked_until = raw.locked_until.saturating_add(offset);
+    raw.locked_until = raw.locked_until.saturating_add(offsets.late);
     if raw.state == STATE_COMPLETED && raw.fingerprint()? == *fp.as_bytes() {
         // A completed record never changes before it expires: the engine may cache it.
         let fingerprint = raw.fingerprint()?;
         return Ok(Done::Replay(Completed {
             fingerprint,
-            expires_at: expires_at.saturating_add(offset),
+            expires_at: expires_at.saturating_add(offsets.early),
             response: Arc::new(raw.into_response()?),
         }));
     }
@@ -454,9 +465,39 @@ fn fence_i64(fence: u64) -> i64 {
 
 impl Backend for PgBackend {
     fn run(&mut self, work: &[Work<'_>]) -> Result<Vec<Result<Done>>> {
-        let client = self.link.take_client()?;
-        let out = self.exchange(&client, work);
-        self.link.give_back(client, out)
+        let mut retries = 0;
+        loop {
+            let client = self.link.take_client()?;
+            let out = self.exchange(&client, work);
+            match &out {
+                // Rolled back, and worth running again: a deadlock or serialization failure
+                // (PostgreSQL chose this batch as the victim), or a connection the server had
+                // already closed (an idle timeout, a terminated backend) before it read the
+                // batch. The next attempt reconnects if need be.
+                Err(Fail::RolledBack(e)) if retries < RETRIES && again(e) => {
+                    retries += 1;
+                    if lost_connection(e) {
+                        drop(client);
+                    } else {
+                        let _ = self.link.give_back(client, Ok::<(), Fail>(()));
+                    }
+                }
+                // Rolled back by one command's own failure (a value the database refuses):
+                // each command again in a transaction of its own, so that only that one's
+                // caller gets the error, as on SQLite.
+                Err(Fail::RolledBack(e)) if work.len() > 1 && alone(e) => {
+                    let _ = self.link.give_back(client, Ok::<(), Fail>(()));
+                    return Ok(work
+                        .iter()
+                        .map(|w| {
+                            self.run(std::slice::from_ref(w))
+                                .and_then(|mut r| r.pop().unwrap_or(Err(Error::Busy)))
+                        })
+                        .collect());
+                }
+                _ => return self.link.give_back(client, out),
+            }
+        }
     }
 
     fn delete_expired(&mut self, limit: usize) -> Result<usize> {
@@ -470,9 +511,47 @@ impl Backend for PgBackend {
     }
 }
 
+/// How often a batch that was rolled back for a reason worth a retry runs again.
+const RETRIES: u32 = 3;
+
+/// Whether a batch rolled back with `e` is worth running again as it is.
+fn again(e: &tokio_postgres::Error) -> bool {
+    use tokio_postgres::error::SqlState as S;
+    e.code().is_some_and(|c| {
+        *c == S::T_R_DEADLOCK_DETECTED
+            || *c == S::T_R_SERIALIZATION_FAILURE
+            || *c == S::ADMIN_SHUTDOWN
+            || *c == S::IDLE_SESSION_TIMEOUT
+            || c.code().starts_with("08")
+    })
+}
+
+/// Whether the server ended the session with `e` (the next attempt needs a new connection).
+fn lost_connection(e: &tokio_postgres::Error) -> bool {
+    use tokio_postgres::error::SqlState as S;
+    e.code().is_some_and(|c| {
+        *c == S::ADMIN_SHUTDOWN || *c == S::IDLE_SESSION_TIMEOUT || c.code().starts_with("08")
+    })
+}
+
+/// Whether `e` is the failure of one command's values, which the batch's other commands do
+/// not share: data exceptions (22: an encoding the database cannot hold, a value out of
+/// range), integrity violations (23), limits (54: a value too large).
+fn alone(e: &tokio_postgres::Error) -> bool {
+    e.code().is_some_and(|c| {
+        ["22", "23", "54"]
+            .iter()
+            .any(|class| c.code().starts_with(class))
+    })
+}
+
 /// Why an exchange failed.
 pub(crate) enum Fail {
+    /// No answer, or an answer that does not say what happened: the outcome is unknown.
     Pg(tokio_postgres::Error),
+    /// The server refused a statement before `COMMIT`: the transaction was rolled back whole,
+    /// nothing of it is applied.
+    RolledBack(tokio_postgres::Error),
     Timeout(&'static str),
     Other(Error),
 }
@@ -483,30 +562,29 @@ impl From<Error> for Fail {
     }
 }
 
-impl PgBackend {
-    /// One batch: one transaction, one round trip (plus a read when a record that kept a
-    /// claim out was committed by another instance during the claim statement).
-    fn exchange(&self, client: &Client, work: &[Work<'_>]) -> Result<Vec<Result<Done>>, Fail> {
-        let test_now = self.test_now();
+/// The lease commands of a batch as the statements' arrays.
+#[derive(Default)]
+struct Leases<'a> {
+    complete_ids: Vec<&'a [u8]>,
+    complete_fences: Vec<i64>,
+    statuses: Vec<i32>,
+    headers: Vec<Vec<u8>>,
+    bodies: Vec<&'a [u8]>,
+    trailers: Vec<Option<Vec<u8>>>,
+    complete_retentions: Vec<i64>,
+    release_ids: Vec<&'a [u8]>,
+    release_fences: Vec<i64>,
+    extend_ids: Vec<&'a [u8]>,
+    extend_fences: Vec<i64>,
+    extend_locks: Vec<i64>,
+    extend_retentions: Vec<i64>,
+    /// Every record id the batch touches, sorted: locked first, in this order.
+    touched: Vec<&'a [u8]>,
+}
 
-        // Lease commands, by kind, as arrays.
-        let mut complete = (
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-        );
-        let mut release = (Vec::<&[u8]>::new(), Vec::<i64>::new());
-        let mut extend = (
-            Vec::<&[u8]>::new(),
-            Vec::<i64>::new(),
-            Vec::<i64>::new(),
-            Vec::<i64>::new(),
-        );
-        let mut touched: Vec<&[u8]> = Vec::new();
+impl<'a> Leases<'a> {
+    fn of(work: &[Work<'a>]) -> Leases<'a> {
+        let mut l = Leases::default();
         for w in work {
             match *w {
                 Work::Complete {
@@ -515,21 +593,20 @@ impl PgBackend {
                     response,
                     retention_ms,
                 } => {
-                    complete.0.push(&id[..]);
-                    complete.1.push(fence_i64(fence));
-                    complete.2.push(i32::from(response.status));
-                    complete.3.push(encode_headers(&response.headers));
-                    complete.4.push(&response.body[..]);
-                    complete
-                        .5
+                    l.complete_ids.push(&id[..]);
+                    l.complete_fences.push(fence_i64(fence));
+                    l.statuses.push(i32::from(response.status));
+                    l.headers.push(encode_headers(&response.headers));
+                    l.bodies.push(&response.body[..]);
+                    l.trailers
                         .push(response.trailers.as_ref().map(encode_headers));
-                    complete.6.push(span(retention_ms));
-                    touched.push(&id[..]);
+                    l.complete_retentions.push(span(retention_ms));
+                    l.touched.push(&id[..]);
                 }
                 Work::Release { id, fence } => {
-                    release.0.push(&id[..]);
-                    release.1.push(fence_i64(fence));
-                    touched.push(&id[..]);
+                    l.release_ids.push(&id[..]);
+                    l.release_fences.push(fence_i64(fence));
+                    l.touched.push(&id[..]);
                 }
                 Work::Extend {
                     id,
@@ -537,39 +614,79 @@ impl PgBackend {
                     lock_ms,
                     retention_ms,
                 } => {
-                    extend.0.push(&id[..]);
-                    extend.1.push(fence_i64(fence));
-                    extend.2.push(span(lock_ms));
-                    extend.3.push(span(retention_ms));
-                    touched.push(&id[..]);
+                    l.extend_ids.push(&id[..]);
+                    l.extend_fences.push(fence_i64(fence));
+                    l.extend_locks.push(span(lock_ms));
+                    l.extend_retentions.push(span(retention_ms));
+                    l.touched.push(&id[..]);
                 }
                 Work::Claim(_) => {}
             }
         }
-        let claims = Claims::of(work);
-        let claim_ids: Vec<&[u8]> = claims.first.iter().map(|(_, c)| &c.id[..]).collect();
-        let scopes: Vec<&str> = claims.first.iter().map(|(_, c)| c.scope.as_str()).collect();
-        let keys: Vec<&str> = claims.first.iter().map(|(_, c)| c.key.as_str()).collect();
-        let fps: Vec<&[u8]> = claims
-            .first
-            .iter()
-            .map(|(_, c)| &c.fingerprint.as_bytes()[..])
-            .collect();
-        let locks: Vec<i64> = claims.first.iter().map(|(_, c)| span(c.lock_ms)).collect();
-        let retentions: Vec<i64> = claims
-            .first
-            .iter()
-            .map(|(_, c)| span(c.retention_ms))
-            .collect();
-        // Rows that lease commands touch are locked first, with the claims' rows, in id
-        // order: two instances' batches then never wait for each other in a cycle.
+        l
+    }
+}
+
+/// Claims as the claim statement's arrays.
+struct ClaimArrays<'a> {
+    ids: Vec<&'a [u8]>,
+    scopes: Vec<&'a str>,
+    keys: Vec<&'a str>,
+    fingerprints: Vec<&'a [u8]>,
+    locks: Vec<i64>,
+    retentions: Vec<i64>,
+}
+
+impl<'a> ClaimArrays<'a> {
+    fn of(claims: &[&'a ClaimCmd]) -> ClaimArrays<'a> {
+        ClaimArrays {
+            ids: claims.iter().map(|c| &c.id[..]).collect(),
+            scopes: claims.iter().map(|c| c.scope.as_str()).collect(),
+            keys: claims.iter().map(|c| c.key.as_str()).collect(),
+            fingerprints: claims
+                .iter()
+                .map(|c| &c.fingerprint.as_bytes()[..])
+                .collect(),
+            locks: claims.iter().map(|c| span(c.lock_ms)).collect(),
+            retentions: claims.iter().map(|c| span(c.retention_ms)).collect(),
+        }
+    }
+}
+
+/// What one transaction's statements returned.
+struct Answers {
+    completed: Vec<Row>,
+    released: Vec<Row>,
+    extended: Vec<Row>,
+    claimed: Vec<Row>,
+}
+
+/// How many times a claim whose blocking record could not be read back is run again (in a
+/// transaction of its own) before its caller gets [`Error::Busy`].
+const CLAIM_ROUNDS: usize = 3;
+
+impl PgBackend {
+    /// One transaction: `BEGIN`, the lease statements, the claim statement and `COMMIT`,
+    /// pipelined (sent together, answered together: one round trip).
+    fn transaction(
+        &self,
+        client: &Client,
+        leases: &Leases<'_>,
+        claims: &ClaimArrays<'_>,
+        test_now: Option<i64>,
+    ) -> Result<Answers, Fail> {
+        let sql = &self.sql;
+        let l = leases;
+        let mut touched = l.touched.clone();
         if !touched.is_empty() {
-            touched.extend(claim_ids.iter().copied());
+            // Rows that lease commands touch are locked first, with the claims' rows, in id
+            // order, so that two instances' batches rarely wait for each other in a cycle
+            // (PostgreSQL breaks one that forms; the victim batch is rolled back whole and
+            // runs again).
+            touched.extend(claims.ids.iter().copied());
             touched.sort_unstable();
             touched.dedup();
         }
-
-        let sql = &self.sql;
         let exchange = async {
             let begin = client.batch_execute(&sql.begin);
             let lock = async {
@@ -581,146 +698,173 @@ impl PgBackend {
                     .await
             };
             let completed = async {
-                if complete.0.is_empty() {
+                if l.complete_ids.is_empty() {
                     return Ok(Vec::new());
                 }
                 client
                     .query_typed(
                         &sql.complete,
                         &[
-                            (&complete.0, Type::BYTEA_ARRAY),
-                            (&complete.1, Type::INT8_ARRAY),
-                            (&complete.2, Type::INT4_ARRAY),
-                            (&complete.3, Type::BYTEA_ARRAY),
-                            (&complete.4, Type::BYTEA_ARRAY),
-                            (&complete.5, Type::BYTEA_ARRAY),
-                            (&complete.6, Type::INT8_ARRAY),
+                            (&l.complete_ids, Type::BYTEA_ARRAY),
+                            (&l.complete_fences, Type::INT8_ARRAY),
+                            (&l.statuses, Type::INT4_ARRAY),
+                            (&l.headers, Type::BYTEA_ARRAY),
+                            (&l.bodies, Type::BYTEA_ARRAY),
+                            (&l.trailers, Type::BYTEA_ARRAY),
+                            (&l.complete_retentions, Type::INT8_ARRAY),
                             (&test_now, Type::INT8),
                         ],
                     )
                     .await
             };
             let released = async {
-                if release.0.is_empty() {
+                if l.release_ids.is_empty() {
                     return Ok(Vec::new());
                 }
                 client
                     .query_typed(
                         &sql.release,
                         &[
-                            (&release.0, Type::BYTEA_ARRAY),
-                            (&release.1, Type::INT8_ARRAY),
+                            (&l.release_ids, Type::BYTEA_ARRAY),
+                            (&l.release_fences, Type::INT8_ARRAY),
                         ],
                     )
                     .await
             };
             let extended = async {
-                if extend.0.is_empty() {
+                if l.extend_ids.is_empty() {
                     return Ok(Vec::new());
                 }
                 client
                     .query_typed(
                         &sql.extend,
                         &[
-                            (&extend.0, Type::BYTEA_ARRAY),
-                            (&extend.1, Type::INT8_ARRAY),
-                            (&extend.2, Type::INT8_ARRAY),
-                            (&extend.3, Type::INT8_ARRAY),
+                            (&l.extend_ids, Type::BYTEA_ARRAY),
+                            (&l.extend_fences, Type::INT8_ARRAY),
+                            (&l.extend_locks, Type::INT8_ARRAY),
+                            (&l.extend_retentions, Type::INT8_ARRAY),
                             (&test_now, Type::INT8),
                         ],
                     )
                     .await
             };
             let claimed = async {
-                if claim_ids.is_empty() {
+                if claims.ids.is_empty() {
                     return Ok(Vec::new());
                 }
                 let params: [(&(dyn ToSql + Sync), Type); 7] = [
-                    (&claim_ids, Type::BYTEA_ARRAY),
-                    (&scopes, Type::TEXT_ARRAY),
-                    (&keys, Type::TEXT_ARRAY),
-                    (&fps, Type::BYTEA_ARRAY),
-                    (&locks, Type::INT8_ARRAY),
-                    (&retentions, Type::INT8_ARRAY),
+                    (&claims.ids, Type::BYTEA_ARRAY),
+                    (&claims.scopes, Type::TEXT_ARRAY),
+                    (&claims.keys, Type::TEXT_ARRAY),
+                    (&claims.fingerprints, Type::BYTEA_ARRAY),
+                    (&claims.locks, Type::INT8_ARRAY),
+                    (&claims.retentions, Type::INT8_ARRAY),
                     (&test_now, Type::INT8),
                 ];
                 client.query_typed(&sql.claim, &params).await
             };
             let commit = client.batch_execute("COMMIT");
             // `biased`: polled (so sent) in this order, all before the first answer.
-            let (begin, lock, completed, released, extended, claimed, commit) = tokio::join!(
+            tokio::join!(
                 biased;
                 begin, lock, completed, released, extended, claimed, commit
-            );
-            // The first error is the cause; the statements after it only say the transaction
-            // was aborted, and the COMMIT of an aborted transaction rolls it back.
-            begin?;
-            lock?;
-            let answers = (completed?, released?, extended?, claimed?);
-            commit?;
-            Ok::<_, tokio_postgres::Error>(answers)
+            )
         };
-        // Read before the exchange: the database's `now` (its transaction's start) is later, so
-        // the times translated with this offset err early (a lease believes it has a little
-        // less time than it has), never late.
-        let local_now = self.clock.now_ms();
-        let answers = within(&self.link.rt, self.link.deadline, exchange);
-        let (completed, released, extended, claimed) = match answers {
-            Ok(Ok(a)) => a,
-            Ok(Err(e)) => return Err(Fail::Pg(e)),
-            Err(_) => return Err(Fail::Timeout("a batch")),
+        let Ok((begin, lock, completed, released, extended, claimed, commit)) =
+            within(&self.link.rt, self.link.deadline, exchange)
+        else {
+            return Err(Fail::Timeout("a batch"));
         };
+        // The first error is the cause; the statements after it only say the transaction was
+        // aborted. An error the server sent for a statement before `COMMIT` means the whole
+        // transaction was rolled back (the `COMMIT` of an aborted transaction rolls it back);
+        // no answer at all leaves the outcome unknown.
+        let before_commit = |e: tokio_postgres::Error| match e.as_db_error() {
+            Some(_) => Fail::RolledBack(e),
+            None => Fail::Pg(e),
+        };
+        begin.map_err(before_commit)?;
+        lock.map_err(before_commit)?;
+        let answers = Answers {
+            completed: completed.map_err(before_commit)?,
+            released: released.map_err(before_commit)?,
+            extended: extended.map_err(before_commit)?,
+            claimed: claimed.map_err(before_commit)?,
+        };
+        // An error for `COMMIT` itself is not proof of a rollback (a commit that waited for a
+        // synchronous standby can be cancelled after it was written locally): unknown.
+        commit.map_err(Fail::Pg)?;
+        Ok(answers)
+    }
 
-        let completed = fenced(&completed)?;
-        let released = fenced(&released)?;
-        let extended = fenced(&extended)?;
-        let mut found: HashMap<[u8; 32], ClaimRow> = HashMap::with_capacity(claimed.len());
+    /// One batch: one transaction, one round trip (and a transaction of their own for
+    /// claims whose blocking record another instance changed during the claim statement).
+    fn exchange(&self, client: &Client, work: &[Work<'_>]) -> Result<Vec<Result<Done>>, Fail> {
+        let test_now = self.test_now();
+        let leases = Leases::of(work);
+        let claims = Claims::of(work);
+        let first: Vec<&ClaimCmd> = claims.first.iter().map(|(_, c)| *c).collect();
+        let local_before = self.clock.now_ms();
+        let answers = self.transaction(client, &leases, &ClaimArrays::of(&first), test_now)?;
+        let local_now = self.clock.now_ms();
+
+        let completed = fenced(&answers.completed)?;
+        let released = fenced(&answers.released)?;
+        let extended = fenced(&answers.extended)?;
+        let mut found: HashMap<[u8; 32], ClaimRow> = HashMap::with_capacity(first.len());
         let mut db_now = None;
-        for row in &claimed {
+        for row in &answers.claimed {
             let (id, r, now) = claim_row(row)?;
-            db_now = Some(now);
+            db_now = db_now.max(Some(now));
             found.insert(id, r);
         }
-        // Records that kept a claim out but were committed after the claim statement's
-        // snapshot (by another instance): read again, in a snapshot of their own. The batch
-        // is committed by now: a failure here fails these claims only.
-        let missing: Vec<&[u8]> = claims
-            .first
-            .iter()
-            .filter(|(_, c)| !found.contains_key(&c.id))
-            .map(|(_, c)| &c.id[..])
-            .collect();
+        // A record that kept a claim out but was committed after the claim statement's
+        // snapshot (by another instance) cannot be read in that snapshot; and it may be
+        // released or expire right after. Such claims run again, in a transaction of their
+        // own (the batch is committed by now), until they win or see what kept them out.
         let mut unread = None;
-        if !missing.is_empty() {
-            let read = within(
-                &self.link.rt,
-                self.link.deadline,
-                client.query_typed(
-                    &self.sql.read,
-                    &[(&missing, Type::BYTEA_ARRAY), (&test_now, Type::INT8)],
-                ),
-            );
-            match read {
-                Ok(Ok(rows)) => {
-                    for row in &rows {
+        for _ in 1..CLAIM_ROUNDS {
+            let missing: Vec<&ClaimCmd> = first
+                .iter()
+                .copied()
+                .filter(|c| !found.contains_key(&c.id))
+                .collect();
+            if missing.is_empty() {
+                break;
+            }
+            match self.transaction(
+                client,
+                &Leases::default(),
+                &ClaimArrays::of(&missing),
+                test_now,
+            ) {
+                Ok(again) => {
+                    for row in &again.claimed {
                         let (id, r, now) = claim_row(row)?;
                         db_now.get_or_insert(now);
                         found.insert(id, r);
                     }
                 }
-                Ok(Err(e)) => unread = Some(pg_error(e, &self.link.target.shown)),
-                Err(_) => {
-                    unread = Some(Error::Unavailable {
-                        detail: format!(
-                            "{}: no answer within {:?}",
-                            self.link.target.shown, self.link.deadline
-                        ),
-                    })
+                Err(f) => {
+                    unread = Some(match f {
+                        Fail::Pg(e) | Fail::RolledBack(e) => pg_error(e, &self.link.target.shown),
+                        Fail::Timeout(what) => Error::Unavailable {
+                            detail: format!(
+                                "{}: {what} got no answer within {:?}; its outcome is unknown",
+                                self.link.target.shown, self.link.deadline
+                            ),
+                        },
+                        Fail::Other(e) => e,
+                    });
+                    break;
                 }
             }
         }
-        // Database times become the engine clock's by the offset seen in this batch.
-        let offset = db_now.map_or(0, |db| local_now - db);
+        // Database times become the engine clock's by the offsets seen in this batch.
+        let offsets = db_now.map_or(Offsets::default(), |db| Offsets {
+            early: local_before - db,
+            late: local_now - db,
+        });
 
         let mut results: Vec<Option<Result<Done>>> = (0..work.len()).map(|_| None).collect();
         // What each first claim of an id found, for the later claims of that id.
@@ -732,7 +876,7 @@ impl PgBackend {
                     fence,
                     locked_until,
                 }) => {
-                    let locked_until = locked_until.saturating_add(offset);
+                    let locked_until = locked_until.saturating_add(offsets.late);
                     let fence = u64::try_from(fence).map_err(corrupt)?;
                     (
                         Ok(Done::Won {
@@ -746,13 +890,12 @@ impl PgBackend {
                     )
                 }
                 Some(ClaimRow::Found(record)) => (
-                    decide(record.clone(), &c.fingerprint, offset),
+                    decide(record.clone(), &c.fingerprint, offsets),
                     Some(ClaimRow::Found(record)),
                 ),
                 None => match &unread {
                     Some(e) => (Err(e.clone()), None),
-                    // The record that kept the claim out was gone (expired, released) by the
-                    // time it was read again: a retry succeeds.
+                    // Lost to others every time it ran: a retry soon succeeds.
                     None => (Err(Error::Busy), None),
                 },
             };
@@ -774,7 +917,7 @@ impl PgBackend {
                     }))
                 }
                 Some((ClaimRow::Found(record), _)) => {
-                    decide(record.clone(), &c.fingerprint, offset)
+                    decide(record.clone(), &c.fingerprint, offsets)
                 }
                 None => match &results[claims.first[*f].0] {
                     Some(Err(e)) => Err(e.clone()),

@@ -232,20 +232,9 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// `url` with the password (if any) replaced by `***`.
+/// `url` with its password, if any, replaced by `***` (see [`crate::config::redact_url`]).
 pub(crate) fn hide_password(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(authority_end);
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _)) => format!("{scheme}://{user}:***@{host}{tail}"),
-            None => url.to_owned(),
-        },
-        None => url.to_owned(),
-    }
+    crate::config::redact_url(url)
 }
 
 /// What a PostgreSQL error means to the engine's callers.
@@ -272,7 +261,7 @@ pub(crate) fn pg_error(e: tokio_postgres::Error, target: &str) -> Error {
         c if *c == SqlState::READ_ONLY_SQL_TRANSACTION => {
             refused("the server only accepts reads (a standby, or default_transaction_read_only)")
         }
-        c if *c == SqlState::DISK_FULL || *c == SqlState::OUT_OF_MEMORY => Error::DiskFull,
+        c if *c == SqlState::DISK_FULL => Error::DiskFull,
         c if *c == SqlState::PROGRAM_LIMIT_EXCEEDED => Error::TooLarge {
             detail: error_chain(&e),
         },
@@ -284,10 +273,11 @@ pub(crate) fn pg_error(e: tokio_postgres::Error, target: &str) -> Error {
         }
         c if c.code().starts_with("08")
             || c.code().starts_with("57")
-            || *c == SqlState::TOO_MANY_CONNECTIONS =>
+            || c.code().starts_with("53") =>
         {
             // Connection exceptions, operator intervention (shutdown, cancel, statement
-            // timeout), too many connections: the server is there but cannot serve now.
+            // timeout), insufficient resources (too many connections, out of memory or shared
+            // memory): the server is there but cannot serve now.
             Error::Unavailable {
                 detail: format!("{target}: {}", error_chain(&e)),
             }
@@ -345,5 +335,22 @@ mod tests {
         assert_eq!(hide_password("postgres://u:p@h/d"), "postgres://u:***@h/d");
         assert_eq!(hide_password("postgres://u@h/d"), "postgres://u@h/d");
         assert_eq!(hide_password("postgres://h/d"), "postgres://h/d");
+        // tokio-postgres takes the credentials up to the first `@`, slashes included.
+        assert_eq!(
+            hide_password("postgres://u:p/w@h/d"),
+            "postgres://u:***@h/d"
+        );
+        assert_eq!(
+            hide_password("postgres://u@h/d?sslmode=require&password=secret&x=1"),
+            "postgres://u@h/d?sslmode=require&password=***&x=1"
+        );
+        assert_eq!(
+            hide_password("postgress://u:secret@h/d"),
+            "postgress://u:***@h/d"
+        );
+        assert_eq!(
+            hide_password("host=h password=secret"),
+            "host=h password=***"
+        );
     }
 }

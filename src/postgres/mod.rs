@@ -58,6 +58,39 @@ fn open_here(config: &EngineConfig, url: &str) -> Result<(PgBackend, Option<Read
             detail: format!("{}: no connection within {deadline:?}", target.shown),
         })?
         .map_err(|e| pg_error(e, &target.shown))?;
+    // The server's encoding must hold every scope and key (UTF-8 text): on a LATIN1 database a
+    // scope outside it would fail, and with it every other command of its batch. And with
+    // `Durability::Full` a completion is acknowledged only once its commit is on disk, whatever
+    // the server's default `synchronous_commit` is.
+    let settings_row = within(
+        &rt,
+        deadline,
+        client.query_typed(
+            "SELECT current_setting('server_encoding'), current_setting('synchronous_commit')",
+            &[],
+        ),
+    )
+    .map_err(|_| Error::Unavailable {
+        detail: format!("{}: no answer within {deadline:?}", target.shown),
+    })?
+    .map_err(|e| pg_error(e, &target.shown))?;
+    let (encoding, synchronous): (String, String) = settings_row
+        .first()
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap_or_default();
+    if !matches!(encoding.as_str(), "UTF8" | "SQL_ASCII") {
+        return Err(Error::Refused {
+            detail: format!(
+                "{}: the database's encoding is {encoding}; the store needs UTF8 (scopes and keys are UTF-8 text)",
+                target.shown
+            ),
+        });
+    }
+    let synchronous_commit = match config.durability {
+        Durability::Full if synchronous == "off" => Some("on"),
+        Durability::Full => None,
+        Durability::Normal => Some("off"),
+    };
     // Other instances may be migrating: wait for their advisory lock longer than for a batch.
     let migration = deadline.max(Duration::from_secs(30));
     within(&rt, migration, schema::migrate(&client, &names))
@@ -92,7 +125,7 @@ fn open_here(config: &EngineConfig, url: &str) -> Result<(PgBackend, Option<Read
         ),
         names,
         settings.statement_timeout,
-        config.durability == Durability::Full,
+        synchronous_commit,
         config.clock.clone(),
         settings.database_clock.clone(),
     );
