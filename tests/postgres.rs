@@ -635,3 +635,32 @@ fn a_password_never_shows_in_debug_output() {
     assert!(!shown.contains("hunter2"), "{shown}");
     assert!(shown.contains("app:***@db.internal"), "{shown}");
 }
+
+/// Prepared statements (`prepared_statements(true)`) are prepared again on a new connection:
+/// after every connection of the engine is terminated, claims, completions and replays go on.
+#[test]
+fn prepared_statements_are_prepared_again_after_a_reconnect() {
+    let engine = open(
+        EngineConfig::postgres(url_with("application_name=idem_prepared"))
+            .table(pg::fresh_table())
+            .prepared_statements(true)
+            .replay_cache_bytes(0),
+    );
+    for round in 0..3 {
+        let key = format!("k{round}");
+        claimed(engine.claim(request(&key)).unwrap())
+            .complete(StoredResponse::new(201, key.clone()))
+            .unwrap();
+        assert_eq!(replayed(engine.claim(request(&key)).unwrap()).body, key.as_bytes());
+        pg::execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE application_name = 'idem_prepared'",
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let prepared = pg::query(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'idem_prepared'",
+    );
+    assert_eq!(prepared, vec![Some("0".to_owned())]);
+    claimed(engine.claim(request("last")).unwrap()).release().unwrap();
+}

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio_postgres::types::{ToSql, Type};
-use tokio_postgres::{Client, Row};
+use tokio_postgres::{Client, Row, Statement};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::cache::Completed;
@@ -37,12 +37,91 @@ const CLEANUP_SLICE: Duration = Duration::from_millis(20);
 /// The statements, with the configured table's names in them.
 struct Sql {
     begin: String,
-    lock: String,
-    complete: String,
-    release: String,
-    extend: String,
-    claim: String,
-    cleanup: String,
+    lock: Stmt,
+    complete: Stmt,
+    release: Stmt,
+    extend: Stmt,
+    claim: Stmt,
+    cleanup: Stmt,
+}
+
+/// A statement of the hot path: its text and parameter types. It runs either unnamed
+/// (`query_typed`: parsed and planned at every execution, nothing left on the connection, which
+/// any pooler accepts) or, with [`EngineConfig::prepared_statements`](crate::EngineConfig::prepared_statements),
+/// prepared once per connection.
+pub(crate) struct Stmt {
+    sql: String,
+    types: Vec<Type>,
+}
+
+impl Stmt {
+    pub(crate) fn new(sql: String, types: &[Type]) -> Stmt {
+        Stmt {
+            sql,
+            types: types.to_vec(),
+        }
+    }
+}
+
+/// Statements prepared on a [`Link`]'s current connection.
+#[derive(Default)]
+pub(crate) struct Prepared {
+    /// Whether to prepare at all.
+    pub(crate) wanted: bool,
+    /// The connection ([`Link::generation`]) they were prepared on, and the handles, in the
+    /// order of the statements given to [`Link::prepare`].
+    on: Option<(u64, Vec<Statement>)>,
+}
+
+/// Runs `stmt`, prepared (`prepared`) or unnamed.
+pub(crate) async fn query(
+    client: &Client,
+    stmt: &Stmt,
+    prepared: Option<&Statement>,
+    params: &[(&(dyn ToSql + Sync), Type)],
+) -> Result<Vec<Row>, tokio_postgres::Error> {
+    match prepared {
+        Some(statement) => {
+            let values: Vec<&(dyn ToSql + Sync)> = params.iter().map(|(v, _)| *v).collect();
+            client.query(statement, &values).await
+        }
+        None => client.query_typed(&stmt.sql, params).await,
+    }
+}
+
+impl Link {
+    /// Prepares `stmts` on `client` when prepared statements are wanted and they are not
+    /// prepared on this connection yet; returns the handles (in the order of `stmts`), or
+    /// `None` to run them unnamed.
+    pub(crate) fn prepare(
+        &mut self,
+        client: &Client,
+        stmts: &[&Stmt],
+    ) -> Result<Option<Vec<Statement>>, Fail> {
+        if !self.prepared.wanted {
+            return Ok(None);
+        }
+        if let Some((generation, handles)) = &self.prepared.on
+            && *generation == self.generation
+        {
+            return Ok(Some(handles.clone()));
+        }
+        let prepare = async {
+            let mut handles = Vec::with_capacity(stmts.len());
+            for stmt in stmts {
+                handles.push(client.prepare_typed(&stmt.sql, &stmt.types).await?);
+            }
+            Ok::<_, tokio_postgres::Error>(handles)
+        };
+        match within(&self.rt, self.deadline, prepare) {
+            Ok(Ok(handles)) => {
+                self.prepared.on = Some((self.generation, handles.clone()));
+                Ok(Some(handles))
+            }
+            Ok(Err(e)) => Err(Fail::Pg(e)),
+            Err(_) => Err(Fail::Timeout("preparing the statements")),
+        }
+    }
 }
 
 /// The database's clock in ms since the epoch (`clock_timestamp()`, the time when it is read,
@@ -55,6 +134,7 @@ pub(crate) fn now_ms(param: usize) -> String {
 impl Sql {
     /// `synchronous_commit`: what this engine's transactions set (`None`: the server's).
     fn new(names: &Names, statement_timeout: Duration, synchronous_commit: Option<&str>) -> Sql {
+        use Type as T;
         let t = &names.records;
         let columns = "r.locked_until, r.fingerprint, r.state, r.status, r.headers, r.body, r.trailers, r.expires_at";
         Sql {
@@ -66,9 +146,13 @@ impl Sql {
                     None => String::new(),
                 }
             ),
-            lock: format!("SELECT 1 FROM {t} WHERE id = ANY($1::bytea[]) ORDER BY id FOR UPDATE"),
-            complete: format!(
-                "UPDATE {t} AS r SET state = 1, status = i.status, headers = i.headers,
+            lock: Stmt::new(
+                format!("SELECT 1 FROM {t} WHERE id = ANY($1::bytea[]) ORDER BY id FOR UPDATE"),
+                &[T::BYTEA_ARRAY],
+            ),
+            complete: Stmt::new(
+                format!(
+                    "UPDATE {t} AS r SET state = 1, status = i.status, headers = i.headers,
                      body = i.body, trailers = i.trailers, completed_at = n.ms,
                      expires_at = n.ms + i.retention_ms, locked_until = 0
                  FROM unnest($1::bytea[], $2::int8[], $3::int4[], $4::bytea[], $5::bytea[],
@@ -77,22 +161,45 @@ impl Sql {
                       (SELECT {now} AS ms) AS n
                  WHERE r.id = i.id AND r.fence = i.fence AND r.state = 0
                  RETURNING r.id, r.fence",
-                now = now_ms(8)
+                    now = now_ms(8)
+                ),
+                &[
+                    T::BYTEA_ARRAY,
+                    T::INT8_ARRAY,
+                    T::INT4_ARRAY,
+                    T::BYTEA_ARRAY,
+                    T::BYTEA_ARRAY,
+                    T::BYTEA_ARRAY,
+                    T::INT8_ARRAY,
+                    T::INT8,
+                ],
             ),
-            release: format!(
-                "DELETE FROM {t} AS r USING unnest($1::bytea[], $2::int8[]) AS i(id, fence)
+            release: Stmt::new(
+                format!(
+                    "DELETE FROM {t} AS r USING unnest($1::bytea[], $2::int8[]) AS i(id, fence)
                  WHERE r.id = i.id AND r.fence = i.fence AND r.state = 0
                  RETURNING r.id, r.fence"
+                ),
+                &[T::BYTEA_ARRAY, T::INT8_ARRAY],
             ),
-            extend: format!(
-                "UPDATE {t} AS r SET locked_until = n.ms + i.lock_ms,
+            extend: Stmt::new(
+                format!(
+                    "UPDATE {t} AS r SET locked_until = n.ms + i.lock_ms,
                      expires_at = greatest(r.expires_at, n.ms + i.lock_ms + i.retention_ms)
                  FROM unnest($1::bytea[], $2::int8[], $3::int8[], $4::int8[])
                           AS i(id, fence, lock_ms, retention_ms),
                       (SELECT {now} AS ms) AS n
                  WHERE r.id = i.id AND r.fence = i.fence AND r.state = 0
                  RETURNING r.id, r.fence, r.locked_until, n.ms",
-                now = now_ms(5)
+                    now = now_ms(5)
+                ),
+                &[
+                    T::BYTEA_ARRAY,
+                    T::INT8_ARRAY,
+                    T::INT8_ARRAY,
+                    T::INT8_ARRAY,
+                    T::INT8,
+                ],
             ),
             // Rows are inserted in id order, so two instances' batches take their locks in
             // the same order. A record is taken over when it has expired, or is in flight with
@@ -101,8 +208,9 @@ impl Sql {
             // statement's snapshot, the records that kept a claim out (the insert did not
             // change them). Every row also says the clock when it was produced (after any wait
             // for a lock), for the translation into the engine's clock.
-            claim: format!(
-                "WITH n AS (SELECT {now} AS ms),
+            claim: Stmt::new(
+                format!(
+                    "WITH n AS (SELECT {now} AS ms),
                  i AS (SELECT t.*, {now} AS c
                        FROM unnest($1::bytea[], $2::text[], $3::text[], $4::bytea[],
                                    $5::int8[], $6::int8[])
@@ -131,13 +239,24 @@ impl Sql {
                  SELECT r.id, NULL::int8, {columns}, {now}
                  FROM {t} AS r JOIN i ON r.id = i.id, n
                  WHERE r.expires_at > n.ms AND r.id NOT IN (SELECT id FROM won)",
-                now = now_ms(7),
-                fence = names.fence.replace('\'', "''"),
+                    now = now_ms(7),
+                    fence = names.fence.replace('\'', "''"),
+                ),
+                &[
+                    T::BYTEA_ARRAY,
+                    T::TEXT_ARRAY,
+                    T::TEXT_ARRAY,
+                    T::BYTEA_ARRAY,
+                    T::INT8_ARRAY,
+                    T::INT8_ARRAY,
+                    T::INT8,
+                ],
             ),
             // One instance at a time (a transaction-level advisory lock: nothing outlives the
             // transaction), the oldest first, skipping rows another transaction holds.
-            cleanup: format!(
-                "WITH l AS (SELECT pg_try_advisory_xact_lock($1) AS got),
+            cleanup: Stmt::new(
+                format!(
+                    "WITH l AS (SELECT pg_try_advisory_xact_lock($1) AS got),
                  doomed AS (
                      SELECT r.id FROM {t} AS r
                      WHERE (SELECT got FROM l) AND r.expires_at <= {now}
@@ -145,7 +264,9 @@ impl Sql {
                      FOR UPDATE OF r SKIP LOCKED),
                  d AS (DELETE FROM {t} AS r USING doomed WHERE r.id = doomed.id RETURNING 1)
                  SELECT (SELECT got FROM l), count(*) FROM d",
-                now = now_ms(3)
+                    now = now_ms(3)
+                ),
+                &[T::INT8, T::INT8, T::INT8],
             ),
         }
     }
@@ -174,9 +295,19 @@ pub(crate) struct Link {
     next_attempt: Instant,
     /// Why the last connection attempt failed, for the exchanges refused meanwhile.
     down: Option<Error>,
+    /// Counts connections: each new one has a new number.
+    generation: u64,
+    prepared: Prepared,
 }
 
 impl Link {
+    /// Prepares the statements once per connection from now on (see
+    /// [`EngineConfig::prepared_statements`](crate::EngineConfig::prepared_statements)).
+    pub(crate) fn with_prepared_statements(mut self, wanted: bool) -> Link {
+        self.prepared.wanted = wanted;
+        self
+    }
+
     /// A link, connected (`client`) or not yet (it connects at its first exchange).
     pub(crate) fn new(
         client: Option<Client>,
@@ -194,6 +325,8 @@ impl Link {
             backoff: MIN_BACKOFF,
             next_attempt: Instant::now(),
             down: None,
+            generation: 1,
+            prepared: Prepared::default(),
         }
     }
 
@@ -219,6 +352,7 @@ impl Link {
             Ok(Ok(client)) => {
                 self.backoff = MIN_BACKOFF;
                 self.down = None;
+                self.generation += 1;
                 Ok(client)
             }
             failed => {
@@ -468,7 +602,20 @@ impl Backend for PgBackend {
         let mut retries = 0;
         loop {
             let client = self.link.take_client()?;
-            let out = self.exchange(&client, work);
+            let sql = &self.sql;
+            let stmts = [
+                &sql.lock,
+                &sql.complete,
+                &sql.release,
+                &sql.extend,
+                &sql.claim,
+                &sql.cleanup,
+            ];
+            let prepared = match self.link.prepare(&client, &stmts) {
+                Ok(p) => p,
+                Err(f) => return self.link.give_back(client, Err(f)),
+            };
+            let out = self.exchange(&client, work, prepared.as_deref());
             match &out {
                 // Rolled back, and worth running again: a deadlock or serialization failure
                 // (PostgreSQL chose this batch as the victim), or a connection the server had
@@ -502,7 +649,20 @@ impl Backend for PgBackend {
 
     fn delete_expired(&mut self, limit: usize) -> Result<usize> {
         let client = self.link.take_client()?;
-        let out = self.cleanup(&client, limit);
+        let sql = &self.sql;
+        let stmts = [
+            &sql.lock,
+            &sql.complete,
+            &sql.release,
+            &sql.extend,
+            &sql.claim,
+            &sql.cleanup,
+        ];
+        let prepared = match self.link.prepare(&client, &stmts) {
+            Ok(p) => p,
+            Err(f) => return self.link.give_back(client, Err(f)),
+        };
+        let out = self.cleanup(&client, limit, prepared.as_deref());
         self.link.give_back(client, out)
     }
 
@@ -674,7 +834,10 @@ impl PgBackend {
         leases: &Leases<'_>,
         claims: &ClaimArrays<'_>,
         test_now: Option<i64>,
+        prepared: Option<&[Statement]>,
     ) -> Result<Answers, Fail> {
+        // The handles, in the order `PgBackend::statements` gives the statements.
+        let handle = |i: usize| prepared.and_then(|p| p.get(i));
         let sql = &self.sql;
         let l = leases;
         let mut touched = l.touched.clone();
@@ -693,60 +856,67 @@ impl PgBackend {
                 if touched.is_empty() {
                     return Ok(Vec::new());
                 }
-                client
-                    .query_typed(&sql.lock, &[(&touched, Type::BYTEA_ARRAY)])
-                    .await
+                query(
+                    client,
+                    &sql.lock,
+                    handle(0),
+                    &[(&touched, Type::BYTEA_ARRAY)],
+                )
+                .await
             };
             let completed = async {
                 if l.complete_ids.is_empty() {
                     return Ok(Vec::new());
                 }
-                client
-                    .query_typed(
-                        &sql.complete,
-                        &[
-                            (&l.complete_ids, Type::BYTEA_ARRAY),
-                            (&l.complete_fences, Type::INT8_ARRAY),
-                            (&l.statuses, Type::INT4_ARRAY),
-                            (&l.headers, Type::BYTEA_ARRAY),
-                            (&l.bodies, Type::BYTEA_ARRAY),
-                            (&l.trailers, Type::BYTEA_ARRAY),
-                            (&l.complete_retentions, Type::INT8_ARRAY),
-                            (&test_now, Type::INT8),
-                        ],
-                    )
-                    .await
+                query(
+                    client,
+                    &sql.complete,
+                    handle(1),
+                    &[
+                        (&l.complete_ids, Type::BYTEA_ARRAY),
+                        (&l.complete_fences, Type::INT8_ARRAY),
+                        (&l.statuses, Type::INT4_ARRAY),
+                        (&l.headers, Type::BYTEA_ARRAY),
+                        (&l.bodies, Type::BYTEA_ARRAY),
+                        (&l.trailers, Type::BYTEA_ARRAY),
+                        (&l.complete_retentions, Type::INT8_ARRAY),
+                        (&test_now, Type::INT8),
+                    ],
+                )
+                .await
             };
             let released = async {
                 if l.release_ids.is_empty() {
                     return Ok(Vec::new());
                 }
-                client
-                    .query_typed(
-                        &sql.release,
-                        &[
-                            (&l.release_ids, Type::BYTEA_ARRAY),
-                            (&l.release_fences, Type::INT8_ARRAY),
-                        ],
-                    )
-                    .await
+                query(
+                    client,
+                    &sql.release,
+                    handle(2),
+                    &[
+                        (&l.release_ids, Type::BYTEA_ARRAY),
+                        (&l.release_fences, Type::INT8_ARRAY),
+                    ],
+                )
+                .await
             };
             let extended = async {
                 if l.extend_ids.is_empty() {
                     return Ok(Vec::new());
                 }
-                client
-                    .query_typed(
-                        &sql.extend,
-                        &[
-                            (&l.extend_ids, Type::BYTEA_ARRAY),
-                            (&l.extend_fences, Type::INT8_ARRAY),
-                            (&l.extend_locks, Type::INT8_ARRAY),
-                            (&l.extend_retentions, Type::INT8_ARRAY),
-                            (&test_now, Type::INT8),
-                        ],
-                    )
-                    .await
+                query(
+                    client,
+                    &sql.extend,
+                    handle(3),
+                    &[
+                        (&l.extend_ids, Type::BYTEA_ARRAY),
+                        (&l.extend_fences, Type::INT8_ARRAY),
+                        (&l.extend_locks, Type::INT8_ARRAY),
+                        (&l.extend_retentions, Type::INT8_ARRAY),
+                        (&test_now, Type::INT8),
+                    ],
+                )
+                .await
             };
             let claimed = async {
                 if claims.ids.is_empty() {
@@ -761,7 +931,7 @@ impl PgBackend {
                     (&claims.retentions, Type::INT8_ARRAY),
                     (&test_now, Type::INT8),
                 ];
-                client.query_typed(&sql.claim, &params).await
+                query(client, &sql.claim, handle(4), &params).await
             };
             let commit = client.batch_execute("COMMIT");
             // `biased`: polled (so sent) in this order, all before the first answer.
@@ -799,13 +969,24 @@ impl PgBackend {
 
     /// One batch: one transaction, one round trip (and a transaction of their own for
     /// claims whose blocking record another instance changed during the claim statement).
-    fn exchange(&self, client: &Client, work: &[Work<'_>]) -> Result<Vec<Result<Done>>, Fail> {
+    fn exchange(
+        &self,
+        client: &Client,
+        work: &[Work<'_>],
+        prepared: Option<&[Statement]>,
+    ) -> Result<Vec<Result<Done>>, Fail> {
         let test_now = self.test_now();
         let leases = Leases::of(work);
         let claims = Claims::of(work);
         let first: Vec<&ClaimCmd> = claims.first.iter().map(|(_, c)| *c).collect();
         let local_before = self.clock.now_ms();
-        let answers = self.transaction(client, &leases, &ClaimArrays::of(&first), test_now)?;
+        let answers = self.transaction(
+            client,
+            &leases,
+            &ClaimArrays::of(&first),
+            test_now,
+            prepared,
+        )?;
         let local_now = self.clock.now_ms();
 
         let completed = fenced(&answers.completed)?;
@@ -837,6 +1018,7 @@ impl PgBackend {
                 &Leases::default(),
                 &ClaimArrays::of(&missing),
                 test_now,
+                prepared,
             ) {
                 Ok(again) => {
                     for row in &again.claimed {
@@ -949,7 +1131,12 @@ impl PgBackend {
             .collect())
     }
 
-    fn cleanup(&self, client: &Client, limit: usize) -> Result<usize, Fail> {
+    fn cleanup(
+        &self,
+        client: &Client,
+        limit: usize,
+        prepared: Option<&[Statement]>,
+    ) -> Result<usize, Fail> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let test_now = self.test_now();
         let sql = &self.sql;
@@ -963,13 +1150,17 @@ impl PgBackend {
             let (begin, deleted, commit) = tokio::join!(
                 biased;
                 client.batch_execute(&sql.begin),
-                client.query_typed(&sql.cleanup, &params),
+                query(client, &sql.cleanup, prepared.and_then(|p| p.get(5)), &params),
                 client.batch_execute("COMMIT"),
             );
-            begin?;
-            let rows = deleted?;
-            commit?;
-            Ok::<_, tokio_postgres::Error>(rows)
+            let before_commit = |e: tokio_postgres::Error| match e.as_db_error() {
+                Some(_) => Fail::RolledBack(e),
+                None => Fail::Pg(e),
+            };
+            begin.map_err(before_commit)?;
+            let rows = deleted.map_err(before_commit)?;
+            commit.map_err(Fail::Pg)?;
+            Ok::<_, Fail>(rows)
         };
         match within(&self.link.rt, self.link.deadline, exchange) {
             Ok(Ok(rows)) => {
@@ -985,7 +1176,7 @@ impl PgBackend {
                     0
                 })
             }
-            Ok(Err(e)) => Err(Fail::Pg(e)),
+            Ok(Err(f)) => Err(f),
             Err(_) => Err(Fail::Timeout("a cleanup")),
         }
     }

@@ -16,7 +16,7 @@ use tokio_postgres::types::Type;
 use crate::cache::Completed;
 use crate::clock::Clock;
 use crate::error::{Error, Result};
-use crate::postgres::backend::{Fail, Link, now_ms, within};
+use crate::postgres::backend::{Fail, Link, Stmt, now_ms, query, within};
 use crate::postgres::connect::Target;
 use crate::postgres::schema::Names;
 use crate::record::{RawRecord, STATE_COMPLETED};
@@ -50,6 +50,7 @@ pub(crate) struct Setup {
     pub(crate) statement_timeout: Duration,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) db_clock: Option<Arc<dyn Clock>>,
+    pub(crate) prepared_statements: bool,
 }
 
 impl Readers {
@@ -70,7 +71,8 @@ impl Readers {
                 setup.target.clone(),
                 setup.connector.clone(),
                 setup.statement_timeout,
-            );
+            )
+            .with_prepared_statements(setup.prepared_statements);
             threads.push(
                 std::thread::Builder::new()
                     .name("idempotency-reader".into())
@@ -111,12 +113,15 @@ impl Drop for Readers {
 }
 
 fn serve(mut link: Link, setup: &Setup, rx: &Receiver<Lookup>) {
-    let sql = format!(
-        "SELECT r.id, r.fingerprint, r.status, r.headers, r.body, r.trailers, r.expires_at, n.ms
-         FROM {t} AS r, (SELECT {now} AS ms) AS n
-         WHERE r.id = ANY($1::bytea[]) AND r.state = {STATE_COMPLETED} AND r.expires_at > n.ms",
-        t = setup.names.records,
-        now = now_ms(2)
+    let sql = Stmt::new(
+        format!(
+            "SELECT r.id, r.fingerprint, r.status, r.headers, r.body, r.trailers, r.expires_at, n.ms
+             FROM {t} AS r, (SELECT {now} AS ms) AS n
+             WHERE r.id = ANY($1::bytea[]) AND r.state = {STATE_COMPLETED} AND r.expires_at > n.ms",
+            t = setup.names.records,
+            now = now_ms(2)
+        ),
+        &[Type::BYTEA_ARRAY, Type::INT8],
     );
     let begin = format!(
         "BEGIN READ ONLY; SET LOCAL statement_timeout = {}",
@@ -131,10 +136,14 @@ fn serve(mut link: Link, setup: &Setup, rx: &Receiver<Lookup>) {
             continue;
         }
         let found = match link.take_client() {
-            Ok(client) => {
-                let out = read(&link, &client, &begin, &sql, &batch, setup);
-                link.give_back(client, out)
-            }
+            Ok(client) => match link.prepare(&client, &[&sql]) {
+                Ok(prepared) => {
+                    let handle = prepared.as_ref().and_then(|p| p.first());
+                    let out = read(&link, &client, &begin, &sql, handle, &batch, setup);
+                    link.give_back(client, out)
+                }
+                Err(f) => link.give_back(client, Err(f)),
+            },
             Err(e) => Err(e),
         };
         match found {
@@ -158,7 +167,8 @@ fn read(
     link: &Link,
     client: &tokio_postgres::Client,
     begin: &str,
-    sql: &str,
+    sql: &Stmt,
+    prepared: Option<&tokio_postgres::Statement>,
     batch: &[Lookup],
     setup: &Setup,
 ) -> Result<Vec<([u8; 32], Completed)>, Fail> {
@@ -170,7 +180,7 @@ fn read(
         let (b, rows, c) = tokio::join!(
             biased;
             client.batch_execute(begin),
-            client.query_typed(sql, &params),
+            query(client, sql, prepared, &params),
             client.batch_execute("COMMIT"),
         );
         b?;
