@@ -3,12 +3,18 @@
 # persistence, and with appendonly yes + appendfsync always), in one run, plus the engine on a
 # pre-filled table (10k, 1M, 5M records), then HTTP end to end (benches/http.rs: the same Axum
 # handler bare and behind the layer, and the axum_server example itself on a growing table, with
-# its peak memory). Writes bench-results/compare-<date>.{md,csv} (+ http-<date>.csv) and
-# bench-results/compare-latest.{md,csv}.
+# its peak memory), then several instances on PostgreSQL (benches/postgres.rs: the engine on
+# PostgreSQL against one autocommit statement per step on a 16-connection pool and a raw batched
+# ceiling, and the engine in 1, 2 and 3 processes). Writes bench-results/compare-<date>.{md,csv}
+# (+ http-<date>.csv, postgres-<date>.{md,csv}) and bench-results/compare-latest.{md,csv}; the
+# HTTP and PostgreSQL tables are appended to the compare-*.md report.
 #
 # Usage: scripts/bench-compare.sh [--quick] [--no-redis] [options for benches/compare.rs]
-#   --quick        1 s per case, growth with 10k and 1M records only (a few minutes)
+#   --quick        1 s per case, growth with 10k and 1M records only (a few minutes; the
+#                  PostgreSQL part about a minute)
 #   --no-redis     do not install or start Redis; the Redis rows are skipped
+#   --skip-postgres
+#                  no PostgreSQL part
 #   --slow-fsync-us N
 #                  experiment: every fsync/fdatasync of the bench and of the Redis servers takes
 #                  N microseconds longer (an LD_PRELOAD shim built here with gcc), to see each
@@ -16,11 +22,18 @@
 #   --skip-5m      growth without the 5M-record case
 #   --skip-growth  no growth cases (the HTTP part runs the example on an empty table only)
 #   --skip-http    no HTTP end-to-end part
-#   --secs S, --warmup S, --callers 1,8,64, --growth N,N,..., --dir DIR (where the databases go)
+#   --secs S, --warmup S, --callers 1,8,64, --growth N,N,..., --dir DIR (where the databases go);
+#                  --secs, --warmup and --callers apply to the PostgreSQL part too
 #
 # Redis: installs Debian's redis-server if it is missing (apt-get; needs root), starts two
 # private instances on free loopback ports with their data in a temporary directory, and stops
 # them (and removes the directory) on exit, whatever happens.
+#
+# PostgreSQL: scripts/pg.sh's ensure_postgres: the server at $IDEMPOTENCY_TEST_PG_URL (default
+# postgres://postgres@127.0.0.1:5432/test) when it answers, else a private throwaway cluster
+# (installing Debian's postgresql when missing; note that cluster runs with fsync=off, which the
+# report's header shows), stopped on exit. The bench works in a schema of its own (bench_<pid>),
+# dropped at its end.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -28,6 +41,8 @@ cd "$(dirname "$0")/.."
 command="scripts/bench-compare.sh${*:+ $*}"
 want_redis=1
 want_http=1
+want_pg=1
+pg_pass=()
 slow_us=""
 http_secs=5
 http_growth="0,1000000"
@@ -36,8 +51,15 @@ while [[ $# -gt 0 ]]; do
     case "$1" in
         --quick)
             pass+=(--secs 1 --warmup 0.3 --growth 10000,1000000)
+            pg_pass+=(--secs 1 --warmup 0.3)
             http_secs=2
             http_growth="0,100000"
+            ;;
+        --skip-postgres) want_pg=0 ;;
+        --secs | --warmup | --callers)
+            pass+=("$1" "${2:?$1 needs a value}")
+            pg_pass+=("$1" "$2")
+            shift
             ;;
         --no-redis) want_redis=0 ;;
         --skip-http) want_http=0 ;;
@@ -58,6 +80,7 @@ tmp=""
 pids=()
 cleanup() {
     local pid
+    if declare -F stop_postgres >/dev/null; then stop_postgres; fi
     for pid in "${pids[@]}"; do
         kill "$pid" 2>/dev/null || true
     done
@@ -175,4 +198,33 @@ if [[ "$want_http" == 1 ]]; then
         fi
     done
     echo "appended the HTTP part to ${targets[*]}" >&2
+fi
+
+# Part 6: several instances on PostgreSQL (benches/postgres.rs, issue #15), on the server that
+# scripts/pg.sh finds or starts.
+if [[ "$want_pg" == 1 ]]; then
+    # shellcheck source=scripts/pg.sh
+    source scripts/pg.sh
+    if ! ensure_postgres; then
+        echo "no PostgreSQL for the PostgreSQL part (see above); rerun with --skip-postgres to leave it out" >&2
+        exit 1
+    fi
+    file_stamp="$(printf '%s' "$stamp" | sed 's/[^A-Za-z0-9]/-/g')"
+    pg_latest=()
+    if [[ -n "$slow_us" ]]; then
+        # The fsync shim would slow this bench's process only, not the server's flushes.
+        pg_latest=(--no-latest)
+    fi
+    cargo bench --bench postgres --features postgres -- --url "$IDEMPOTENCY_TEST_PG_URL" \
+        --stamp "$stamp" --command "$command" "${pg_latest[@]}" "${pg_pass[@]}" >"$tmp/postgres.md"
+    targets=("bench-results/compare-$file_stamp.md")
+    if [[ -z "$slow_us" ]]; then targets+=(bench-results/compare-latest.md); fi
+    for f in "${targets[@]}"; do
+        if [[ -f "$f" ]]; then
+            printf '\n### Part 6: several instances on PostgreSQL\n\n' >>"$f"
+            # The bench's own report, without its title, its sections one level down.
+            sed -e '1d' -e '2{/^$/d}' -e 's/^### /#### /' "$tmp/postgres.md" >>"$f"
+        fi
+    done
+    echo "appended the PostgreSQL part to ${targets[*]}" >&2
 fi

@@ -651,16 +651,20 @@ fn prepared_statements_are_prepared_again_after_a_reconnect() {
         claimed(engine.claim(request(&key)).unwrap())
             .complete(StoredResponse::new(201, key.clone()))
             .unwrap();
-        assert_eq!(replayed(engine.claim(request(&key)).unwrap()).body, key.as_bytes());
+        assert_eq!(
+            replayed(engine.claim(request(&key)).unwrap()).body,
+            key.as_bytes()
+        );
         pg::execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
              WHERE application_name = 'idem_prepared'",
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    let prepared = pg::query(
-        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'idem_prepared'",
-    );
+    let prepared =
+        pg::query("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'idem_prepared'");
     assert_eq!(prepared, vec![Some("0".to_owned())]);
-    claimed(engine.claim(request("last")).unwrap()).release().unwrap();
+    claimed(engine.claim(request("last")).unwrap())
+        .release()
+        .unwrap();
 }

@@ -46,9 +46,14 @@ impl Session {
     }
 
     fn exec(&self, sql: &str) -> Result<(), String> {
+        self.start(sql).recv().unwrap()
+    }
+
+    /// Sends `sql` without waiting for it.
+    fn start(&self, sql: &str) -> mpsc::Receiver<Result<(), String>> {
         let (tx, rx) = mpsc::channel();
         self.tx.send((sql.to_owned(), tx)).unwrap();
-        rx.recv().unwrap()
+        rx
     }
 }
 
@@ -166,95 +171,80 @@ fn a_claim_that_waited_for_a_lock_gets_a_live_lease() {
     drop(lease);
 }
 
-/// Instance A's batch {complete k, claim x, claim y} locks y (an existing row) first; instance
-/// B's batch {claim x, claim y} inserts x, then waits for y. A waiting for x would close a
-/// cycle. PostgreSQL breaks it by failing one batch, which is rolled back whole and runs again:
-/// every command of both batches succeeds.
+/// A deadlock between an instance's batch and another session: the batch {complete k, claim
+/// x} holds k and waits for x, which the other session inserted and which then waits for k.
+/// PostgreSQL breaks the cycle by failing the batch that detects it (the engine's, which waited
+/// first); the engine runs it again, rolled back whole, and once the other session is gone both
+/// commands succeed. Without the retry the completion failed (and its operation ran again after
+/// the lock timeout).
 #[test]
-fn two_instances_in_a_lock_cycle_both_finish() {
-    let mut keys: Vec<(String, [u8; 32])> = (0..3)
-        .map(|i| {
-            let k = format!("key{i}");
-            let id = record_id("s", &k);
-            (k, id)
-        })
-        .collect();
-    keys.sort_by_key(|(_, id)| *id);
-    let (x, y, k) = (keys[0].0.clone(), keys[1].0.clone(), keys[2].0.clone());
-    let table = pg::fresh_table();
-    let open = |app: &str| {
-        Engine::open(
-            EngineConfig::postgres(url_with(&format!("application_name={app}")))
-                .table(table.clone())
-                .pool_size(1),
-        )
-        .unwrap()
+fn a_deadlocked_batch_is_rolled_back_and_runs_again() {
+    let (x, k) = {
+        let mut keys: Vec<(String, [u8; 32])> = (0..2)
+            .map(|i| {
+                let key = format!("key{i}");
+                let id = record_id("s", &key);
+                (key, id)
+            })
+            .collect();
+        keys.sort_by_key(|(_, id)| *id);
+        (keys[0].0.clone(), keys[1].0.clone())
     };
-    let a = open("idem_cycle_a");
-    let b = open("idem_cycle_b");
-    for z in ["za", "zb"] {
-        claimed(a.claim(request(z)).unwrap())
-            .complete(StoredResponse::new(200, z))
-            .unwrap();
-    }
-    claimed(a.claim(request(&y)).unwrap())
-        .complete(StoredResponse::new(200, "y"))
+    let table = pg::fresh_table();
+    let engine = Engine::open(
+        EngineConfig::postgres(url_with("application_name=idem_deadlock"))
+            .table(table.clone())
+            .pool_size(1),
+    )
+    .unwrap();
+    claimed(engine.claim(request("z")).unwrap())
+        .complete(StoredResponse::new(200, "z"))
         .unwrap();
-    let lease_k = claimed(a.claim(request(&k)).unwrap());
-
-    let ma = Session::new();
-    let mk = Session::new();
-    let mb = Session::new();
-    ma.exec(&format!(
-        "BEGIN; SELECT 1 FROM {table} WHERE key = 'za' FOR UPDATE"
-    ))
-    .unwrap();
-    mk.exec(&format!(
-        "BEGIN; SELECT 1 FROM {table} WHERE key = '{k}' FOR UPDATE"
-    ))
-    .unwrap();
-    // A's writer held in a batch; then one batch of {complete k, claim x, claim y}.
-    let a1 = a.clone();
-    let t_a1 = std::thread::spawn(move || a1.claim(request("za")).map(drop));
-    wait_for_lock_wait("idem_cycle_a", "WITH n AS%");
-    let t_complete = std::thread::spawn(move || lease_k.complete(StoredResponse::new(201, "k")));
-    let (a2, xa) = (a.clone(), x.clone());
-    let t_ax = std::thread::spawn(move || a2.claim(request(&xa)).map(drop));
-    let (a3, ya) = (a.clone(), y.clone());
-    let t_ay = std::thread::spawn(move || a3.claim(request(&ya)).map(drop));
-    wait_queued(&a, 3);
-    ma.exec("ROLLBACK").unwrap();
-    t_a1.join().unwrap().unwrap();
-    // A's batch has locked y and waits for k's row.
-    wait_for_lock_wait("idem_cycle_a", "SELECT 1 FROM%FOR UPDATE");
-    // B: one batch of {claim x, claim y}: inserts x, then waits for y.
-    mb.exec(&format!(
-        "BEGIN; SELECT 1 FROM {table} WHERE key = 'zb' FOR UPDATE"
-    ))
-    .unwrap();
-    let b1 = b.clone();
-    let t_b1 = std::thread::spawn(move || b1.claim(request("zb")).map(drop));
-    wait_for_lock_wait("idem_cycle_b", "WITH n AS%");
-    let (b2, xb) = (b.clone(), x.clone());
-    let t_bx = std::thread::spawn(move || b2.claim(request(&xb)).map(drop));
-    let (b3, yb) = (b.clone(), y.clone());
-    let t_by = std::thread::spawn(move || b3.claim(request(&yb)).map(drop));
-    wait_queued(&b, 2);
-    mb.exec("ROLLBACK").unwrap();
-    t_b1.join().unwrap().unwrap();
-    wait_for_lock_wait("idem_cycle_b", "WITH n AS%");
-    std::thread::sleep(Duration::from_millis(1500));
-    mk.exec("ROLLBACK").unwrap();
-    let results = [
-        ("A complete k", t_complete.join().unwrap()),
-        ("A claim x", t_ax.join().unwrap()),
-        ("A claim y", t_ay.join().unwrap()),
-        ("B claim x", t_bx.join().unwrap()),
-        ("B claim y", t_by.join().unwrap()),
-    ];
-    for (what, r) in &results {
-        assert!(r.is_ok(), "{what}: {r:?}");
-    }
+    let lease_k = claimed(engine.claim(request(&k)).unwrap());
+    let fp = hex(idempotency_rs::Fingerprint::of_request("POST", "/", x.as_bytes()).as_bytes());
+    let other = Session::new();
+    other
+        .exec(&format!(
+            "BEGIN; INSERT INTO {table} (id, scope, key, fingerprint, state, fence, locked_until,
+                 expires_at, created_at)
+             VALUES ('\\x{}'::bytea, 's', '{x}', '\\x{fp}'::bytea, 0, nextval('{table}_fence'),
+                     0, 0, 0)",
+            hex(&record_id("s", &x))
+        ))
+        .unwrap();
+    // The engine's writer, held in a batch, so that the completion and the claim of x share
+    // the next one.
+    let holder = Session::new();
+    holder
+        .exec(&format!(
+            "BEGIN; SELECT 1 FROM {table} WHERE key = 'z' FOR UPDATE"
+        ))
+        .unwrap();
+    let e1 = engine.clone();
+    let first = std::thread::spawn(move || e1.claim(request("z")).map(drop));
+    wait_for_lock_wait("idem_deadlock", "%");
+    let completion = std::thread::spawn(move || lease_k.complete(StoredResponse::new(201, "k")));
+    let e2 = engine.clone();
+    let claim_x = std::thread::spawn(move || e2.claim(request(&x)));
+    wait_queued(&engine, 2);
+    holder.exec("ROLLBACK").unwrap();
+    first.join().unwrap().unwrap();
+    // The batch holds k and waits for x; the other session now waits for k: a cycle.
+    wait_for_lock_wait("idem_deadlock", "%");
+    let closing = other.start(&format!(
+        "SELECT 1 FROM {table} WHERE key = '{k}' FOR UPDATE"
+    ));
+    // The engine's batch detects the deadlock (after deadlock_timeout, 1 s by default), is
+    // rolled back, and runs again: it waits for k, which the other session got meanwhile.
+    closing.recv().unwrap().unwrap();
+    other.exec("ROLLBACK").unwrap();
+    let completion = completion.join().unwrap();
+    assert!(completion.is_ok(), "{completion:?}");
+    let claim_x = claim_x.join().unwrap();
+    assert!(
+        matches!(claim_x, Ok(ClaimOutcome::Claimed(_))),
+        "{claim_x:?}"
+    );
 }
 
 /// A connection the server closed while it was idle (`idle_session_timeout`; a terminated

@@ -138,8 +138,12 @@ impl Sql {
         let t = &names.records;
         let columns = "r.locked_until, r.fingerprint, r.state, r.status, r.headers, r.body, r.trailers, r.expires_at";
         Sql {
+            // Every statement has an index path; a plan made while the table was new and empty
+            // (a prepared statement's generic plan, or statistics not gathered yet) must not
+            // scan the whole table once it has grown.
             begin: format!(
-                "BEGIN ISOLATION LEVEL READ COMMITTED; SET LOCAL statement_timeout = {}{}",
+                "BEGIN ISOLATION LEVEL READ COMMITTED; SET LOCAL statement_timeout = {};
+                 SET LOCAL enable_seqscan = off{}",
                 statement_timeout.as_millis().max(1),
                 match synchronous_commit {
                     Some(mode) => format!("; SET LOCAL synchronous_commit = {mode}"),
@@ -840,15 +844,17 @@ impl PgBackend {
         let handle = |i: usize| prepared.and_then(|p| p.get(i));
         let sql = &self.sql;
         let l = leases;
+        // The rows lease commands touch are locked first, in id order, when there are several:
+        // the lease statements' joins take them in no particular order, and two instances'
+        // batches must not wait for each other in a cycle over them. (A cycle through claims,
+        // or through rows that did not exist yet, can still form: PostgreSQL breaks it, and the
+        // victim batch, rolled back whole, runs again.) Fresh claims' ids are not looked up:
+        // their rows do not exist.
         let mut touched = l.touched.clone();
-        if !touched.is_empty() {
-            // Rows that lease commands touch are locked first, with the claims' rows, in id
-            // order, so that two instances' batches rarely wait for each other in a cycle
-            // (PostgreSQL breaks one that forms; the victim batch is rolled back whole and
-            // runs again).
-            touched.extend(claims.ids.iter().copied());
-            touched.sort_unstable();
-            touched.dedup();
+        touched.sort_unstable();
+        touched.dedup();
+        if touched.len() < 2 {
+            touched.clear();
         }
         let exchange = async {
             let begin = client.batch_execute(&sql.begin);

@@ -124,7 +124,7 @@ fn serve(mut link: Link, setup: &Setup, rx: &Receiver<Lookup>) {
         &[Type::BYTEA_ARRAY, Type::INT8],
     );
     let begin = format!(
-        "BEGIN READ ONLY; SET LOCAL statement_timeout = {}",
+        "BEGIN READ ONLY; SET LOCAL statement_timeout = {}; SET LOCAL enable_seqscan = off",
         setup.statement_timeout.as_millis().max(1)
     );
     while let Ok(first) = rx.recv() {
