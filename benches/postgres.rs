@@ -33,7 +33,7 @@
 //! ```text
 //! cargo bench --bench postgres --features postgres -- [--url URL] [--secs S] [--warmup S]
 //!     [--callers 1,8,64] [--procs 1,2,3] [--procs-callers 64] [--raw 1x512,2x512,1x32]
-//!     [--pool 16] [--engine-max-batch N] [--engine-prepared] [--allow-seqscan]
+//!     [--pool 16] [--engine-max-batch N] [--allow-seqscan]
 //!     [--only engine,per-request,raw,procs] [--out DIR] [--stamp TEXT] [--command TEXT]
 //!     [--no-latest]
 //! ```
@@ -96,8 +96,6 @@ struct Args {
     raw: Vec<(usize, usize)>,
     pool: usize,
     engine_max_batch: Option<usize>,
-    /// `EngineConfig::prepared_statements(true)` for the engine cases.
-    engine_prepared: bool,
     /// Let the baselines' sessions scan tables sequentially (the planner's default): shows
     /// what a generic plan made on an empty table costs once it has grown.
     allow_seqscan: bool,
@@ -156,7 +154,7 @@ impl Args {
         if let Some(n) = self.engine_max_batch {
             config = config.max_batch(n);
         }
-        config.prepared_statements(self.engine_prepared)
+        config
     }
 }
 
@@ -175,7 +173,6 @@ fn parse_args() -> Args {
         raw: vec![(1, 512), (2, 512), (1, 32)],
         pool: 16,
         engine_max_batch: None,
-        engine_prepared: false,
         allow_seqscan: false,
         only: None,
         out: Path::new(env!("CARGO_MANIFEST_DIR")).join("bench-results"),
@@ -222,7 +219,6 @@ fn parse_args() -> Args {
             "--pool" => a.pool = value().parse().expect("a number"),
             "--engine-max-batch" => a.engine_max_batch = Some(value().parse().expect("a number")),
             "--allow-seqscan" => a.allow_seqscan = true,
-            "--engine-prepared" => a.engine_prepared = true,
             "--only" => a.only = Some(value().split(',').map(str::to_owned).collect()),
             "--out" => a.out = PathBuf::from(value()),
             "--stamp" => a.stamp = Some(value()),
@@ -1447,9 +1443,6 @@ fn run_parent(args: &Args) {
         notes.push(format!(
             "engine configuration changed for this run: max_batch {n}"
         ));
-    }
-    if args.engine_prepared {
-        notes.push("engine configuration changed for this run: prepared_statements(true)".into());
     }
     if args.allow_seqscan {
         notes.push(

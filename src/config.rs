@@ -128,7 +128,6 @@ pub(crate) struct PostgresSettings {
     pub(crate) table: String,
     pub(crate) statement_timeout: Duration,
     pub(crate) database_clock: Option<Arc<dyn Clock>>,
-    pub(crate) prepared_statements: bool,
 }
 
 impl EngineConfig {
@@ -219,22 +218,6 @@ impl EngineConfig {
         self
     }
 
-    /// PostgreSQL only: prepare the engine's statements once per connection (named prepared
-    /// statements) instead of sending them unnamed, so that the server parses and plans each
-    /// once rather than in every batch. Default off.
-    ///
-    /// Turn it on for a direct connection, or behind PgBouncer 1.21 or later with
-    /// `max_prepared_statements` set: the server then spends a good deal less CPU per batch
-    /// (`make bench-compare`, BENCHMARKS.md). **Leave it off behind a pooler in transaction mode
-    /// that does not track prepared statements** (PgBouncer before 1.21, or with
-    /// `max_prepared_statements = 0`): there a statement prepared by one client can be run under
-    /// the same name by another, whose statement it is not.
-    #[cfg(feature = "postgres")]
-    pub fn prepared_statements(mut self, on: bool) -> Self {
-        self.postgres.prepared_statements = on;
-        self
-    }
-
     /// PostgreSQL only, **for tests and simulations**: take "now" from this clock instead of
     /// the database server's. By default every lock timeout and expiry is decided by the
     /// server's clock, so that instances whose clocks drift agree; set this to move time by
@@ -267,7 +250,6 @@ impl EngineConfig {
                 table: "idempotency_records".into(),
                 statement_timeout: Duration::from_secs(5),
                 database_clock: None,
-                prepared_statements: false,
             },
             #[cfg(feature = "fault-injection")]
             fail_open_sync: false,

@@ -197,10 +197,8 @@ fn config(store: &Store, clock: &Arc<ManualClock>) -> EngineConfig {
         Store::File(dir) => EngineConfig::new(dir.path().join("model.db")),
         Store::Memory => EngineConfig::in_memory(),
         #[cfg(feature = "postgres")]
-        // With prepared statements (the other PostgreSQL suites run them unnamed, the default).
         Store::Postgres(table) => EngineConfig::postgres(pg::url())
             .table(table.clone())
-            .prepared_statements(true)
             .database_clock(clock.clone()),
     };
     c.lock_timeout(Duration::from_millis(LOCK_MS as u64))

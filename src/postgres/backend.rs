@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio_postgres::types::{ToSql, Type};
-use tokio_postgres::{Client, Row, Statement};
+use tokio_postgres::{Client, Row};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::cache::Completed;
@@ -45,10 +45,8 @@ struct Sql {
     cleanup: Stmt,
 }
 
-/// A statement of the hot path: its text and parameter types. It runs either unnamed
-/// (`query_typed`: parsed and planned at every execution, nothing left on the connection, which
-/// any pooler accepts) or, with [`EngineConfig::prepared_statements`](crate::EngineConfig::prepared_statements),
-/// prepared once per connection.
+/// A statement of the hot path: its text (with the configured table's names in it) and its
+/// parameter types.
 pub(crate) struct Stmt {
     sql: String,
     types: Vec<Type>,
@@ -63,65 +61,19 @@ impl Stmt {
     }
 }
 
-/// Statements prepared on a [`Link`]'s current connection.
-#[derive(Default)]
-pub(crate) struct Prepared {
-    /// Whether to prepare at all.
-    pub(crate) wanted: bool,
-    /// The connection ([`Link::generation`]) they were prepared on, and the handles, in the
-    /// order of the statements given to [`Link::prepare`].
-    on: Option<(u64, Vec<Statement>)>,
-}
-
-/// Runs `stmt`, prepared (`prepared`) or unnamed.
+/// Runs `stmt` as an unnamed statement: parsed and planned at every execution, nothing left
+/// on the connection (which any pooler accepts). Named prepared statements were measured and
+/// left out: see BENCHMARKS.md, "Prepared statements: tried, slower".
 pub(crate) async fn query(
     client: &Client,
     stmt: &Stmt,
-    prepared: Option<&Statement>,
     params: &[(&(dyn ToSql + Sync), Type)],
 ) -> Result<Vec<Row>, tokio_postgres::Error> {
-    match prepared {
-        Some(statement) => {
-            let values: Vec<&(dyn ToSql + Sync)> = params.iter().map(|(v, _)| *v).collect();
-            client.query(statement, &values).await
-        }
-        None => client.query_typed(&stmt.sql, params).await,
-    }
-}
-
-impl Link {
-    /// Prepares `stmts` on `client` when prepared statements are wanted and they are not
-    /// prepared on this connection yet; returns the handles (in the order of `stmts`), or
-    /// `None` to run them unnamed.
-    pub(crate) fn prepare(
-        &mut self,
-        client: &Client,
-        stmts: &[&Stmt],
-    ) -> Result<Option<Vec<Statement>>, Fail> {
-        if !self.prepared.wanted {
-            return Ok(None);
-        }
-        if let Some((generation, handles)) = &self.prepared.on
-            && *generation == self.generation
-        {
-            return Ok(Some(handles.clone()));
-        }
-        let prepare = async {
-            let mut handles = Vec::with_capacity(stmts.len());
-            for stmt in stmts {
-                handles.push(client.prepare_typed(&stmt.sql, &stmt.types).await?);
-            }
-            Ok::<_, tokio_postgres::Error>(handles)
-        };
-        match within(&self.rt, self.deadline, prepare) {
-            Ok(Ok(handles)) => {
-                self.prepared.on = Some((self.generation, handles.clone()));
-                Ok(Some(handles))
-            }
-            Ok(Err(e)) => Err(Fail::Pg(e)),
-            Err(_) => Err(Fail::Timeout("preparing the statements")),
-        }
-    }
+    debug_assert!(
+        params.iter().map(|(_, t)| t).eq(stmt.types.iter()),
+        "the parameters do not match the statement's"
+    );
+    client.query_typed(&stmt.sql, params).await
 }
 
 /// The database's clock in ms since the epoch (`clock_timestamp()`, the time when it is read,
@@ -138,9 +90,8 @@ impl Sql {
         let t = &names.records;
         let columns = "r.locked_until, r.fingerprint, r.state, r.status, r.headers, r.body, r.trailers, r.expires_at";
         Sql {
-            // Every statement has an index path; a plan made while the table was new and empty
-            // (a prepared statement's generic plan, or statistics not gathered yet) must not
-            // scan the whole table once it has grown.
+            // Every statement has an index path; a plan made on statistics gathered while the
+            // table was new and empty must not scan the whole table once it has grown.
             begin: format!(
                 "BEGIN ISOLATION LEVEL READ COMMITTED; SET LOCAL statement_timeout = {};
                  SET LOCAL enable_seqscan = off{}",
@@ -299,19 +250,9 @@ pub(crate) struct Link {
     next_attempt: Instant,
     /// Why the last connection attempt failed, for the exchanges refused meanwhile.
     down: Option<Error>,
-    /// Counts connections: each new one has a new number.
-    generation: u64,
-    prepared: Prepared,
 }
 
 impl Link {
-    /// Prepares the statements once per connection from now on (see
-    /// [`EngineConfig::prepared_statements`](crate::EngineConfig::prepared_statements)).
-    pub(crate) fn with_prepared_statements(mut self, wanted: bool) -> Link {
-        self.prepared.wanted = wanted;
-        self
-    }
-
     /// A link, connected (`client`) or not yet (it connects at its first exchange).
     pub(crate) fn new(
         client: Option<Client>,
@@ -329,8 +270,6 @@ impl Link {
             backoff: MIN_BACKOFF,
             next_attempt: Instant::now(),
             down: None,
-            generation: 1,
-            prepared: Prepared::default(),
         }
     }
 
@@ -356,7 +295,6 @@ impl Link {
             Ok(Ok(client)) => {
                 self.backoff = MIN_BACKOFF;
                 self.down = None;
-                self.generation += 1;
                 Ok(client)
             }
             failed => {
@@ -429,8 +367,8 @@ impl PgBackend {
         db_clock: Option<Arc<dyn Clock>>,
     ) -> PgBackend {
         PgBackend {
-            link,
             sql: Sql::new(&names, statement_timeout, synchronous_commit),
+            link,
             names,
             clock,
             db_clock,
@@ -606,20 +544,7 @@ impl Backend for PgBackend {
         let mut retries = 0;
         loop {
             let client = self.link.take_client()?;
-            let sql = &self.sql;
-            let stmts = [
-                &sql.lock,
-                &sql.complete,
-                &sql.release,
-                &sql.extend,
-                &sql.claim,
-                &sql.cleanup,
-            ];
-            let prepared = match self.link.prepare(&client, &stmts) {
-                Ok(p) => p,
-                Err(f) => return self.link.give_back(client, Err(f)),
-            };
-            let out = self.exchange(&client, work, prepared.as_deref());
+            let out = self.exchange(&client, work);
             match &out {
                 // Rolled back, and worth running again: a deadlock or serialization failure
                 // (PostgreSQL chose this batch as the victim), or a connection the server had
@@ -653,20 +578,7 @@ impl Backend for PgBackend {
 
     fn delete_expired(&mut self, limit: usize) -> Result<usize> {
         let client = self.link.take_client()?;
-        let sql = &self.sql;
-        let stmts = [
-            &sql.lock,
-            &sql.complete,
-            &sql.release,
-            &sql.extend,
-            &sql.claim,
-            &sql.cleanup,
-        ];
-        let prepared = match self.link.prepare(&client, &stmts) {
-            Ok(p) => p,
-            Err(f) => return self.link.give_back(client, Err(f)),
-        };
-        let out = self.cleanup(&client, limit, prepared.as_deref());
+        let out = self.cleanup(&client, limit);
         self.link.give_back(client, out)
     }
 
@@ -838,10 +750,7 @@ impl PgBackend {
         leases: &Leases<'_>,
         claims: &ClaimArrays<'_>,
         test_now: Option<i64>,
-        prepared: Option<&[Statement]>,
     ) -> Result<Answers, Fail> {
-        // The handles, in the order `PgBackend::statements` gives the statements.
-        let handle = |i: usize| prepared.and_then(|p| p.get(i));
         let sql = &self.sql;
         let l = leases;
         // The rows lease commands touch are locked first, in id order, when there are several:
@@ -862,13 +771,7 @@ impl PgBackend {
                 if touched.is_empty() {
                     return Ok(Vec::new());
                 }
-                query(
-                    client,
-                    &sql.lock,
-                    handle(0),
-                    &[(&touched, Type::BYTEA_ARRAY)],
-                )
-                .await
+                query(client, &sql.lock, &[(&touched, Type::BYTEA_ARRAY)]).await
             };
             let completed = async {
                 if l.complete_ids.is_empty() {
@@ -877,7 +780,6 @@ impl PgBackend {
                 query(
                     client,
                     &sql.complete,
-                    handle(1),
                     &[
                         (&l.complete_ids, Type::BYTEA_ARRAY),
                         (&l.complete_fences, Type::INT8_ARRAY),
@@ -898,7 +800,6 @@ impl PgBackend {
                 query(
                     client,
                     &sql.release,
-                    handle(2),
                     &[
                         (&l.release_ids, Type::BYTEA_ARRAY),
                         (&l.release_fences, Type::INT8_ARRAY),
@@ -913,7 +814,6 @@ impl PgBackend {
                 query(
                     client,
                     &sql.extend,
-                    handle(3),
                     &[
                         (&l.extend_ids, Type::BYTEA_ARRAY),
                         (&l.extend_fences, Type::INT8_ARRAY),
@@ -937,7 +837,7 @@ impl PgBackend {
                     (&claims.retentions, Type::INT8_ARRAY),
                     (&test_now, Type::INT8),
                 ];
-                query(client, &sql.claim, handle(4), &params).await
+                query(client, &sql.claim, &params).await
             };
             let commit = client.batch_execute("COMMIT");
             // `biased`: polled (so sent) in this order, all before the first answer.
@@ -975,24 +875,13 @@ impl PgBackend {
 
     /// One batch: one transaction, one round trip (and a transaction of their own for
     /// claims whose blocking record another instance changed during the claim statement).
-    fn exchange(
-        &self,
-        client: &Client,
-        work: &[Work<'_>],
-        prepared: Option<&[Statement]>,
-    ) -> Result<Vec<Result<Done>>, Fail> {
+    fn exchange(&self, client: &Client, work: &[Work<'_>]) -> Result<Vec<Result<Done>>, Fail> {
         let test_now = self.test_now();
         let leases = Leases::of(work);
         let claims = Claims::of(work);
         let first: Vec<&ClaimCmd> = claims.first.iter().map(|(_, c)| *c).collect();
         let local_before = self.clock.now_ms();
-        let answers = self.transaction(
-            client,
-            &leases,
-            &ClaimArrays::of(&first),
-            test_now,
-            prepared,
-        )?;
+        let answers = self.transaction(client, &leases, &ClaimArrays::of(&first), test_now)?;
         let local_now = self.clock.now_ms();
 
         let completed = fenced(&answers.completed)?;
@@ -1024,7 +913,6 @@ impl PgBackend {
                 &Leases::default(),
                 &ClaimArrays::of(&missing),
                 test_now,
-                prepared,
             ) {
                 Ok(again) => {
                     for row in &again.claimed {
@@ -1137,12 +1025,7 @@ impl PgBackend {
             .collect())
     }
 
-    fn cleanup(
-        &self,
-        client: &Client,
-        limit: usize,
-        prepared: Option<&[Statement]>,
-    ) -> Result<usize, Fail> {
+    fn cleanup(&self, client: &Client, limit: usize) -> Result<usize, Fail> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let test_now = self.test_now();
         let sql = &self.sql;
@@ -1156,7 +1039,7 @@ impl PgBackend {
             let (begin, deleted, commit) = tokio::join!(
                 biased;
                 client.batch_execute(&sql.begin),
-                query(client, &sql.cleanup, prepared.and_then(|p| p.get(5)), &params),
+                query(client, &sql.cleanup, &params),
                 client.batch_execute("COMMIT"),
             );
             let before_commit = |e: tokio_postgres::Error| match e.as_db_error() {

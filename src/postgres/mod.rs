@@ -112,7 +112,6 @@ fn open_here(config: &EngineConfig, url: &str) -> Result<(PgBackend, Option<Read
                 statement_timeout: settings.statement_timeout,
                 clock: config.clock.clone(),
                 db_clock: settings.database_clock.clone(),
-                prepared_statements: settings.prepared_statements,
             },
         )?),
     };

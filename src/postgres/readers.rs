@@ -50,7 +50,6 @@ pub(crate) struct Setup {
     pub(crate) statement_timeout: Duration,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) db_clock: Option<Arc<dyn Clock>>,
-    pub(crate) prepared_statements: bool,
 }
 
 impl Readers {
@@ -71,8 +70,7 @@ impl Readers {
                 setup.target.clone(),
                 setup.connector.clone(),
                 setup.statement_timeout,
-            )
-            .with_prepared_statements(setup.prepared_statements);
+            );
             threads.push(
                 std::thread::Builder::new()
                     .name("idempotency-reader".into())
@@ -136,14 +134,10 @@ fn serve(mut link: Link, setup: &Setup, rx: &Receiver<Lookup>) {
             continue;
         }
         let found = match link.take_client() {
-            Ok(client) => match link.prepare(&client, &[&sql]) {
-                Ok(prepared) => {
-                    let handle = prepared.as_ref().and_then(|p| p.first());
-                    let out = read(&link, &client, &begin, &sql, handle, &batch, setup);
-                    link.give_back(client, out)
-                }
-                Err(f) => link.give_back(client, Err(f)),
-            },
+            Ok(client) => {
+                let out = read(&link, &client, &begin, &sql, &batch, setup);
+                link.give_back(client, out)
+            }
             Err(e) => Err(e),
         };
         match found {
@@ -168,7 +162,6 @@ fn read(
     client: &tokio_postgres::Client,
     begin: &str,
     sql: &Stmt,
-    prepared: Option<&tokio_postgres::Statement>,
     batch: &[Lookup],
     setup: &Setup,
 ) -> Result<Vec<([u8; 32], Completed)>, Fail> {
@@ -180,7 +173,7 @@ fn read(
         let (b, rows, c) = tokio::join!(
             biased;
             client.batch_execute(begin),
-            query(client, sql, prepared, &params),
+            query(client, sql, &params),
             client.batch_execute("COMMIT"),
         );
         b?;
