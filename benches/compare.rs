@@ -51,7 +51,7 @@ use std::time::{Duration, Instant};
 use idempotency_rs::{ClaimOutcome, ClaimRequest, Durability, Engine, EngineConfig};
 use redis::AsyncCommands as _;
 
-use common::Keys;
+use common::{Hist, Keys};
 
 // ------------------------------------------------------------------------------------------
 // Command line
@@ -536,76 +536,6 @@ impl Outcome {
 const WARMUP: u8 = 0;
 const MEASURE: u8 = 1;
 const STOP: u8 = 2;
-
-/// A log-linear latency histogram (32 buckets per power of two, about 3% resolution), so a
-/// caller's memory does not grow with the number of operations.
-#[derive(Clone)]
-struct Hist {
-    counts: Vec<u64>,
-}
-
-const SUB_BITS: u32 = 5;
-const SUB: u64 = 1 << SUB_BITS;
-
-impl Hist {
-    fn new() -> Self {
-        Hist {
-            counts: vec![0; (64 * SUB) as usize],
-        }
-    }
-
-    fn index(ns: u64) -> usize {
-        if ns < SUB {
-            return ns as usize;
-        }
-        let e = 63 - ns.leading_zeros(); // >= SUB_BITS
-        let m = (ns >> (e - SUB_BITS)) & (SUB - 1);
-        ((u64::from(e - SUB_BITS + 1)) * SUB + m) as usize
-    }
-
-    /// The middle of bucket `i`, in nanoseconds.
-    fn value(i: usize) -> f64 {
-        let i = i as u64;
-        if i < SUB {
-            return i as f64;
-        }
-        let e = i / SUB - 1 + u64::from(SUB_BITS);
-        let m = i % SUB;
-        let low = (SUB + m) << (e - u64::from(SUB_BITS));
-        let width = 1u64 << (e - u64::from(SUB_BITS));
-        low as f64 + width as f64 / 2.0
-    }
-
-    fn record(&mut self, ns: u64, n: u64) {
-        self.counts[Self::index(ns)] += n;
-    }
-
-    fn merge(&mut self, other: &Hist) {
-        for (a, b) in self.counts.iter_mut().zip(&other.counts) {
-            *a += b;
-        }
-    }
-
-    fn total(&self) -> u64 {
-        self.counts.iter().sum()
-    }
-
-    fn percentile_ms(&self, p: f64) -> f64 {
-        let total = self.total();
-        if total == 0 {
-            return f64::NAN;
-        }
-        let rank = ((total as f64 * p).ceil() as u64).max(1);
-        let mut seen = 0;
-        for (i, c) in self.counts.iter().enumerate() {
-            seen += c;
-            if seen >= rank {
-                return Self::value(i) / 1e6;
-            }
-        }
-        f64::NAN
-    }
-}
 
 /// What one case measured.
 struct Measured {

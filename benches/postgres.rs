@@ -70,7 +70,7 @@ use idempotency_rs::{ClaimOutcome, Engine, EngineConfig};
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, NoTls, Statement};
 
-use common::Keys;
+use common::{Hist, Keys};
 
 const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
 
@@ -308,96 +308,6 @@ fn plan(args: &Args) -> Vec<Case> {
 const WARMUP: u8 = 0;
 const MEASURE: u8 = 1;
 const STOP: u8 = 2;
-
-/// A log-linear latency histogram (32 buckets per power of two, about 3% resolution), as in
-/// `benches/compare.rs`; it travels from a child to the parent as its non-empty buckets.
-#[derive(Clone)]
-struct Hist {
-    counts: Vec<u64>,
-}
-
-const SUB_BITS: u32 = 5;
-const SUB: u64 = 1 << SUB_BITS;
-
-impl Hist {
-    fn new() -> Self {
-        Hist {
-            counts: vec![0; (64 * SUB) as usize],
-        }
-    }
-
-    fn index(ns: u64) -> usize {
-        if ns < SUB {
-            return ns as usize;
-        }
-        let e = 63 - ns.leading_zeros();
-        let m = (ns >> (e - SUB_BITS)) & (SUB - 1);
-        ((u64::from(e - SUB_BITS + 1)) * SUB + m) as usize
-    }
-
-    fn value(i: usize) -> f64 {
-        let i = i as u64;
-        if i < SUB {
-            return i as f64;
-        }
-        let e = i / SUB - 1 + u64::from(SUB_BITS);
-        let m = i % SUB;
-        let low = (SUB + m) << (e - u64::from(SUB_BITS));
-        let width = 1u64 << (e - u64::from(SUB_BITS));
-        low as f64 + width as f64 / 2.0
-    }
-
-    fn record(&mut self, ns: u64, n: u64) {
-        self.counts[Self::index(ns)] += n;
-    }
-
-    fn merge(&mut self, other: &Hist) {
-        for (a, b) in self.counts.iter_mut().zip(&other.counts) {
-            *a += b;
-        }
-    }
-
-    fn total(&self) -> u64 {
-        self.counts.iter().sum()
-    }
-
-    fn percentile_ms(&self, p: f64) -> f64 {
-        let total = self.total();
-        if total == 0 {
-            return f64::NAN;
-        }
-        let rank = ((total as f64 * p).ceil() as u64).max(1);
-        let mut seen = 0;
-        for (i, c) in self.counts.iter().enumerate() {
-            seen += c;
-            if seen >= rank {
-                return Self::value(i) / 1e6;
-            }
-        }
-        f64::NAN
-    }
-
-    fn encode(&self) -> String {
-        let parts: Vec<String> = self
-            .counts
-            .iter()
-            .enumerate()
-            .filter(|(_, c)| **c > 0)
-            .map(|(i, c)| format!("{i}:{c}"))
-            .collect();
-        parts.join(",")
-    }
-
-    fn decode(s: &str) -> Option<Hist> {
-        let mut h = Hist::new();
-        for part in s.split(',').filter(|p| !p.is_empty()) {
-            let (i, c) = part.split_once(':')?;
-            let i: usize = i.parse().ok()?;
-            *h.counts.get_mut(i)? += c.parse::<u64>().ok()?;
-        }
-        Some(h)
-    }
-}
 
 /// CPU time so far: this process, every `postgres` process, and the machine (`/proc/stat`).
 #[derive(Clone, Copy, Default)]

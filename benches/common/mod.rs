@@ -1,10 +1,10 @@
-//! Helpers shared by `benches/engine.rs` and `benches/compare.rs`: the rows every system under
-//! test writes, the two SQLite baselines (naive and raw ceiling), pre-filling, and peak-memory
-//! readings.
+//! Helpers shared by the benches (`engine.rs`, `compare.rs`, `postgres.rs`, `http.rs`): the rows
+//! every system under test writes, the two SQLite baselines (naive and raw ceiling),
+//! pre-filling, peak-memory readings and the latency histogram.
 //!
 //! The baselines write the engine's own table: [`create_schema`] opens an [`Engine`] on the
 //! file once (which creates the schema) and drops it, so rusqlite then works on exactly the
-//! schema `src/storage.rs` makes.
+//! schema `src/sqlite/storage.rs` makes.
 
 // Each bench binary uses a different subset of these helpers.
 #![allow(dead_code)]
@@ -416,4 +416,95 @@ pub(crate) fn reset_peak_rss(pid: &str) -> bool {
 pub(crate) fn share(total: u64, threads: usize, index: usize) -> u64 {
     let t = threads as u64;
     total / t + u64::from((index as u64) < total % t)
+}
+
+/// A log-linear latency histogram (32 buckets per power of two, about 3% resolution), so a
+/// caller's memory does not grow with the number of operations. It travels from a child
+/// process to its parent as its non-empty buckets (`encode`, `decode`).
+#[derive(Clone)]
+pub(crate) struct Hist {
+    counts: Vec<u64>,
+}
+
+const SUB_BITS: u32 = 5;
+const SUB: u64 = 1 << SUB_BITS;
+
+impl Hist {
+    pub(crate) fn new() -> Self {
+        Hist {
+            counts: vec![0; (64 * SUB) as usize],
+        }
+    }
+
+    pub(crate) fn index(ns: u64) -> usize {
+        if ns < SUB {
+            return ns as usize;
+        }
+        let e = 63 - ns.leading_zeros();
+        let m = (ns >> (e - SUB_BITS)) & (SUB - 1);
+        ((u64::from(e - SUB_BITS + 1)) * SUB + m) as usize
+    }
+
+    pub(crate) fn value(i: usize) -> f64 {
+        let i = i as u64;
+        if i < SUB {
+            return i as f64;
+        }
+        let e = i / SUB - 1 + u64::from(SUB_BITS);
+        let m = i % SUB;
+        let low = (SUB + m) << (e - u64::from(SUB_BITS));
+        let width = 1u64 << (e - u64::from(SUB_BITS));
+        low as f64 + width as f64 / 2.0
+    }
+
+    pub(crate) fn record(&mut self, ns: u64, n: u64) {
+        self.counts[Self::index(ns)] += n;
+    }
+
+    pub(crate) fn merge(&mut self, other: &Hist) {
+        for (a, b) in self.counts.iter_mut().zip(&other.counts) {
+            *a += b;
+        }
+    }
+
+    pub(crate) fn total(&self) -> u64 {
+        self.counts.iter().sum()
+    }
+
+    pub(crate) fn percentile_ms(&self, p: f64) -> f64 {
+        let total = self.total();
+        if total == 0 {
+            return f64::NAN;
+        }
+        let rank = ((total as f64 * p).ceil() as u64).max(1);
+        let mut seen = 0;
+        for (i, c) in self.counts.iter().enumerate() {
+            seen += c;
+            if seen >= rank {
+                return Self::value(i) / 1e6;
+            }
+        }
+        f64::NAN
+    }
+
+    pub(crate) fn encode(&self) -> String {
+        let parts: Vec<String> = self
+            .counts
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| **c > 0)
+            .map(|(i, c)| format!("{i}:{c}"))
+            .collect();
+        parts.join(",")
+    }
+
+    pub(crate) fn decode(s: &str) -> Option<Hist> {
+        let mut h = Hist::new();
+        for part in s.split(',').filter(|p| !p.is_empty()) {
+            let (i, c) = part.split_once(':')?;
+            let i: usize = i.parse().ok()?;
+            *h.counts.get_mut(i)? += c.parse::<u64>().ok()?;
+        }
+        Some(h)
+    }
 }

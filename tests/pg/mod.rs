@@ -43,25 +43,10 @@ pub fn config() -> EngineConfig {
 /// its own so that it works inside and outside an async runtime. Panics with a clear message
 /// when no server answers.
 pub fn execute(sql: &str) {
-    let sql = sql.to_owned();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            let client = connect().await;
-            client
-                .batch_execute(&sql)
-                .await
-                .unwrap_or_else(|e| panic!("{sql}: {e}"));
-        })
-    })
-    .join()
-    .unwrap();
+    query(sql);
 }
 
-/// Runs one query and returns the first column of every row, as text.
+/// Runs SQL (as [`execute`]) and returns the first column of every row it returned, as text.
 pub fn query(sql: &str) -> Vec<Option<String>> {
     let sql = sql.to_owned();
     std::thread::spawn(move || {
