@@ -34,6 +34,10 @@ pub(crate) struct Completed {
     pub fingerprint: [u8; 32],
     pub expires_at: i64,
     pub response: Arc<StoredResponse>,
+    /// A store whose clock is not the engine's (PostgreSQL: the server's) also bounds the entry
+    /// by a monotonic deadline, so that a step of the engine host's wall clock cannot keep it
+    /// past the record's expiry on the server.
+    pub deadline: Option<std::time::Instant>,
 }
 
 impl Completed {
@@ -90,7 +94,14 @@ impl ReplayCache {
     pub(crate) fn get(&self, id: &[u8; 32], now: i64) -> Option<Completed> {
         let mut shard = self.shard(id).lock();
         match shard.map.get(id) {
-            Some(e) if e.record.expires_at > now => Some(e.record.clone()),
+            Some(e)
+                if e.record.expires_at > now
+                    && e.record
+                        .deadline
+                        .is_none_or(|d| std::time::Instant::now() < d) =>
+            {
+                Some(e.record.clone())
+            }
             Some(_) => {
                 shard.remove(id);
                 None
@@ -155,6 +166,7 @@ mod tests {
 
     fn record(body: usize, expires_at: i64) -> Completed {
         Completed {
+            deadline: None,
             fingerprint: [7; 32],
             expires_at,
             response: Arc::new(StoredResponse::new(201, vec![b'x'; body])),

@@ -404,6 +404,11 @@ impl EngineConfig {
         if self.postgres.statement_timeout.is_zero() {
             return bad("statement_timeout must be longer than zero");
         }
+        // PostgreSQL holds it in an int of milliseconds (about 24.8 days).
+        #[cfg(feature = "postgres")]
+        if self.postgres.statement_timeout > Duration::from_millis(i32::MAX as u64) {
+            return bad("statement_timeout must be at most 2147483647 ms (about 24.8 days)");
+        }
         Ok(())
     }
 }

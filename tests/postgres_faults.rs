@@ -458,3 +458,231 @@ fn one_commands_failure_fails_only_that_command() {
     completion.join().unwrap().unwrap();
     fine.join().unwrap().unwrap();
 }
+
+/// A proxy that behaves like PgBouncer when it gives up on a server connection (its
+/// `query_timeout`): it sends the client `FATAL 08P01` and closes both sides, while the server
+/// backend, which already has the whole pipeline (`BEGIN` .. `COMMIT`) in its input buffer,
+/// carries on with it.
+struct BouncerLike {
+    port: u16,
+    give_up: tokio::sync::watch::Sender<u64>,
+}
+
+impl BouncerLike {
+    fn start() -> BouncerLike {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let config: tokio_postgres::Config = pg::url().parse().unwrap();
+        let port = config.get_ports().first().copied().unwrap_or(5432);
+        enum Up {
+            Tcp(String),
+            Unix(String),
+        }
+        let upstream = Arc::new(match &config.get_hosts()[0] {
+            tokio_postgres::config::Host::Tcp(h) => Up::Tcp(format!("{h}:{port}")),
+            tokio_postgres::config::Host::Unix(dir) => {
+                Up::Unix(format!("{}/.s.PGSQL.{port}", dir.display()))
+            }
+        });
+        let (give_up, rx_give_up) = tokio::sync::watch::channel(0u64);
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                tx.send(listener.local_addr().unwrap().port()).unwrap();
+                loop {
+                    let (client, _) = listener.accept().await.unwrap();
+                    let (mut sr, mut sw): (
+                        Box<dyn tokio::io::AsyncRead + Unpin + Send>,
+                        Box<dyn tokio::io::AsyncWrite + Unpin + Send>,
+                    ) = match &*upstream {
+                        Up::Tcp(a) => {
+                            let (r, w) = tokio::net::TcpStream::connect(a)
+                                .await
+                                .unwrap()
+                                .into_split();
+                            (Box::new(r), Box::new(w))
+                        }
+                        Up::Unix(p) => {
+                            let (r, w) = tokio::net::UnixStream::connect(p)
+                                .await
+                                .unwrap()
+                                .into_split();
+                            (Box::new(r), Box::new(w))
+                        }
+                    };
+                    let mut signal = rx_give_up.clone();
+                    signal.borrow_and_update();
+                    tokio::spawn(async move {
+                        let (mut cr, mut cw) = client.into_split();
+                        let gave_up = {
+                            let c2s = async {
+                                let mut buf = vec![0u8; 65536];
+                                loop {
+                                    let n = cr.read(&mut buf).await.unwrap_or(0);
+                                    if n == 0 || sw.write_all(&buf[..n]).await.is_err() {
+                                        return;
+                                    }
+                                }
+                            };
+                            let s2c = async {
+                                let mut buf = vec![0u8; 65536];
+                                loop {
+                                    let n = sr.read(&mut buf).await.unwrap_or(0);
+                                    if n == 0 || cw.write_all(&buf[..n]).await.is_err() {
+                                        return;
+                                    }
+                                }
+                            };
+                            tokio::select! {
+                                _ = c2s => false,
+                                _ = s2c => false,
+                                _ = signal.changed() => true,
+                            }
+                        };
+                        if gave_up {
+                            // ErrorResponse: S FATAL, V FATAL, C 08P01, M query_timeout.
+                            let mut body = Vec::new();
+                            for (t, v) in [
+                                (b'S', "FATAL"),
+                                (b'V', "FATAL"),
+                                (b'C', "08P01"),
+                                (b'M', "query_timeout"),
+                            ] {
+                                body.push(t);
+                                body.extend_from_slice(v.as_bytes());
+                                body.push(0);
+                            }
+                            body.push(0);
+                            let mut msg = vec![b'E'];
+                            msg.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+                            msg.extend_from_slice(&body);
+                            let _ = cw.write_all(&msg).await;
+                            let _ = cw.shutdown().await;
+                        }
+                    });
+                }
+            });
+        });
+        BouncerLike {
+            port: rx.recv().unwrap(),
+            give_up,
+        }
+    }
+
+    fn url(&self, app: &str) -> String {
+        let config: tokio_postgres::Config = pg::url().parse().unwrap();
+        format!(
+            "postgres://{}@127.0.0.1:{}/{}?sslmode=disable&application_name={app}",
+            config.get_user().unwrap_or("postgres"),
+            self.port,
+            config.get_dbname().unwrap_or("test")
+        )
+    }
+
+    fn give_up_all(&self) {
+        self.give_up.send_modify(|n| *n += 1);
+    }
+}
+
+/// A pooler's `FATAL` (not the server's verdict) in the middle of a batch leaves its outcome
+/// unknown: the server may still commit the pipeline it holds. The batch is not run again: the
+/// completion's caller gets `Unavailable` (the outcome is unknown), never `LeaseLost` for a
+/// completion that was in fact stored and is replayed.
+#[test]
+fn a_poolers_fatal_mid_batch_is_an_unknown_outcome_not_a_rollback() {
+    let proxy = BouncerLike::start();
+    let app = "idem_bouncer_fatal";
+    let table = pg::fresh_table();
+    let engine = Engine::open(
+        EngineConfig::postgres(proxy.url(app))
+            .table(table.clone())
+            .pool_size(1)
+            .statement_timeout(Duration::from_secs(10)),
+    )
+    .unwrap();
+    let lease = claimed(engine.claim(request("k")).unwrap());
+    let blocker = Session::new();
+    blocker
+        .exec(&format!(
+            "BEGIN; SELECT 1 FROM {table} WHERE key = 'k' FOR UPDATE"
+        ))
+        .unwrap();
+    let completion =
+        std::thread::spawn(move || lease.complete(StoredResponse::new(201, "stored once")));
+    wait_for_lock_wait(app, "%");
+    proxy.give_up_all();
+    std::thread::sleep(Duration::from_millis(300));
+    blocker.exec("ROLLBACK").unwrap();
+    let out = completion.join().unwrap();
+    assert!(matches!(out, Err(Error::Unavailable { .. })), "{out:?}");
+    // The server did commit it: the completion is stored once and replays.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let stored = pg::query(&format!(
+            "SELECT state::text || ':' || encode(body, 'escape') FROM {table} WHERE key = 'k'"
+        ));
+        if stored == vec![Some("1:stored once".to_owned())] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{stored:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(matches!(
+        engine.claim(request("k")).unwrap(),
+        ClaimOutcome::Replay(_)
+    ));
+}
+
+/// A wall clock that can be stepped, as NTP or an operator steps a host's clock.
+#[derive(Debug, Default)]
+struct SteppedClock(std::sync::atomic::AtomicI64);
+
+impl idempotency_rs::Clock for SteppedClock {
+    fn now_ms(&self) -> i64 {
+        idempotency_rs::SystemClock.now_ms() + self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// The replay cache never outlives the record on the server, even when the engine host's wall
+/// clock steps back: its entries also carry a monotonic deadline.
+#[test]
+fn a_backward_clock_step_does_not_keep_a_cached_replay_past_its_record() {
+    let table = pg::fresh_table();
+    let clock = Arc::new(SteppedClock::default());
+    let config = EngineConfig::postgres(pg::url())
+        .table(table)
+        .retention(Duration::from_millis(1500))
+        .pool_size(1);
+    let a = Engine::open(config.clone().clock(clock.clone())).unwrap();
+    let b = Engine::open(config).unwrap();
+    claimed(a.claim(request("k")).unwrap())
+        .complete(StoredResponse::new(200, "first"))
+        .unwrap();
+    assert!(matches!(
+        a.claim(request("k")).unwrap(),
+        ClaimOutcome::Replay(_)
+    ));
+    clock.0.store(-5_000, std::sync::atomic::Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(2000));
+    let again = claimed(b.claim(request("k")).unwrap());
+    again.complete(StoredResponse::new(200, "second")).unwrap();
+    match a.claim(request("k")).unwrap() {
+        ClaimOutcome::Replay(r) => assert_eq!(r.body, b"second"),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// A statement timeout PostgreSQL cannot hold (over 2^31 - 1 ms) is refused at open, not
+/// accepted and then failing every batch.
+#[test]
+fn an_out_of_range_statement_timeout_is_refused_at_open() {
+    for timeout in [Duration::from_secs(25 * 24 * 3600), Duration::MAX] {
+        let e = Engine::open(pg::config().statement_timeout(timeout)).unwrap_err();
+        assert!(matches!(e, Error::InvalidConfig { .. }), "{e:?}");
+    }
+}

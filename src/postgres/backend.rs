@@ -230,6 +230,9 @@ impl Sql {
 /// The PostgreSQL writer backend (see the module docs).
 pub(crate) struct PgBackend {
     link: Link,
+    /// Set when an exchange that otherwise succeeded left the connection unusable (a claim
+    /// re-run that got no answer in time): the connection is dropped after it.
+    poisoned: std::cell::Cell<bool>,
     names: Names,
     sql: Sql,
     clock: Arc<dyn Clock>,
@@ -315,15 +318,13 @@ impl Link {
         }
     }
 
-    /// Ends an exchange: keeps the connection unless it is gone or did not answer in time
-    /// (then the server rolls back whatever it was doing when it notices), and turns the
-    /// failure into the callers' error.
-    pub(crate) fn give_back<T>(&mut self, client: Client, out: Result<T, Fail>) -> Result<T> {
-        let keep = !client.is_closed() && !matches!(out, Err(Fail::Timeout(_)));
-        if keep {
-            self.client = Some(client);
-        }
-        out.map_err(|f| match f {
+    /// Ends an exchange whose connection was already given up.
+    pub(crate) fn give_back_none<T>(&mut self, out: Result<T, Fail>) -> Result<T> {
+        out.map_err(|f| self.fail_error(f))
+    }
+
+    fn fail_error(&self, f: Fail) -> Error {
+        match f {
             Fail::Pg(e) | Fail::RolledBack(e) => pg_error(e, &self.target.shown),
             Fail::Timeout(what) => Error::Unavailable {
                 detail: format!(
@@ -332,7 +333,18 @@ impl Link {
                 ),
             },
             Fail::Other(e) => e,
-        })
+        }
+    }
+
+    /// Ends an exchange: keeps the connection unless it is gone or did not answer in time
+    /// (then the server rolls back whatever it was doing when it notices), and turns the
+    /// failure into the callers' error.
+    pub(crate) fn give_back<T>(&mut self, client: Client, out: Result<T, Fail>) -> Result<T> {
+        let keep = !client.is_closed() && !matches!(out, Err(Fail::Timeout(_)));
+        if keep {
+            self.client = Some(client);
+        }
+        out.map_err(|f| self.fail_error(f))
     }
 }
 
@@ -369,6 +381,7 @@ impl PgBackend {
         PgBackend {
             sql: Sql::new(&names, statement_timeout, synchronous_commit),
             link,
+            poisoned: std::cell::Cell::new(false),
             names,
             clock,
             db_clock,
@@ -477,10 +490,14 @@ fn claim_row(row: &Row) -> Result<([u8; 32], ClaimRow, i64)> {
 /// batch, bounded by the engine's clock read before the batch was sent (`early`: translated
 /// times err early) and after its answer came (`late`: they err late by at most the answer's
 /// trip).
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Copy)]
 struct Offsets {
     early: i64,
     late: i64,
+    /// The monotonic clock read before the batch was sent, and the database's now then (at
+    /// the latest): a cached replay's deadline, immune to steps of the wall clock.
+    sent: Instant,
+    db_now: i64,
 }
 
 /// What a claim with `fp` gets from a live record that kept it out. An expiry (for the replay
@@ -494,10 +511,14 @@ fn decide(record: RecordRow, fp: &Fingerprint, offsets: Offsets) -> Result<Done>
     if raw.state == STATE_COMPLETED && raw.fingerprint()? == *fp.as_bytes() {
         // A completed record never changes before it expires: the engine may cache it.
         let fingerprint = raw.fingerprint()?;
+        let left = u64::try_from(expires_at.saturating_sub(offsets.db_now)).unwrap_or(0);
         return Ok(Done::Replay(Completed {
             fingerprint,
             expires_at: expires_at.saturating_add(offsets.early),
             response: Arc::new(raw.into_response()?),
+            deadline: offsets
+                .sent
+                .checked_add(Duration::from_millis(left.min(MAX_SPAN_MS as u64))),
         }));
     }
     Ok(Done::Decided(raw.decide(fp)?))
@@ -570,6 +591,10 @@ impl Backend for PgBackend {
                                 .and_then(|mut r| r.pop().unwrap_or(Err(Error::Busy)))
                         })
                         .collect());
+                }
+                _ if self.poisoned.take() => {
+                    drop(client);
+                    return self.link.give_back_none(out);
                 }
                 _ => return self.link.give_back(client, out),
             }
@@ -855,11 +880,20 @@ impl PgBackend {
         // aborted. An error the server sent for a statement before `COMMIT` means the whole
         // transaction was rolled back (the `COMMIT` of an aborted transaction rolls it back);
         // no answer at all leaves the outcome unknown.
+        //
+        // Only an `ERROR` is the server's own verdict on a statement. A `FATAL` may come from a
+        // pooler in between (PgBouncer's `query_timeout` sends `08P01` and closes) while the
+        // server still holds the pipeline, `COMMIT` included, and may commit it: unknown. A
+        // `FATAL` answering `BEGIN` is the exception: nothing of the batch ran (the server had
+        // closed the idle session, or the pooler never found it a server connection).
         let before_commit = |e: tokio_postgres::Error| match e.as_db_error() {
+            Some(db) if db.severity() == "ERROR" => Fail::RolledBack(e),
+            _ => Fail::Pg(e),
+        };
+        begin.map_err(|e| match e.as_db_error() {
             Some(_) => Fail::RolledBack(e),
             None => Fail::Pg(e),
-        };
-        begin.map_err(before_commit)?;
+        })?;
         lock.map_err(before_commit)?;
         let answers = Answers {
             completed: completed.map_err(before_commit)?,
@@ -881,6 +915,7 @@ impl PgBackend {
         let claims = Claims::of(work);
         let first: Vec<&ClaimCmd> = claims.first.iter().map(|(_, c)| *c).collect();
         let local_before = self.clock.now_ms();
+        let sent = Instant::now();
         let answers = self.transaction(client, &leases, &ClaimArrays::of(&first), test_now)?;
         let local_now = self.clock.now_ms();
 
@@ -922,6 +957,10 @@ impl PgBackend {
                     }
                 }
                 Err(f) => {
+                    if matches!(f, Fail::Timeout(_)) {
+                        // Whatever that transaction is doing, this connection is given up.
+                        self.poisoned.set(true);
+                    }
                     unread = Some(match f {
                         Fail::Pg(e) | Fail::RolledBack(e) => pg_error(e, &self.link.target.shown),
                         Fail::Timeout(what) => Error::Unavailable {
@@ -937,10 +976,20 @@ impl PgBackend {
             }
         }
         // Database times become the engine clock's by the offsets seen in this batch.
-        let offsets = db_now.map_or(Offsets::default(), |db| Offsets {
-            early: local_before - db,
-            late: local_now - db,
-        });
+        let offsets = match db_now {
+            Some(db) => Offsets {
+                early: local_before - db,
+                late: local_now - db,
+                sent,
+                db_now: db,
+            },
+            None => Offsets {
+                early: 0,
+                late: 0,
+                sent,
+                db_now: local_before,
+            },
+        };
 
         let mut results: Vec<Option<Result<Done>>> = (0..work.len()).map(|_| None).collect();
         // What each first claim of an id found, for the later claims of that id.

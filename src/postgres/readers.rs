@@ -184,6 +184,7 @@ fn read(
     // Read before the exchange: the database's `now` is later, so a cached record's expiry,
     // translated, errs early, never late.
     let local_now = setup.clock.now_ms();
+    let sent = std::time::Instant::now();
     let rows = match within(&link.rt, link.deadline, exchange) {
         Ok(Ok(rows)) => rows,
         Ok(Err(e)) => return Err(Fail::Pg(e)),
@@ -213,12 +214,15 @@ fn read(
         let expires_at: i64 = row.try_get(6).map_err(corrupt)?;
         let db_now: i64 = row.try_get(7).map_err(corrupt)?;
         let fingerprint = raw.fingerprint()?;
+        let left = u64::try_from(expires_at.saturating_sub(db_now)).unwrap_or(0);
         out.push((
             id,
             Completed {
                 fingerprint,
                 expires_at: expires_at.saturating_add(local_now - db_now),
                 response: Arc::new(raw.into_response()?),
+                // Monotonic: a step of the wall clock cannot keep the entry past the record.
+                deadline: sent.checked_add(Duration::from_millis(left.min(1 << 50))),
             },
         ));
     }

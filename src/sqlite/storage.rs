@@ -580,6 +580,7 @@ pub(crate) fn read_completed(
         return Ok(Some(Read::Mismatch));
     }
     Ok(Some(Read::Completed(Completed {
+        deadline: None,
         fingerprint,
         expires_at,
         response: Arc::new(raw.into_response()?),
