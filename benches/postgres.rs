@@ -33,7 +33,7 @@
 //! ```text
 //! cargo bench --bench postgres --features postgres -- [--url URL] [--secs S] [--warmup S]
 //!     [--callers 1,8,64] [--procs 1,2,3] [--procs-callers 64] [--raw 1x512,2x512,1x32]
-//!     [--pool 16] [--engine-max-batch N] [--allow-seqscan]
+//!     [--pool 16] [--engine-max-batch N] [--allow-seqscan] [--backlog N]
 //!     [--only engine,per-request,raw,procs] [--out DIR] [--stamp TEXT] [--command TEXT]
 //!     [--no-latest]
 //! ```
@@ -96,6 +96,8 @@ struct Args {
     raw: Vec<(usize, usize)>,
     pool: usize,
     engine_max_batch: Option<usize>,
+    /// Expired records the `engine-backlog` cases start with (0: no such case).
+    backlog: u64,
     /// Let the baselines' sessions scan tables sequentially (the planner's default): shows
     /// what a generic plan made on an empty table costs once it has grown.
     allow_seqscan: bool,
@@ -173,6 +175,7 @@ fn parse_args() -> Args {
         raw: vec![(1, 512), (2, 512), (1, 32)],
         pool: 16,
         engine_max_batch: None,
+        backlog: 0,
         allow_seqscan: false,
         only: None,
         out: Path::new(env!("CARGO_MANIFEST_DIR")).join("bench-results"),
@@ -219,6 +222,7 @@ fn parse_args() -> Args {
             "--pool" => a.pool = value().parse().expect("a number"),
             "--engine-max-batch" => a.engine_max_batch = Some(value().parse().expect("a number")),
             "--allow-seqscan" => a.allow_seqscan = true,
+            "--backlog" => a.backlog = value().parse().expect("--backlog: a number of records"),
             "--only" => a.only = Some(value().split(',').map(str::to_owned).collect()),
             "--out" => a.out = PathBuf::from(value()),
             "--stamp" => a.stamp = Some(value()),
@@ -248,6 +252,9 @@ enum Case {
     Raw { conns: usize, rows: usize },
     /// `n` engine processes on one table, the callers shared among them.
     Procs(usize),
+    /// One engine, `callers` tasks, on a table that starts with `--backlog` expired records,
+    /// its cleanup running every 50 ms.
+    Backlog(usize),
 }
 
 impl Case {
@@ -257,6 +264,7 @@ impl Case {
             Case::PerRequest(n) => format!("per-request/{n}"),
             Case::Raw { conns, rows } => format!("raw/{conns}x{rows}"),
             Case::Procs(n) => format!("engine-procs-{n}"),
+            Case::Backlog(n) => format!("engine-backlog/{n}"),
         }
     }
 
@@ -267,6 +275,7 @@ impl Case {
             Case::PerRequest(n) => format!("per_request_{n}"),
             Case::Raw { conns, rows } => format!("raw_{conns}x{rows}"),
             Case::Procs(n) => format!("procs_{n}"),
+            Case::Backlog(n) => format!("backlog_{n}"),
         }
     }
 
@@ -276,6 +285,7 @@ impl Case {
             Case::PerRequest(_) => "per-request".into(),
             Case::Raw { .. } => "raw".into(),
             Case::Procs(n) => format!("engine-procs-{n}"),
+            Case::Backlog(_) => "engine, expired backlog".into(),
         }
     }
 }
@@ -297,6 +307,9 @@ fn plan(args: &Args) -> Vec<Case> {
     }
     if args.runs("procs") {
         cases.extend(args.procs.iter().map(|&n| Case::Procs(n)));
+    }
+    if args.backlog > 0 {
+        cases.extend(args.callers.iter().map(|&n| Case::Backlog(n)));
     }
     cases
 }
@@ -659,6 +672,66 @@ fn engine_case(args: &Args, schema: &str, table: &str, callers: usize) -> Outcom
     out
 }
 
+/// The engine as in [`engine_case`], on a table that starts with `--backlog` expired records,
+/// with its cleanup every 50 ms: what a large expired backlog costs the callers while it is
+/// deleted (compare with the `engine` row of the same callers: an empty table, no cleanup).
+fn backlog_case(args: &Args, schema: &str, table: &str, callers: usize) -> Outcome {
+    create_table(args, schema, table);
+    let rt = runtime();
+    let probe = rt.block_on(connect(&args.conn_url()));
+    let qualified = qualified(schema, table);
+    rt.block_on(probe.batch_execute(&format!(
+        "INSERT INTO {qualified} (id, scope, key, fingerprint, state, fence, locked_until,
+             expires_at, created_at, completed_at, status, headers, body)
+         SELECT sha256(('backlog ' || g)::bytea), 's', 'backlog ' || g, sha256('x'::bytea), 1,
+                g, 0, 1, 0, 0, 200, NULL, convert_to('{{\"order\": 1}}', 'UTF8')
+         FROM generate_series(1, {}) AS g;
+         ANALYZE {qualified};
+         CHECKPOINT",
+        args.backlog
+    )))
+    .unwrap_or_else(|e| panic!("filling the backlog: {e}"));
+    let config = args
+        .engine_config(&format!("{schema}.{table}"))
+        .cleanup(Duration::from_millis(50), 1000);
+    let engine = Engine::open(config).unwrap();
+    let keys = Arc::new(Keys::new(&format!("backlog-{}", std::process::id())));
+    let op: AsyncOp = {
+        let engine = engine.clone();
+        Arc::new(move |_, _| {
+            let engine = engine.clone();
+            let key = keys.next();
+            Box::pin(async move {
+                match engine.claim_async(common::request(&key)).await.unwrap() {
+                    ClaimOutcome::Claimed(lease) => {
+                        lease.complete_async(common::response()).await.unwrap();
+                    }
+                    other => panic!("a fresh key was not claimed: {other:?}"),
+                }
+                1
+            })
+        })
+    };
+    let pids = || serving_pids(&rt, &probe, &args.app);
+    wait_until(args.start_at);
+    let mut out = drive(&rt, callers, args.warmup(), args.secs(), &pids, op);
+    engine.shutdown().unwrap();
+    let left: i64 = rt
+        .block_on(probe.query_one(
+            &format!("SELECT count(*) FROM {qualified} WHERE expires_at <= 1"),
+            &[],
+        ))
+        .map(|r| r.get(0))
+        .unwrap_or(-1);
+    let deleted = i64::try_from(args.backlog).unwrap_or(0) - left;
+    out.note = format!(
+        "backlog of {} expired records, cleanup every 50 ms: {deleted} deleted during the case ({:.0}/s), {left} left",
+        args.backlog,
+        deleted as f64 / (args.warmup() + args.secs()).as_secs_f64()
+    );
+    out
+}
+
 /// One pooled connection of the per-request baseline, with its prepared statements.
 struct PooledConn {
     client: Client,
@@ -972,6 +1045,7 @@ fn run_child(args: &Args, id: &str) {
     let num = |s: &str| -> usize { s.parse().unwrap_or_else(|_| panic!("bad case {id}")) };
     let out = match parts.as_slice() {
         ["engine", n] => engine_case(args, schema, &Case::Engine(num(n)).table(), num(n)),
+        ["engine-backlog", n] => backlog_case(args, schema, &Case::Backlog(num(n)).table(), num(n)),
         ["per-request", n] => {
             per_request_case(args, schema, &Case::PerRequest(num(n)).table(), num(n))
         }
@@ -1213,7 +1287,10 @@ fn run_parent(args: &Args) {
         }
         let before = rt.block_on(server_stats(client));
         let (callers, procs, result) = match case {
-            Case::Engine(n) | Case::PerRequest(n) | Case::Raw { conns: n, .. } => {
+            Case::Engine(n)
+            | Case::PerRequest(n)
+            | Case::Backlog(n)
+            | Case::Raw { conns: n, .. } => {
                 let child = spawn_child(args, schema, &id, None);
                 (n, 1, wait_child(child).map(|o| (o, Vec::new())))
             }
@@ -1454,7 +1531,10 @@ fn csv(rows: &[Row], args: &Args) -> String {
             },
             r.rate(),
             fmt_opt(
-                ratio(r.rate(), pr).filter(|_| matches!(r.case, Case::Engine(_) | Case::Procs(_))),
+                ratio(r.rate(), pr).filter(|_| matches!(
+                    r.case,
+                    Case::Engine(_) | Case::Procs(_) | Case::Backlog(_)
+                )),
                 3
             ),
             fmt_opt(ratio(r.rate(), raw), 3),
@@ -1502,7 +1582,10 @@ fn markdown(header: &str, args: &Args, rows: &[Row], notes: &[String]) -> String
             r.procs,
             r.rate(),
             fmt_opt(
-                ratio(r.rate(), pr).filter(|_| matches!(r.case, Case::Engine(_) | Case::Procs(_))),
+                ratio(r.rate(), pr).filter(|_| matches!(
+                    r.case,
+                    Case::Engine(_) | Case::Procs(_) | Case::Backlog(_)
+                )),
                 2
             )
             .replace("n/a", "-"),
