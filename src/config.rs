@@ -87,10 +87,7 @@ impl std::fmt::Debug for Location {
             Location::File(path) => f.debug_tuple("File").field(path).finish(),
             Location::Memory => f.write_str("Memory"),
             #[cfg(feature = "postgres")]
-            Location::Postgres(url) => f
-                .debug_tuple("Postgres")
-                .field(&crate::postgres::hide_password(url))
-                .finish(),
+            Location::Postgres(url) => f.debug_tuple("Postgres").field(&redact_url(url)).finish(),
         }
     }
 }

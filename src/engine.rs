@@ -519,16 +519,13 @@ impl Engine {
                 let now = self.inner.clock.now_ms();
                 Ok(Started::Done(ClaimOutcome::from_decision(decision, now)))
             }
-            Some(Ok(None)) => {
-                if let Some(gate) = gate {
+            // Nothing to replay there; or the read failed, or its connection went away (the
+            // engine is closing): the writer has the final word (and the engine's error, when
+            // it is closed).
+            other => {
+                if let (Some(Ok(None)), Some(gate)) = (&other, gate) {
                     gate.miss();
                 }
-                self.check_open()?;
-                self.queue_claim(request, id)
-            }
-            // The read failed, or its connection went away (the engine is closing): the
-            // writer has the final word (and the engine's error, when it is closed).
-            _ => {
                 self.check_open()?;
                 self.queue_claim(request, id)
             }

@@ -88,7 +88,7 @@ impl Sql {
     fn new(names: &Names, statement_timeout: Duration, synchronous_commit: Option<&str>) -> Sql {
         use Type as T;
         let t = &names.records;
-        let columns = "r.locked_until, r.fingerprint, r.state, r.status, r.headers, r.body, r.trailers, r.expires_at";
+        let columns = RECORD_COLUMNS;
         Sql {
             // Every statement has an index path; a plan made on statistics gathered while the
             // table was new and empty must not scan the whole table once it has grown.
@@ -323,7 +323,8 @@ impl Link {
         out.map_err(|f| self.fail_error(f))
     }
 
-    fn fail_error(&self, f: Fail) -> Error {
+    /// The callers' error for a failed exchange.
+    pub(crate) fn fail_error(&self, f: Fail) -> Error {
         match f {
             Fail::Pg(e) | Fail::RolledBack(e) => pg_error(e, &self.target.shown),
             Fail::Timeout(what) => Error::Unavailable {
@@ -435,12 +436,12 @@ impl<'a> Claims<'a> {
 
 /// A record row as the claim and read statements return it.
 #[derive(Clone)]
-struct RecordRow {
+pub(crate) struct RecordRow {
     raw: RawRecord,
     expires_at: i64,
 }
 
-enum ClaimRow {
+pub(crate) enum ClaimRow {
     Won { fence: i64, locked_until: i64 },
     Found(RecordRow),
 }
@@ -451,9 +452,14 @@ fn corrupt(e: impl std::fmt::Display) -> Error {
     }
 }
 
+/// The columns of a record as [`claim_row`] reads them, after the id and the fence: the claim
+/// statement's, the read connections' (`r` the record, `{now}` the database's clock).
+pub(crate) const RECORD_COLUMNS: &str =
+    "r.locked_until, r.fingerprint, r.state, r.status, r.headers, r.body, r.trailers, r.expires_at";
+
 /// Reads a row of the claim or read statement: (id, fence, locked_until, fingerprint, state,
 /// status, headers, body, trailers, expires_at, now).
-fn claim_row(row: &Row) -> Result<([u8; 32], ClaimRow, i64)> {
+pub(crate) fn claim_row(row: &Row) -> Result<([u8; 32], ClaimRow, i64)> {
     let id: &[u8] = row.try_get(0).map_err(corrupt)?;
     let id: [u8; 32] = id
         .try_into()
@@ -491,36 +497,39 @@ fn claim_row(row: &Row) -> Result<([u8; 32], ClaimRow, i64)> {
 /// times err early) and after its answer came (`late`: they err late by at most the answer's
 /// trip).
 #[derive(Clone, Copy)]
-struct Offsets {
-    early: i64,
-    late: i64,
+pub(crate) struct Offsets {
+    pub(crate) early: i64,
+    pub(crate) late: i64,
     /// The monotonic clock read before the batch was sent, and the database's now then (at
     /// the latest): a cached replay's deadline, immune to steps of the wall clock.
-    sent: Instant,
-    db_now: i64,
+    pub(crate) sent: Instant,
+    pub(crate) db_now: i64,
+}
+
+/// A live completed record as the replay cache keeps it: its expiry translated early, and a
+/// monotonic deadline, so that the cache never outlives the record on the server.
+pub(crate) fn completed(record: RecordRow, offsets: Offsets) -> Result<Completed> {
+    let RecordRow { raw, expires_at } = record;
+    let left = u64::try_from(expires_at.saturating_sub(offsets.db_now)).unwrap_or(0);
+    Ok(Completed {
+        fingerprint: raw.fingerprint()?,
+        expires_at: expires_at.saturating_add(offsets.early),
+        response: Arc::new(raw.into_response()?),
+        deadline: offsets
+            .sent
+            .checked_add(Duration::from_millis(left.min(MAX_SPAN_MS as u64))),
+    })
 }
 
 /// What a claim with `fp` gets from a live record that kept it out. An expiry (for the replay
 /// cache) is translated early, so the cache never outlives the record; a lock (for hints) late.
 fn decide(record: RecordRow, fp: &Fingerprint, offsets: Offsets) -> Result<Done> {
-    let RecordRow {
-        mut raw,
-        expires_at,
-    } = record;
-    raw.locked_until = raw.locked_until.saturating_add(offsets.late);
-    if raw.state == STATE_COMPLETED && raw.fingerprint()? == *fp.as_bytes() {
+    if record.raw.state == STATE_COMPLETED && record.raw.fingerprint()? == *fp.as_bytes() {
         // A completed record never changes before it expires: the engine may cache it.
-        let fingerprint = raw.fingerprint()?;
-        let left = u64::try_from(expires_at.saturating_sub(offsets.db_now)).unwrap_or(0);
-        return Ok(Done::Replay(Completed {
-            fingerprint,
-            expires_at: expires_at.saturating_add(offsets.early),
-            response: Arc::new(raw.into_response()?),
-            deadline: offsets
-                .sent
-                .checked_add(Duration::from_millis(left.min(MAX_SPAN_MS as u64))),
-        }));
+        return Ok(Done::Replay(completed(record, offsets)?));
     }
+    let mut raw = record.raw;
+    raw.locked_until = raw.locked_until.saturating_add(offsets.late);
     Ok(Done::Decided(raw.decide(fp)?))
 }
 
@@ -961,16 +970,7 @@ impl PgBackend {
                         // Whatever that transaction is doing, this connection is given up.
                         self.poisoned.set(true);
                     }
-                    unread = Some(match f {
-                        Fail::Pg(e) | Fail::RolledBack(e) => pg_error(e, &self.link.target.shown),
-                        Fail::Timeout(what) => Error::Unavailable {
-                            detail: format!(
-                                "{}: {what} got no answer within {:?}; its outcome is unknown",
-                                self.link.target.shown, self.link.deadline
-                            ),
-                        },
-                        Fail::Other(e) => e,
-                    });
+                    unread = Some(self.link.fail_error(f));
                     break;
                 }
             }

@@ -15,6 +15,7 @@ use tokio_postgres::config::SslMode;
 use tokio_postgres::error::SqlState;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
+use crate::config::redact_url;
 use crate::error::{Error, Result};
 
 /// How the connection is encrypted, as libpq's `sslmode` says it.
@@ -64,7 +65,7 @@ impl Target {
         if !is_postgres_url(url) {
             return Err(invalid(format!(
                 "`{}` is not a PostgreSQL URL (postgres://user@host/database)",
-                hide_password(url)
+                redact_url(url)
             )));
         }
         let (base, query) = match url.split_once('?') {
@@ -102,7 +103,7 @@ impl Target {
         let mut config = tokio_postgres::Config::from_str(&rebuilt).map_err(|e| {
             invalid(format!(
                 "`{}` is not a usable PostgreSQL URL: {e}",
-                hide_password(url)
+                redact_url(url)
             ))
         })?;
         config.ssl_mode(match tls {
@@ -117,7 +118,7 @@ impl Target {
             config,
             tls,
             root_cert,
-            shown: hide_password(url),
+            shown: redact_url(url),
         })
     }
 
@@ -232,11 +233,6 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// `url` with its password, if any, replaced by `***` (see [`crate::config::redact_url`]).
-pub(crate) fn hide_password(url: &str) -> String {
-    crate::config::redact_url(url)
-}
-
 /// What a PostgreSQL error means to the engine's callers.
 pub(crate) fn pg_error(e: tokio_postgres::Error, target: &str) -> Error {
     let Some(code) = e.code() else {
@@ -332,25 +328,19 @@ mod tests {
 
     #[test]
     fn passwords_never_reach_messages() {
-        assert_eq!(hide_password("postgres://u:p@h/d"), "postgres://u:***@h/d");
-        assert_eq!(hide_password("postgres://u@h/d"), "postgres://u@h/d");
-        assert_eq!(hide_password("postgres://h/d"), "postgres://h/d");
+        assert_eq!(redact_url("postgres://u:p@h/d"), "postgres://u:***@h/d");
+        assert_eq!(redact_url("postgres://u@h/d"), "postgres://u@h/d");
+        assert_eq!(redact_url("postgres://h/d"), "postgres://h/d");
         // tokio-postgres takes the credentials up to the first `@`, slashes included.
+        assert_eq!(redact_url("postgres://u:p/w@h/d"), "postgres://u:***@h/d");
         assert_eq!(
-            hide_password("postgres://u:p/w@h/d"),
-            "postgres://u:***@h/d"
-        );
-        assert_eq!(
-            hide_password("postgres://u@h/d?sslmode=require&password=secret&x=1"),
+            redact_url("postgres://u@h/d?sslmode=require&password=secret&x=1"),
             "postgres://u@h/d?sslmode=require&password=***&x=1"
         );
         assert_eq!(
-            hide_password("postgress://u:secret@h/d"),
+            redact_url("postgress://u:secret@h/d"),
             "postgress://u:***@h/d"
         );
-        assert_eq!(
-            hide_password("host=h password=secret"),
-            "host=h password=***"
-        );
+        assert_eq!(redact_url("host=h password=secret"), "host=h password=***");
     }
 }

@@ -13,7 +13,6 @@ use std::time::Duration;
 
 pub(crate) use backend::PgBackend;
 use backend::{Link, within};
-pub(crate) use connect::hide_password;
 pub(crate) use readers::{Found, Readers};
 
 use crate::config::{Durability, EngineConfig};

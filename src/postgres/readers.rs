@@ -16,10 +16,13 @@ use tokio_postgres::types::Type;
 use crate::cache::Completed;
 use crate::clock::Clock;
 use crate::error::{Error, Result};
-use crate::postgres::backend::{Fail, Link, Stmt, now_ms, query, within};
+use crate::postgres::backend::{
+    ClaimRow, Fail, Link, Offsets, RECORD_COLUMNS, Stmt, claim_row, completed, now_ms, query,
+    within,
+};
 use crate::postgres::connect::Target;
 use crate::postgres::schema::Names;
-use crate::record::{RawRecord, STATE_COMPLETED};
+use crate::record::STATE_COMPLETED;
 
 /// Lookups waiting at most; past it a claim goes straight to the writer.
 const QUEUE: usize = 1024;
@@ -111,9 +114,10 @@ impl Drop for Readers {
 }
 
 fn serve(mut link: Link, setup: &Setup, rx: &Receiver<Lookup>) {
+    // The claim statement's row layout (no fence: never won), read by the same `claim_row`.
     let sql = Stmt::new(
         format!(
-            "SELECT r.id, r.fingerprint, r.status, r.headers, r.body, r.trailers, r.expires_at, n.ms
+            "SELECT r.id, NULL::int8, {RECORD_COLUMNS}, n.ms
              FROM {t} AS r, (SELECT {now} AS ms) AS n
              WHERE r.id = ANY($1::bytea[]) AND r.state = {STATE_COMPLETED} AND r.expires_at > n.ms",
             t = setup.names.records,
@@ -190,41 +194,21 @@ fn read(
         Ok(Err(e)) => return Err(Fail::Pg(e)),
         Err(_) => return Err(Fail::Timeout("a read")),
     };
-    let corrupt = |e: tokio_postgres::Error| Error::Corrupt {
-        detail: e.to_string(),
-    };
     let mut out = Vec::with_capacity(rows.len());
     for row in &rows {
-        let id: &[u8] = row.try_get(0).map_err(corrupt)?;
-        let id: [u8; 32] = id.try_into().map_err(|_| Error::Corrupt {
-            detail: format!("record id of {} bytes", id.len()),
-        })?;
-        let raw = RawRecord {
-            fingerprint: row.try_get(1).map_err(corrupt)?,
-            state: STATE_COMPLETED,
-            locked_until: 0,
-            status: row
-                .try_get::<_, Option<i32>>(2)
-                .map_err(corrupt)?
-                .map(i64::from),
-            headers: row.try_get(3).map_err(corrupt)?,
-            body: row.try_get(4).map_err(corrupt)?,
-            trailers: row.try_get(5).map_err(corrupt)?,
+        let (id, found, db_now) = claim_row(row)?;
+        let ClaimRow::Found(record) = found else {
+            return Err(Fail::Other(Error::Corrupt {
+                detail: "a read returned a claim's row".into(),
+            }));
         };
-        let expires_at: i64 = row.try_get(6).map_err(corrupt)?;
-        let db_now: i64 = row.try_get(7).map_err(corrupt)?;
-        let fingerprint = raw.fingerprint()?;
-        let left = u64::try_from(expires_at.saturating_sub(db_now)).unwrap_or(0);
-        out.push((
-            id,
-            Completed {
-                fingerprint,
-                expires_at: expires_at.saturating_add(local_now - db_now),
-                response: Arc::new(raw.into_response()?),
-                // Monotonic: a step of the wall clock cannot keep the entry past the record.
-                deadline: sent.checked_add(Duration::from_millis(left.min(1 << 50))),
-            },
-        ));
+        let offsets = Offsets {
+            early: local_now - db_now,
+            late: local_now - db_now,
+            sent,
+            db_now,
+        };
+        out.push((id, completed(record, offsets)?));
     }
     Ok(out)
 }
