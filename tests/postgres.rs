@@ -27,12 +27,7 @@ fn open_err(config: EngineConfig) -> Error {
     }
 }
 
-/// A URL to the test server with other parameters appended.
-fn url_with(extra: &str) -> String {
-    let url = pg::url();
-    let sep = if url.contains('?') { '&' } else { '?' };
-    format!("{url}{sep}{extra}")
-}
+use pg::url_with;
 
 #[test]
 fn claims_complete_and_replay() {
@@ -567,28 +562,10 @@ fn replays_do_not_wait_behind_writes() {
         .unwrap();
 
     // Another session: EXCLUSIVE mode lets reads through and blocks every write.
-    let (locked_tx, locked) = std::sync::mpsc::channel();
-    let (release, released) = tokio::sync::oneshot::channel::<()>();
-    let holder = std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            let (client, conn) = tokio_postgres::connect(&pg::url(), tokio_postgres::NoTls)
-                .await
-                .unwrap();
-            tokio::spawn(conn);
-            client
-                .batch_execute(&format!("BEGIN; LOCK TABLE {table} IN EXCLUSIVE MODE"))
-                .await
-                .unwrap();
-            locked_tx.send(()).unwrap();
-            let _ = released.await;
-            client.batch_execute("ROLLBACK").await.unwrap();
-        });
-    });
-    locked.recv().unwrap();
+    let holder = pg::Session::new();
+    holder
+        .exec(&format!("BEGIN; LOCK TABLE {table} IN EXCLUSIVE MODE"))
+        .unwrap();
     let started = Instant::now();
     for _ in 0..20 {
         assert_eq!(
@@ -603,8 +580,7 @@ fn replays_do_not_wait_behind_writes() {
     );
     let e = engine.claim(request("new")).unwrap_err();
     assert!(matches!(e, Error::Unavailable { .. }), "{e:?}");
-    release.send(()).unwrap();
-    holder.join().unwrap();
+    holder.exec("ROLLBACK").unwrap();
     // The writer is free again: the new key runs.
     claimed(engine.claim(request("new")).unwrap())
         .release()

@@ -9,59 +9,12 @@ mod pg;
 mod support;
 
 use std::sync::Arc;
-use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime};
 
 use idempotency_rs::{ClaimOutcome, Engine, EngineConfig, Error, StoredResponse};
 use support::{claimed, request};
 
-/// A raw session on the test server, on a thread of its own, driven statement by statement.
-struct Session {
-    tx: mpsc::Sender<(String, mpsc::Sender<Result<(), String>>)>,
-}
-
-impl Session {
-    fn new() -> Session {
-        let (tx, rx) = mpsc::channel::<(String, mpsc::Sender<Result<(), String>>)>();
-        let (ready_tx, ready) = mpsc::channel();
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let (client, conn) = tokio_postgres::connect(&pg::url(), tokio_postgres::NoTls)
-                    .await
-                    .unwrap();
-                tokio::spawn(conn);
-                ready_tx.send(()).unwrap();
-                while let Ok((sql, reply)) = rx.recv() {
-                    let r = client.batch_execute(&sql).await.map_err(|e| e.to_string());
-                    let _ = reply.send(r);
-                }
-            });
-        });
-        ready.recv().unwrap();
-        Session { tx }
-    }
-
-    fn exec(&self, sql: &str) -> Result<(), String> {
-        self.start(sql).recv().unwrap()
-    }
-
-    /// Sends `sql` without waiting for it.
-    fn start(&self, sql: &str) -> mpsc::Receiver<Result<(), String>> {
-        let (tx, rx) = mpsc::channel();
-        self.tx.send((sql.to_owned(), tx)).unwrap();
-        rx
-    }
-}
-
-fn url_with(extra: &str) -> String {
-    let url = pg::url();
-    let sep = if url.contains('?') { '&' } else { '?' };
-    format!("{url}{sep}{extra}")
-}
+use pg::{Session, url_with};
 
 fn count(sql: &str) -> usize {
     pg::query(sql)[0].as_deref().unwrap().parse().unwrap()
@@ -459,147 +412,17 @@ fn one_commands_failure_fails_only_that_command() {
     fine.join().unwrap().unwrap();
 }
 
-/// A proxy that behaves like PgBouncer when it gives up on a server connection (its
-/// `query_timeout`): it sends the client `FATAL 08P01` and closes both sides, while the server
-/// backend, which already has the whole pipeline (`BEGIN` .. `COMMIT`) in its input buffer,
-/// carries on with it.
-struct BouncerLike {
-    port: u16,
-    give_up: tokio::sync::watch::Sender<u64>,
-}
-
-impl BouncerLike {
-    fn start() -> BouncerLike {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let config: tokio_postgres::Config = pg::url().parse().unwrap();
-        let port = config.get_ports().first().copied().unwrap_or(5432);
-        enum Up {
-            Tcp(String),
-            Unix(String),
-        }
-        let upstream = Arc::new(match &config.get_hosts()[0] {
-            tokio_postgres::config::Host::Tcp(h) => Up::Tcp(format!("{h}:{port}")),
-            tokio_postgres::config::Host::Unix(dir) => {
-                Up::Unix(format!("{}/.s.PGSQL.{port}", dir.display()))
-            }
-        });
-        let (give_up, rx_give_up) = tokio::sync::watch::channel(0u64);
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-                tx.send(listener.local_addr().unwrap().port()).unwrap();
-                loop {
-                    let (client, _) = listener.accept().await.unwrap();
-                    let (mut sr, mut sw): (
-                        Box<dyn tokio::io::AsyncRead + Unpin + Send>,
-                        Box<dyn tokio::io::AsyncWrite + Unpin + Send>,
-                    ) = match &*upstream {
-                        Up::Tcp(a) => {
-                            let (r, w) = tokio::net::TcpStream::connect(a)
-                                .await
-                                .unwrap()
-                                .into_split();
-                            (Box::new(r), Box::new(w))
-                        }
-                        Up::Unix(p) => {
-                            let (r, w) = tokio::net::UnixStream::connect(p)
-                                .await
-                                .unwrap()
-                                .into_split();
-                            (Box::new(r), Box::new(w))
-                        }
-                    };
-                    let mut signal = rx_give_up.clone();
-                    signal.borrow_and_update();
-                    tokio::spawn(async move {
-                        let (mut cr, mut cw) = client.into_split();
-                        let gave_up = {
-                            let c2s = async {
-                                let mut buf = vec![0u8; 65536];
-                                loop {
-                                    let n = cr.read(&mut buf).await.unwrap_or(0);
-                                    if n == 0 || sw.write_all(&buf[..n]).await.is_err() {
-                                        return;
-                                    }
-                                }
-                            };
-                            let s2c = async {
-                                let mut buf = vec![0u8; 65536];
-                                loop {
-                                    let n = sr.read(&mut buf).await.unwrap_or(0);
-                                    if n == 0 || cw.write_all(&buf[..n]).await.is_err() {
-                                        return;
-                                    }
-                                }
-                            };
-                            tokio::select! {
-                                _ = c2s => false,
-                                _ = s2c => false,
-                                _ = signal.changed() => true,
-                            }
-                        };
-                        if gave_up {
-                            // ErrorResponse: S FATAL, V FATAL, C 08P01, M query_timeout.
-                            let mut body = Vec::new();
-                            for (t, v) in [
-                                (b'S', "FATAL"),
-                                (b'V', "FATAL"),
-                                (b'C', "08P01"),
-                                (b'M', "query_timeout"),
-                            ] {
-                                body.push(t);
-                                body.extend_from_slice(v.as_bytes());
-                                body.push(0);
-                            }
-                            body.push(0);
-                            let mut msg = vec![b'E'];
-                            msg.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
-                            msg.extend_from_slice(&body);
-                            let _ = cw.write_all(&msg).await;
-                            let _ = cw.shutdown().await;
-                        }
-                    });
-                }
-            });
-        });
-        BouncerLike {
-            port: rx.recv().unwrap(),
-            give_up,
-        }
-    }
-
-    fn url(&self, app: &str) -> String {
-        let config: tokio_postgres::Config = pg::url().parse().unwrap();
-        format!(
-            "postgres://{}@127.0.0.1:{}/{}?sslmode=disable&application_name={app}",
-            config.get_user().unwrap_or("postgres"),
-            self.port,
-            config.get_dbname().unwrap_or("test")
-        )
-    }
-
-    fn give_up_all(&self) {
-        self.give_up.send_modify(|n| *n += 1);
-    }
-}
-
 /// A pooler's `FATAL` (not the server's verdict) in the middle of a batch leaves its outcome
 /// unknown: the server may still commit the pipeline it holds. The batch is not run again: the
 /// completion's caller gets `Unavailable` (the outcome is unknown), never `LeaseLost` for a
 /// completion that was in fact stored and is replayed.
 #[test]
 fn a_poolers_fatal_mid_batch_is_an_unknown_outcome_not_a_rollback() {
-    let proxy = BouncerLike::start();
+    let proxy = pg::proxy::Proxy::start();
     let app = "idem_bouncer_fatal";
     let table = pg::fresh_table();
     let engine = Engine::open(
-        EngineConfig::postgres(proxy.url(app))
+        EngineConfig::postgres(format!("{}&application_name={app}", proxy.url()))
             .table(table.clone())
             .pool_size(1)
             .statement_timeout(Duration::from_secs(10)),

@@ -22,6 +22,55 @@ pub fn url() -> String {
     std::env::var("IDEMPOTENCY_TEST_PG_URL").unwrap_or_else(|_| DEFAULT_URL.to_owned())
 }
 
+/// The test server's URL with other parameters appended.
+pub fn url_with(extra: &str) -> String {
+    let url = url();
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}{extra}")
+}
+
+/// A raw session on the test server, on a thread of its own, driven statement by statement
+/// (to hold locks or open transactions at chosen moments).
+pub struct Session {
+    tx: std::sync::mpsc::Sender<(String, std::sync::mpsc::Sender<Result<(), String>>)>,
+}
+
+impl Session {
+    pub fn new() -> Session {
+        let (tx, rx) =
+            std::sync::mpsc::channel::<(String, std::sync::mpsc::Sender<Result<(), String>>)>();
+        let (ready_tx, ready) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let client = connect().await;
+                ready_tx.send(()).unwrap();
+                while let Ok((sql, reply)) = rx.recv() {
+                    let r = client.batch_execute(&sql).await.map_err(|e| e.to_string());
+                    let _ = reply.send(r);
+                }
+            });
+        });
+        ready.recv().unwrap();
+        Session { tx }
+    }
+
+    /// Runs `sql` and waits for it.
+    pub fn exec(&self, sql: &str) -> Result<(), String> {
+        self.start(sql).recv().unwrap()
+    }
+
+    /// Sends `sql` without waiting for it.
+    pub fn start(&self, sql: &str) -> std::sync::mpsc::Receiver<Result<(), String>> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.tx.send((sql.to_owned(), tx)).unwrap();
+        rx
+    }
+}
+
 /// A table no other test uses: `idem_<pid>_<n>.records`.
 pub fn fresh_table() -> String {
     static N: AtomicU32 = AtomicU32::new(0);
