@@ -656,13 +656,6 @@ where
     })
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 /// The peak RSS since the last reset, and the same for another process.
 fn peaks(outcome: &mut Outcome, server_pid: Option<&str>) {
     outcome.peak_kib = common::peak_rss_kib();
@@ -714,7 +707,7 @@ fn engine_case(
     workload: Workload,
     callers: usize,
 ) -> Outcome {
-    let rt = runtime();
+    let rt = common::runtime();
     let name = format!(
         "engine-{}-{}-{callers}.db",
         durability_name(durability),
@@ -820,7 +813,7 @@ fn redis_case(args: &Args, aof: bool, workload: Workload, callers: usize) -> Out
         args.redis_plain.as_deref()
     }
     .expect("the Redis address");
-    let rt = runtime();
+    let rt = common::runtime();
     let client = redis::Client::open(format!("redis://{addr}/")).unwrap();
     let config = redis::AsyncConnectionConfig::new()
         .set_response_timeout(Some(Duration::from_secs(30)))
@@ -947,7 +940,7 @@ fn prefill_case(dir: &Path, records: u64) -> Outcome {
 fn growth_case(args: &Args, dir: &Path, records: u64) -> Outcome {
     let path = growth_path(dir, records);
     let size_before = common::db_size(&path);
-    let rt = runtime();
+    let rt = common::runtime();
     let engine = args.open_engine(&path, Durability::Full);
     common::reset_peak_rss("self");
     let op = engine_fresh_op(engine.clone(), Arc::new(Keys::new("growth")));
@@ -971,7 +964,7 @@ fn expiry_case(args: &Args, dir: &Path, records: u64) -> Outcome {
     common::create_schema(&path);
     let took = common::prefill_expired(&path, records, 100_000);
     let size_before = common::db_size(&path);
-    let rt = runtime();
+    let rt = common::runtime();
     let engine = Engine::open(
         EngineConfig::new(&path)
             .durability(Durability::Full)
@@ -1057,23 +1050,17 @@ fn fsync_probe(dir: &Path) -> (f64, f64) {
 }
 
 fn machine(dir: &Path) -> String {
-    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let model = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find_map(|l| l.strip_prefix("model name"))
-                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
+    let common::Machine {
+        cpus,
+        model,
+        kernel,
+        load,
+    } = common::Machine::read();
     let mem = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
         m.lines()
             .find_map(|l| l.strip_prefix("MemTotal:"))
             .map(|v| v.trim().to_owned())
     });
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_default();
     let df = Command::new("df")
         .args(["-h", "--output=source,fstype,size,avail"])
         .arg(dir)
@@ -1086,9 +1073,6 @@ fn machine(dir: &Path) -> String {
                 .unwrap_or("")
                 .to_owned()
         })
-        .unwrap_or_default();
-    let load = std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_default();
     format!(
         "- CPUs: {cpus} ({model}); memory {}; Linux {kernel}; load average at start {load}\n\
@@ -1456,32 +1440,7 @@ fn run_parent(args: &Args) {
     );
     let md = report.markdown(&header);
     let csv = report.csv();
-    std::fs::create_dir_all(&args.out).unwrap();
-    let file_stamp: String = stamp
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
-        .collect();
-    let mut files = vec![
-        (format!("compare-{file_stamp}.md"), &md),
-        (format!("compare-{file_stamp}.csv"), &csv),
-    ];
-    if !args.no_latest {
-        files.push(("compare-latest.md".to_owned(), &md));
-        files.push(("compare-latest.csv".to_owned(), &csv));
-    }
-    for (name, text) in files {
-        std::fs::write(args.out.join(&name), text).unwrap();
-    }
-    println!("{md}");
-    eprintln!(
-        "wrote {}/compare-{file_stamp}.md and .csv{}",
-        args.out.display(),
-        if args.no_latest {
-            ""
-        } else {
-            " (and compare-latest.*)"
-        }
-    );
+    common::write_report(&args.out, "compare", &stamp, &md, &csv, args.no_latest);
 }
 
 fn main() {

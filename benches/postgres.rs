@@ -593,13 +593,6 @@ fn drive(
     }
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 async fn connect(url: &str) -> Client {
     let (client, connection) = tokio_postgres::connect(url, NoTls)
         .await
@@ -646,7 +639,7 @@ fn create_table(args: &Args, schema: &str, table: &str) {
 fn engine_case(args: &Args, schema: &str, table: &str, callers: usize) -> Outcome {
     let engine = Engine::open(args.engine_config(&format!("{schema}.{table}")))
         .unwrap_or_else(|e| panic!("cannot open the engine on {schema}.{table}: {e}"));
-    let rt = runtime();
+    let rt = common::runtime();
     let keys = Arc::new(Keys::new(&format!("engine-{}", std::process::id())));
     let op: AsyncOp = {
         let engine = engine.clone();
@@ -677,7 +670,7 @@ fn engine_case(args: &Args, schema: &str, table: &str, callers: usize) -> Outcom
 /// deleted (compare with the `engine` row of the same callers: an empty table, no cleanup).
 fn backlog_case(args: &Args, schema: &str, table: &str, callers: usize) -> Outcome {
     create_table(args, schema, table);
-    let rt = runtime();
+    let rt = common::runtime();
     let probe = rt.block_on(connect(&args.conn_url()));
     let qualified = qualified(schema, table);
     rt.block_on(probe.batch_execute(&format!(
@@ -802,7 +795,7 @@ fn per_request_case(args: &Args, schema: &str, table: &str, callers: usize) -> O
                         completed_at = $6, expires_at = $7, locked_until = 0
          WHERE id = $1 AND fence = $2 AND state = 0"
     );
-    let rt = runtime();
+    let rt = common::runtime();
     let pool = rt.block_on(async {
         let mut free = Vec::with_capacity(args.pool);
         for _ in 0..args.pool {
@@ -908,7 +901,7 @@ fn raw_case(args: &Args, schema: &str, table: &str, conns: usize, batch: usize) 
                   AS i(id, fence, status, headers, body)
          WHERE r.id = i.id AND r.fence = i.fence AND r.state = 0"
     );
-    let rt = runtime();
+    let rt = common::runtime();
     let workers: Arc<Vec<tokio::sync::Mutex<RawConn>>> = Arc::new(rt.block_on(async {
         let mut v = Vec::with_capacity(conns);
         for _ in 0..conns {
@@ -1171,21 +1164,12 @@ fn fmt_opt(v: Option<f64>, digits: usize) -> String {
 }
 
 fn machine(server_version: &str, settings: &str) -> String {
-    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let model = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find_map(|l| l.strip_prefix("model name"))
-                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let load = std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default();
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_default();
+    let common::Machine {
+        cpus,
+        model,
+        kernel,
+        load,
+    } = common::Machine::read();
     format!(
         "- CPUs: {cpus} ({model}); Linux {kernel}; load average at start {load}\n\
          - server: {server_version}; {settings}\n"
@@ -1467,32 +1451,7 @@ fn run_parent(args: &Args) {
     );
     let md = markdown(&header, args, &rows, &notes);
     let csv = csv(&rows, args);
-    std::fs::create_dir_all(&args.out).unwrap();
-    let file_stamp: String = stamp
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
-        .collect();
-    let mut files = vec![
-        (format!("postgres-{file_stamp}.md"), &md),
-        (format!("postgres-{file_stamp}.csv"), &csv),
-    ];
-    if !args.no_latest {
-        files.push(("postgres-latest.md".to_owned(), &md));
-        files.push(("postgres-latest.csv".to_owned(), &csv));
-    }
-    for (name, text) in files {
-        std::fs::write(args.out.join(&name), text).unwrap();
-    }
-    println!("{md}");
-    eprintln!(
-        "wrote {}/postgres-{file_stamp}.md and .csv{}",
-        args.out.display(),
-        if args.no_latest {
-            ""
-        } else {
-            " (and postgres-latest.*)"
-        }
-    );
+    common::write_report(&args.out, "postgres", &stamp, &md, &csv, args.no_latest);
 }
 
 /// The per-request rate at `callers`, and the raw ceiling (the best raw row).

@@ -508,3 +508,81 @@ impl Hist {
         Some(h)
     }
 }
+
+/// A multi-thread tokio runtime (one worker per CPU) for the benches' async callers.
+pub(crate) fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// The machine as a report's header gives it: CPUs and their model, the kernel and the load
+/// average at the start.
+pub(crate) struct Machine {
+    pub(crate) cpus: usize,
+    pub(crate) model: String,
+    pub(crate) kernel: String,
+    pub(crate) load: String,
+}
+
+impl Machine {
+    pub(crate) fn read() -> Machine {
+        let model = std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|c| {
+                c.lines()
+                    .find_map(|l| l.strip_prefix("model name"))
+                    .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+            })
+            .unwrap_or_else(|| "unknown CPU".into());
+        Machine {
+            cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
+            model,
+            kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                .map(|s| s.trim().to_owned())
+                .unwrap_or_default(),
+            load: std::fs::read_to_string("/proc/loadavg")
+                .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+                .unwrap_or_default(),
+        }
+    }
+}
+
+/// Writes a report as `<out>/<prefix>-<stamp>.{md,csv}` (and `<prefix>-latest.*` unless
+/// `no_latest`), prints the markdown, and says where it went.
+pub(crate) fn write_report(
+    out: &Path,
+    prefix: &str,
+    stamp: &str,
+    md: &str,
+    csv: &str,
+    no_latest: bool,
+) {
+    std::fs::create_dir_all(out).unwrap();
+    let file_stamp: String = stamp
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect();
+    let mut files = vec![
+        (format!("{prefix}-{file_stamp}.md"), md),
+        (format!("{prefix}-{file_stamp}.csv"), csv),
+    ];
+    if !no_latest {
+        files.push((format!("{prefix}-latest.md"), md));
+        files.push((format!("{prefix}-latest.csv"), csv));
+    }
+    for (name, text) in files {
+        std::fs::write(out.join(&name), text).unwrap();
+    }
+    println!("{md}");
+    eprintln!(
+        "wrote {}/{prefix}-{file_stamp}.md and .csv{}",
+        out.display(),
+        if no_latest {
+            String::new()
+        } else {
+            format!(" (and {prefix}-latest.*)")
+        }
+    );
+}
