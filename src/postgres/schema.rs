@@ -59,8 +59,9 @@ impl Names {
             Some(s) => format!("\"{s}\".\"{n}\""),
             None => format!("\"{n}\""),
         };
-        let key = |what: &str| {
-            let digest = Sha256::digest(format!("idempotency-rs {what} {table}").as_bytes());
+        // An advisory lock's key: the first 8 bytes of a hash of what it guards.
+        let key = |what: &str, of: &str| {
+            let digest = Sha256::digest(format!("idempotency-rs {what} {of}").as_bytes());
             i64::from_be_bytes(digest[..8].try_into().unwrap_or([0; 8]))
         };
         Ok(Names {
@@ -70,14 +71,9 @@ impl Names {
             meta: qualify(&format!("{name}_meta")),
             fence: qualify(&format!("{name}_fence")),
             expiry_index: format!("\"{name}_expiry\""),
-            migrate_lock: key("migrate"),
-            cleanup_lock: key("cleanup"),
-            schema_lock: {
-                let digest = Sha256::digest(
-                    format!("idempotency-rs schema {}", schema.unwrap_or_default()).as_bytes(),
-                );
-                i64::from_be_bytes(digest[..8].try_into().unwrap_or([0; 8]))
-            },
+            migrate_lock: key("migrate", table),
+            cleanup_lock: key("cleanup", table),
+            schema_lock: key("schema", schema.unwrap_or_default()),
         })
     }
 }

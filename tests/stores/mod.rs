@@ -28,15 +28,6 @@ pub fn engine() -> idempotency_rs::Engine {
     idempotency_rs::Engine::open(idempotency_rs::EngineConfig::in_memory()).unwrap()
 }
 
-/// [`engine`]'s configuration, for tests that set more on it.
-pub fn config() -> idempotency_rs::EngineConfig {
-    #[cfg(feature = "postgres")]
-    if on_postgres() {
-        return pg::config();
-    }
-    idempotency_rs::EngineConfig::in_memory()
-}
-
 /// Expands each `async fn` test twice (see the module docs).
 #[macro_export]
 macro_rules! on_both_stores {
