@@ -45,10 +45,12 @@ struct Order {
     total: f64,
 }
 
-/// The service's state: how many orders it has created (a stand-in for its own database).
+/// The service's state: the orders it has created, by id, with the idempotency key each was
+/// created under (a stand-in for its own database).
 #[derive(Default)]
 pub(crate) struct Orders {
     created: AtomicUsize,
+    placed: parking_lot::Mutex<Vec<(Option<String>, String)>>,
 }
 
 impl Orders {
@@ -56,6 +58,12 @@ impl Orders {
     #[allow(dead_code)]
     pub(crate) fn created(&self) -> usize {
         self.created.load(Ordering::SeqCst)
+    }
+
+    /// Every order created: its key (if the request had one) and its id.
+    #[allow(dead_code)]
+    pub(crate) fn placed(&self) -> Vec<(Option<String>, String)> {
+        self.placed.lock().clone()
     }
 }
 
@@ -72,6 +80,10 @@ async fn create_order(
         status: "created",
         total: f64::from(req.quantity) * req.price,
     };
+    orders.placed.lock().push((
+        claimed.as_ref().map(|c| c.key().as_str().to_owned()),
+        order.order_id.clone(),
+    ));
     tracing::info!(
         order_id = %order.order_id,
         symbol = %req.symbol,

@@ -35,49 +35,137 @@ struct CreateOrder {
     price: f64,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, Clone)]
 struct Order {
     order_id: String,
     status: &'static str,
     total: f64,
 }
 
-/// The service's state: how many orders it has created (a stand-in for its own database).
+/// The service's own database, in miniature: the orders it created, each with the idempotency
+/// key it was created under, optionally appended to a file (`key order_id total` per line) that
+/// a restarted process reads back.
+///
+/// Keeping the key with the order is what closes the one window an idempotency layer cannot
+/// close from outside the service's database: a crash after the order is written and before
+/// its response is stored. The lease of that key then expires, a retry runs the handler again,
+/// and the handler finds the order under its key instead of placing a second one.
 #[derive(Default)]
 pub(crate) struct Orders {
+    by_key: parking_lot::Mutex<std::collections::HashMap<String, Order>>,
+    ledger: Option<parking_lot::Mutex<std::fs::File>>,
     created: AtomicUsize,
+    recovered: AtomicUsize,
 }
 
 impl Orders {
+    /// Orders kept in `path` too (created if missing; the orders already there are loaded).
+    #[allow(dead_code)]
+    pub(crate) fn with_ledger(path: &std::path::Path) -> std::io::Result<Orders> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(e),
+        };
+        let mut by_key = std::collections::HashMap::new();
+        // A line cut short by a crash has no total: that order was never answered, and is
+        // placed again by the retry.
+        for line in text.lines() {
+            let mut fields = line.split(' ');
+            if let (Some(key), Some(id), Some(Ok(total))) =
+                (fields.next(), fields.next(), fields.next().map(str::parse))
+            {
+                let order = Order {
+                    order_id: id.to_owned(),
+                    status: "created",
+                    total,
+                };
+                by_key.insert(key.to_owned(), order);
+            }
+        }
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
+        Ok(Orders {
+            by_key: parking_lot::Mutex::new(by_key),
+            ledger: Some(parking_lot::Mutex::new(file)),
+            ..Orders::default()
+        })
+    }
+
     /// How many times the handler created an order (`tests/abuse.rs` counts runs with it).
     #[allow(dead_code)]
     pub(crate) fn created(&self) -> usize {
         self.created.load(Ordering::SeqCst)
     }
+
+    /// How many runs found their key's order already placed (only after a crash).
+    #[allow(dead_code)]
+    pub(crate) fn recovered(&self) -> usize {
+        self.recovered.load(Ordering::SeqCst)
+    }
+
+    /// The order id placed under each key.
+    #[allow(dead_code)]
+    pub(crate) fn ids_by_key(&self) -> std::collections::HashMap<String, String> {
+        let by_key = self.by_key.lock();
+        by_key
+            .iter()
+            .map(|(k, o)| (k.clone(), o.order_id.clone()))
+            .collect()
+    }
+
+    /// Places an order, or, when `key` already has one, answers that one.
+    fn place(&self, key: Option<&str>, total: f64) -> std::io::Result<Order> {
+        let mut by_key = self.by_key.lock();
+        if let Some(order) = key.and_then(|k| by_key.get(k)) {
+            self.recovered.fetch_add(1, Ordering::SeqCst);
+            return Ok(order.clone());
+        }
+        let order = Order {
+            order_id: uuid::Uuid::new_v4().to_string(),
+            status: "created",
+            total,
+        };
+        if let (Some(key), Some(ledger)) = (key, &self.ledger) {
+            use std::io::Write;
+            // One write per order: whole in the file once it returns, even if the process is
+            // killed the next instant.
+            let line = format!("{key} {} {total}\n", order.order_id);
+            ledger.lock().write_all(line.as_bytes())?;
+        }
+        self.created.fetch_add(1, Ordering::SeqCst);
+        if let Some(key) = key {
+            by_key.insert(key.to_owned(), order.clone());
+        }
+        Ok(order)
+    }
 }
 
 // `Option<ClaimedKey>`: the key the layer deduplicated on (unquoted, lower-cased), its scope
-// and the lease's fencing token; `None` for a request sent without a key. A real service would
-// pass the key on to its payment provider and tag its own writes with the token.
+// and the lease's fencing token; `None` for a request sent without a key. The orders are kept
+// under that key (see `Orders`); a real service would also pass it on to its payment provider
+// and tag its own writes with the token.
 async fn create_order(
     State(orders): State<Arc<Orders>>,
     claimed: Option<ClaimedKey>,
     Json(req): Json<CreateOrder>,
-) -> (StatusCode, Json<Order>) {
-    orders.created.fetch_add(1, Ordering::SeqCst);
-    let order = Order {
-        order_id: uuid::Uuid::new_v4().to_string(),
-        status: "created",
-        total: f64::from(req.quantity) * req.price,
-    };
+) -> Result<(StatusCode, Json<Order>), StatusCode> {
+    let key = claimed.as_ref().map(|c| c.key().as_str());
+    let total = f64::from(req.quantity) * req.price;
+    // A 500 releases the key: the retry places the order.
+    let order = orders
+        .place(key, total)
+        .map_err(|_| StatusCode::INTERNAL_SERVER_ERROR)?;
     tracing::info!(
         order_id = %order.order_id,
         symbol = %req.symbol,
-        idempotency_key = claimed.as_ref().map(|c| c.key().as_str()),
+        idempotency_key = key,
         fencing_token = claimed.as_ref().map(ClaimedKey::fencing_token),
         "order created"
     );
-    (StatusCode::CREATED, Json(order))
+    Ok((StatusCode::CREATED, Json(order)))
 }
 
 /// The idempotency layer: scope from `X-User-ID`, everything else the defaults (UUID keys,

@@ -35,16 +35,27 @@ use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 
 #[allow(unreachable_pub, missing_docs, clippy::all, clippy::pedantic)]
-mod orders {
+pub(crate) mod orders {
     include!("generated/orders.rs");
 }
 
 use orders::orders_server::{Orders, OrdersServer};
 use orders::{CreateOrderRequest, Order, OrderUpdate, WatchOrderRequest};
 
+/// The service's state: the orders placed, by id, with the idempotency key each was placed
+/// under (a stand-in for its own database).
 #[derive(Default)]
-struct OrderBook {
+pub(crate) struct OrderBook {
     orders: Mutex<HashMap<String, Order>>,
+    keys: Mutex<Vec<(Option<String>, String)>>,
+}
+
+impl OrderBook {
+    /// Every order placed: its key and its id, in order.
+    #[allow(dead_code)]
+    pub(crate) fn placed(&self) -> Vec<(Option<String>, String)> {
+        self.keys.lock().clone()
+    }
 }
 
 #[tonic::async_trait]
@@ -91,6 +102,10 @@ impl Orders for OrderBook {
         self.orders
             .lock()
             .insert(order.order_id.clone(), order.clone());
+        self.keys.lock().push((
+            claimed.map(|c| c.key().as_str().to_owned()),
+            order.order_id.clone(),
+        ));
         Ok(Response::new(order))
     }
 
@@ -115,6 +130,27 @@ impl Orders for OrderBook {
             .collect::<Vec<_>>();
         Ok(Response::new(tokio_stream::iter(updates)))
     }
+}
+
+/// The idempotency layer: `CreateOrder` covered, a key required.
+pub(crate) fn layer(store: impl Into<Engine>) -> IdempotencyLayer {
+    IdempotencyLayer::new(store)
+        .method("/orders.Orders/CreateOrder")
+        .require_key(true)
+}
+
+/// The service on `listener` behind `idempotency`, until `shutdown` resolves.
+pub(crate) async fn serve(
+    listener: tokio::net::TcpListener,
+    idempotency: IdempotencyLayer,
+    book: Arc<OrderBook>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), tonic::transport::Error> {
+    tonic::transport::Server::builder()
+        .layer(idempotency)
+        .add_service(OrdersServer::from_arc(book))
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener), shutdown)
+        .await
 }
 
 /// A positive decimal with at most two decimals.
@@ -150,19 +186,12 @@ pub(crate) async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // share one scope here; behind authentication, scope keys per caller with
     // `.scope_fn(|parts| parts.extensions.get::<Caller>().map(|c| c.id.clone()))` or
     // `.scope_metadata("x-tenant-id")`.
-    let idempotency = IdempotencyLayer::new(engine.clone())
-        .method("/orders.Orders/CreateOrder")
-        .require_key(true);
+    let idempotency = layer(&engine);
 
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, %db, "orders service listening");
-    let book = Arc::new(OrderBook::default());
-    tonic::transport::Server::builder()
-        .layer(idempotency)
-        .add_service(OrdersServer::from_arc(book))
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener), shutdown_signal())
-        .await?;
+    serve(listener, idempotency, Arc::default(), shutdown_signal()).await?;
     // Calls in progress have finished: commit, flush and close the store.
     engine.shutdown()?;
     tracing::info!("stopped");

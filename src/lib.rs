@@ -48,6 +48,10 @@ pub mod actix_integration;
 #[path = "../shims/tonic/mod.rs"]
 pub mod tonic_integration;
 
+#[cfg(any(feature = "client", feature = "tonic-client"))]
+#[path = "../shims/client/mod.rs"]
+pub mod client;
+
 #[cfg(test)]
 mod bounds {
     use super::*;

@@ -80,7 +80,8 @@
 #[cfg(any(
     feature = "axum-integration",
     feature = "actix-integration",
-    feature = "tonic-integration"
+    feature = "tonic-integration",
+    feature = "tonic-client"
 ))]
 pub(crate) mod body;
 mod canonical;

@@ -54,7 +54,7 @@
 //! | no scope: the scope metadata entry missing or repeated | `INVALID_ARGUMENT` |
 //! | no scope: the scope function answers `None` or a blank scope | `UNAUTHENTICATED` |
 //! | the scope function answers a scope over 1024 bytes or with a NUL byte | `INVALID_ARGUMENT` |
-//! | request message over the limit (default 4 MiB) | `RESOURCE_EXHAUSTED` |
+//! | request message over the limit (default 4 MiB) | `RESOURCE_EXHAUSTED`, with `grpc-retry-pushback-ms: -1` (gRPC's "do not retry") |
 //! | key already used with a different method or message | `FAILED_PRECONDITION` |
 //! | first call with this key still running | `ABORTED`, with `grpc-retry-pushback-ms` metadata: what the method's last runs took, less the time the running call has had (100 ms at least unless the lock times out sooner, never past it) |
 //! | first call completed | its stored response, replayed, with `idempotent-replayed: true` |
@@ -107,7 +107,6 @@
 //! the scope from that extension with [`IdempotencyLayer::scope_fn`]. Interceptors attached to a single
 //! service with `with_interceptor` run after this layer and are invisible to it.
 
-mod body;
 mod layer;
 mod service;
 

@@ -13,10 +13,11 @@ use tonic::body::Body;
 use tonic::{Code, Status};
 use tower::Service;
 
-use super::body::Buffered;
 use super::layer::Settings;
 use super::{KEY_METADATA, REPLAYED_METADATA, RETRY_PUSHBACK_METADATA};
-use crate::contract::body::{BoxError, Collected, collect, header_list, header_map, mark_unstored};
+use crate::contract::body::{
+    BoxError, Buffered, Collected, collect, header_list, header_map, mark_unstored,
+};
 use crate::contract::{ClaimedKey, KeyPolicy, ProblemKind, is_stored_header, unavailable};
 use crate::{ClaimOutcome, Error, Fingerprint, HeaderList, IdempotencyKey, Lease, StoredResponse};
 
@@ -108,10 +109,15 @@ where
     let (message, request_trailers) = match collect(pin!(body), Some(limit)).await {
         Collected::Whole { data, trailers } => (data, trailers),
         Collected::TooLarge { .. } => {
-            return Ok(reject(Status::resource_exhausted(format!(
+            // A negative pushback is gRPC's "do not retry": the same message would be refused.
+            let mut response = reject(Status::resource_exhausted(format!(
                 "the request message is larger than {limit} bytes, the limit for idempotent \
                  calls of this method; send a smaller message"
-            ))));
+            )));
+            response
+                .headers_mut()
+                .insert(RETRY_PUSHBACK_METADATA, HeaderValue::from_static("-1"));
+            return Ok(response);
         }
         Collected::Failed(e) => return Ok(reject(Status::from_error(e))),
     };

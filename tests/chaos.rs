@@ -1,0 +1,123 @@
+//! Exactly once through a hostile network, end to end: the retrying clients
+//! (`client::RetryMiddleware`, `client::grpc::RetryLayer`) against the Axum, Actix-Web and
+//! Tonic example services through the fault-injecting proxy of `examples/chaos`, which drops
+//! answers after forwarding requests, resets connections in the middle of requests and holds
+//! answers back past the client's timeout; once more with the Axum service in a child process
+//! killed with SIGKILL and restarted; and the plain reqwest client retrying without a key, which
+//! must show the duplicates the key prevents.
+//!
+//! Each run counts the orders the service placed: every operation exactly once, every caller
+//! holding the id of its one order, no failed call.
+
+#[path = "../examples/chaos/main.rs"]
+#[allow(dead_code, unreachable_pub)]
+mod chaos;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use chaos::{Report, Run};
+
+const ENV_STORE: &str = "CHAOS_CHILD_STORE";
+const ENV_LEDGER: &str = "CHAOS_CHILD_LEDGER";
+
+fn run() -> Run {
+    Run {
+        ops: 600,
+        concurrency: 16,
+        seed: 11,
+        ..Run::default()
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Runtime::new().unwrap()
+}
+
+/// The proxy did what it is for: answers were lost after the operation ran, requests reset.
+fn assert_hostile(report: &Report) {
+    let [dropped, reset, delayed, cut] = report.faults;
+    assert!(
+        dropped + cut > 0 && reset + cut > 0 && report.retried > 0,
+        "the network was not hostile: {report:?}"
+    );
+    let _ = delayed;
+}
+
+fn assert_exactly_once(report: &Report) {
+    chaos::print(std::slice::from_ref(report));
+    assert_hostile(report);
+    assert_eq!(report.failed, 0, "calls failed: {report:?}");
+    assert_eq!(report.duplicates, 0, "operations ran twice: {report:?}");
+    assert_eq!(
+        report.wrong_ids, 0,
+        "callers hold ids of other orders: {report:?}"
+    );
+    assert_eq!(report.executions, report.ops, "{report:?}");
+    assert!(
+        report.replayed > 0,
+        "no answer was lost and replayed: {report:?}"
+    );
+    assert!(report.passed());
+}
+
+#[test]
+fn axum_exactly_once_and_the_keyless_contrast() {
+    let dir = tempfile::tempdir().unwrap();
+    let rows = runtime().block_on(chaos::axum_rows(&run(), dir.path()));
+    assert_exactly_once(&rows[0]);
+    let keyless = &rows[1];
+    chaos::print(std::slice::from_ref(keyless));
+    assert!(
+        keyless.duplicates > 0 && keyless.executions > keyless.ops,
+        "retrying without a key through the same network must place orders twice: {keyless:?}"
+    );
+}
+
+#[test]
+fn actix_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let row = runtime().block_on(chaos::actix_row(&run(), dir.path()));
+    assert_exactly_once(&row);
+}
+
+#[test]
+fn tonic_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let row = runtime().block_on(chaos::tonic_row(&run(), dir.path()));
+    assert_exactly_once(&row);
+}
+
+/// Run by `axum_killed_and_restarted` in a child process; does nothing in a normal run.
+#[test]
+#[ignore = "the server child of axum_killed_and_restarted"]
+fn chaos_server_child() {
+    if let (Ok(store), Ok(ledger)) = (std::env::var(ENV_STORE), std::env::var(ENV_LEDGER)) {
+        chaos::serve_axum_child(&PathBuf::from(store), &PathBuf::from(ledger));
+    }
+}
+
+#[test]
+fn axum_killed_and_restarted() {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = std::env::current_exe().unwrap();
+    let row = runtime().block_on(chaos::kill_row(&run(), dir.path(), |store, ledger| {
+        let mut c = Command::new(&exe);
+        c.args([
+            "--exact",
+            "chaos_server_child",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(ENV_STORE, store)
+        .env(ENV_LEDGER, ledger);
+        c
+    }));
+    chaos::print(std::slice::from_ref(&row));
+    assert_eq!(row.failed, 0, "calls failed: {row:?}");
+    assert_eq!(row.duplicates, 0, "operations ran twice: {row:?}");
+    assert_eq!(row.wrong_ids, 0, "{row:?}");
+    assert_eq!(row.executions, row.ops, "{row:?}");
+    assert!(row.passed());
+}
