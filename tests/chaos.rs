@@ -119,5 +119,54 @@ fn axum_killed_and_restarted() {
     assert_eq!(row.duplicates, 0, "operations ran twice: {row:?}");
     assert_eq!(row.wrong_ids, 0, "{row:?}");
     assert_eq!(row.executions, row.ops, "{row:?}");
+    // The ledger keeps orders by key, so a second run of a key shows as a recovery: only the
+    // calls in flight when the process died can have one.
+    assert!(row.recovered <= run().concurrency, "{row:?}");
     assert!(row.passed());
+}
+
+/// The crash window, closed by the service: a run whose record was lost (the process died
+/// after the order was written and before its response was stored) finds the order under its
+/// key in the service's own ledger and answers it, instead of placing a second one.
+#[test]
+fn a_run_after_a_lost_record_finds_its_order() {
+    use chaos::axum_example::{Orders, app};
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = dir.path().join("orders");
+    let key = "1f2e3d4c-5b6a-4978-8a9b-0c1d2e3f4a5b";
+    let send = |store: &str| {
+        let engine =
+            idempotency_rs::Engine::open(idempotency_rs::EngineConfig::new(dir.path().join(store)))
+                .unwrap();
+        let orders = std::sync::Arc::new(Orders::with_ledger(&ledger).unwrap());
+        let router = app(&engine, orders.clone());
+        let body = runtime().block_on(async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            tokio::spawn(async move { axum::serve(listener, router).await });
+            reqwest::Client::new()
+                .post(format!("http://{addr}/orders"))
+                .header("x-user-id", "u")
+                .header("idempotency-key", key)
+                .header("content-type", "application/json")
+                .body(r#"{"symbol":"A","quantity":1,"price":2.0}"#)
+                .send()
+                .await
+                .unwrap()
+                .json::<serde_json::Value>()
+                .await
+                .unwrap()
+        });
+        (body["order_id"].as_str().unwrap().to_owned(), orders)
+    };
+    let (first, orders) = send("first.db");
+    assert_eq!((orders.created(), orders.recovered()), (1, 0));
+    // A new store: the record of the first run is gone, as after a crash before it committed.
+    let (second, orders) = send("second.db");
+    assert_eq!(
+        second, first,
+        "the second run must answer the order already placed"
+    );
+    assert_eq!((orders.created(), orders.recovered()), (0, 1));
+    assert_eq!(std::fs::read_to_string(&ledger).unwrap().lines().count(), 1);
 }

@@ -441,7 +441,8 @@ async fn a_streaming_body_is_refused_before_anything_is_sent() {
 }
 
 /// A raw server that, for its first `bad` connections, reads the request and then closes
-/// (after `answer_bytes` bytes of a response: 0 = before any), and answers the rest with 201.
+/// (after `answer_bytes` bytes of a response, at most all but its last 5: 0 = before any,
+/// `usize::MAX` = in the middle of the body), and answers the rest with 201.
 async fn misbehaving(bad: usize, answer_bytes: usize) -> (String, Arc<Mutex<Vec<String>>>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
@@ -472,10 +473,8 @@ async fn misbehaving(bad: usize, answer_bytes: usize) -> (String, Arc<Mutex<Vec<
                 body.len()
             );
             if n < bad {
-                socket
-                    .write_all(&answer.as_bytes()[..answer_bytes])
-                    .await
-                    .unwrap();
+                let cut = answer_bytes.min(answer.len() - 5);
+                socket.write_all(&answer.as_bytes()[..cut]).await.unwrap();
                 drop(socket);
                 continue;
             }
@@ -487,7 +486,7 @@ async fn misbehaving(bad: usize, answer_bytes: usize) -> (String, Arc<Mutex<Vec<
 
 #[tokio::test]
 async fn a_connection_lost_before_or_during_the_answer_is_retried() {
-    for cut_at in [0, 12, 90] {
+    for cut_at in [0, 12, 90, usize::MAX] {
         let (base, seen) = misbehaving(2, cut_at).await;
         let c = client(RetryMiddleware::new().policy(fast()));
         let r = c
@@ -557,6 +556,7 @@ async fn responses_over_the_limit() {
     let Some(ClientError::ResponseTooLarge {
         limit: 4,
         attempts: 1,
+        status: 201,
         key,
     }) = ClientError::of(&e)
     else {

@@ -218,7 +218,16 @@ where
     let started = Instant::now();
     let (mut parts, body) = req.into_parts();
     let key = match parts.headers.get(KEY_HEADER) {
-        Some(value) => String::from_utf8_lossy(value.as_bytes()).into_owned(),
+        // A key is printable ASCII; anything else could not be reported back as sent.
+        Some(value) => match value.to_str() {
+            Ok(key) => key.to_owned(),
+            Err(_) => {
+                let status = tonic::Status::invalid_argument(
+                    "the idempotency-key metadata is not printable ASCII; nothing was sent",
+                );
+                return Ok(status.into_http());
+            }
+        },
         None => {
             let key = (settings.keys)();
             let value = HeaderValue::from_str(&key)
@@ -284,15 +293,18 @@ where
             Ok((parts, data, trailers)) => {
                 let code = grpc_code(&parts, trailers.as_ref());
                 let pushback = pushback(&parts.headers, trailers.as_ref());
-                let retryable = matches!(
-                    code,
-                    Code::Unavailable | Code::Aborted | Code::ResourceExhausted
-                ) && pushback != Some(None);
+                let replayed = parts
+                    .headers
+                    .get(REPLAYED_METADATA)
+                    .is_some_and(|v| v.as_bytes() == b"true");
+                // A stored answer is the call's result: replayed again, it cannot change.
+                let retryable = !replayed
+                    && matches!(
+                        code,
+                        Code::Unavailable | Code::Aborted | Code::ResourceExhausted
+                    )
+                    && pushback != Some(None);
                 if !retryable {
-                    let replayed = parts
-                        .headers
-                        .get(REPLAYED_METADATA)
-                        .is_some_and(|v| v.as_bytes() == b"true");
                     tracing::debug!(%key, attempts, ?code, replayed, "idempotent call: answered");
                     return Ok(answer_with(parts, data, trailers, &key, attempts));
                 }
@@ -415,18 +427,22 @@ fn deadline_exceeded(key: &str, attempts: u32) -> Response<Body> {
     with_metadata(status.into_http(), key, attempts)
 }
 
+/// The answer rebuilt, with the key and the attempts where the caller reads them: in the
+/// trailers when an error status is there (tonic's `Status::metadata`), else in the headers.
 fn answer_with(
-    parts: http::response::Parts,
+    mut parts: http::response::Parts,
     data: Bytes,
     mut trailers: Option<HeaderMap>,
     key: &str,
     attempts: u32,
 ) -> Response<Body> {
-    if let Some(trailers) = &mut trailers {
-        add_metadata(trailers, key, attempts);
+    match &mut trailers {
+        Some(t) if t.get("grpc-status").is_some_and(|s| s.as_bytes() != b"0") => {
+            add_metadata(t, key, attempts);
+        }
+        _ => add_metadata(&mut parts.headers, key, attempts),
     }
-    let response = Response::from_parts(parts, Body::new(Buffered::new(data, trailers)));
-    with_metadata(response, key, attempts)
+    Response::from_parts(parts, Body::new(Buffered::new(data, trailers)))
 }
 
 fn with_metadata(mut response: Response<Body>, key: &str, attempts: u32) -> Response<Body> {

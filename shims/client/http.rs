@@ -10,6 +10,9 @@ use reqwest_middleware::{Middleware, Next};
 
 use super::{KEY_HEADER, KeyGenerator, RetryPolicy, uuid_key};
 
+/// The body of an answer to retry is read for its problem only up to this many bytes.
+const PROBLEM_LIMIT: usize = 64 * 1024;
+
 /// The problem `type` of the server layer's in-flight answer.
 const IN_FLIGHT_TYPE: &str = "urn:idempotency-rs:problem:request-in-flight";
 
@@ -124,7 +127,14 @@ impl Middleware for RetryMiddleware {
             return next.run(req, extensions).await;
         }
         let key = match req.headers().get(KEY_HEADER) {
-            Some(value) => String::from_utf8_lossy(value.as_bytes()).into_owned(),
+            // A key is printable ASCII; anything else could not be reported back as sent.
+            Some(value) => match value.to_str() {
+                Ok(key) => key.to_owned(),
+                Err(_) => {
+                    let key = String::from_utf8_lossy(value.as_bytes()).into_owned();
+                    return Err(fail(ClientError::InvalidKey { key }));
+                }
+            },
             None => {
                 let key = (self.keys)();
                 let Ok(value) = HeaderValue::from_str(&key) else {
@@ -195,42 +205,56 @@ impl RetryMiddleware {
         started: Instant,
     ) -> Settled {
         let status = response.status();
+        let replayed = is_replay(response.headers());
+        // A stored answer is the operation's result: replayed again, it cannot change.
+        if !replayed && self.retryable_head(status, response.headers()) {
+            let retry_after = retry_after(response.headers());
+            let problem_json = is_problem(response.headers());
+            // Only the problem is of use, and only a small one.
+            let problem = match read_up_to(response, PROBLEM_LIMIT).await {
+                Some(body) if problem_json => ProblemDetails::parse(&body),
+                _ => None,
+            };
+            return Settled::Retry(LastFailure::Status {
+                status: status.as_u16(),
+                retry_after,
+                problem,
+            });
+        }
         let too_long = response
             .content_length()
             .is_some_and(|n| n > self.max_response_bytes as u64);
         if too_long {
-            if self.retryable(status, response.headers(), None) {
-                return Settled::Retry(LastFailure::Status {
-                    status: status.as_u16(),
-                    retry_after: retry_after(response.headers()),
-                    problem: None,
-                });
-            }
             return Settled::Done(Ok(self.deliver(response, key, attempts, started)));
         }
-        let response = match buffer(response, self.max_response_bytes).await {
-            Ok(response) => response,
+        let (response, body) = match buffer(response, self.max_response_bytes).await {
+            Ok(buffered) => buffered,
             Err(Buffering::Transport(e)) => return Settled::Retry(LastFailure::Transport(e)),
             Err(Buffering::TooLarge) => {
                 return Settled::Done(Err(fail(ClientError::ResponseTooLarge {
                     key: key.to_owned(),
                     attempts,
+                    status: status.as_u16(),
                     limit: self.max_response_bytes,
                 })));
             }
         };
-        let (response, body) = response;
         let problem = is_problem(response.headers())
             .then(|| ProblemDetails::parse(&body))
             .flatten();
-        if self.retryable(status, response.headers(), problem.as_ref()) {
+        // The server layer's 409 for a request still running (with or without Retry-After).
+        if !replayed
+            && status == StatusCode::CONFLICT
+            && problem
+                .as_ref()
+                .is_some_and(|p| p.type_uri == IN_FLIGHT_TYPE)
+        {
             return Settled::Retry(LastFailure::Status {
                 status: status.as_u16(),
                 retry_after: retry_after(response.headers()),
                 problem,
             });
         }
-        let replayed = is_replay(response.headers());
         if (status.is_client_error() || status.is_server_error()) && is_problem(response.headers())
         {
             tracing::debug!(%key, attempt = attempts, status = status.as_u16(), replayed,
@@ -247,18 +271,12 @@ impl RetryMiddleware {
         Settled::Done(Ok(self.deliver(response, key, attempts, started)))
     }
 
-    fn retryable(
-        &self,
-        status: StatusCode,
-        headers: &HeaderMap,
-        problem: Option<&ProblemDetails>,
-    ) -> bool {
+    /// Worth retrying by status and headers alone: 408, 425, 429, 502, 503, 504, 500 when
+    /// configured, and a 409 with `Retry-After` (the in-flight 409 is told by its body).
+    fn retryable_head(&self, status: StatusCode, headers: &HeaderMap) -> bool {
         match status.as_u16() {
-            409 => {
-                problem.is_some_and(|p| p.type_uri == IN_FLIGHT_TYPE)
-                    || headers.contains_key(http::header::RETRY_AFTER)
-            }
-            429 | 502 | 503 | 504 => true,
+            409 => headers.contains_key(http::header::RETRY_AFTER),
+            408 | 425 | 429 | 502 | 503 | 504 => true,
             500 => self.retry_500,
             _ => false,
         }
@@ -316,11 +334,24 @@ pub(crate) fn retry_after(headers: &HeaderMap) -> Option<Duration> {
         .to_str()
         .ok()?
         .trim();
-    if let Ok(secs) = value.parse::<u64>() {
-        return Some(Duration::from_secs(secs));
+    if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
+        // Too many seconds to count is "not within any budget", never "at once".
+        return Some(value.parse().map_or(Duration::MAX, Duration::from_secs));
     }
     let at = httpdate::parse_http_date(value).ok()?;
     Some(at.duration_since(SystemTime::now()).unwrap_or_default())
+}
+
+/// The body, if it ends within `limit` bytes and arrives whole.
+async fn read_up_to(mut response: Response, limit: usize) -> Option<Bytes> {
+    let mut body = BytesMut::new();
+    while let Some(chunk) = response.chunk().await.ok()? {
+        if body.len() + chunk.len() > limit {
+            return None;
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Some(body.freeze())
 }
 
 enum Buffering {
@@ -484,7 +515,16 @@ impl fmt::Display for LastFailure {
                 Some(p) => write!(f, "{status} ({p})"),
                 None => write!(f, "{status}"),
             },
-            LastFailure::Transport(e) => write!(f, "{e}"),
+            LastFailure::Transport(e) => {
+                // reqwest says "error sending request"; the causes say why.
+                write!(f, "{e}")?;
+                let mut cause = std::error::Error::source(e);
+                while let Some(c) = cause {
+                    write!(f, ": {c}")?;
+                    cause = c.source();
+                }
+                Ok(())
+            }
         }
     }
 }
@@ -533,18 +573,22 @@ pub enum ClientError {
         /// The URL.
         url: Url,
     },
-    /// The key generator made a value that cannot be a header; nothing was sent.
+    /// The key (the caller's, or the generator's) cannot be a header value of printable
+    /// ASCII; nothing was sent.
     InvalidKey {
-        /// What the generator made.
+        /// The key, non-ASCII bytes replaced.
         key: String,
     },
     /// The response had no length and grew past [`RetryMiddleware::max_response_bytes`]. The
-    /// operation ran; a retry with this key gets the same answer.
+    /// server answered (with a status that is not retried): a retry with this key gets the
+    /// same answer.
     ResponseTooLarge {
         /// The key the request carried.
         key: String,
         /// Attempts made.
         attempts: u32,
+        /// The answer's status.
+        status: u16,
         /// The limit.
         limit: usize,
     },
@@ -629,9 +673,12 @@ impl fmt::Display for ClientError {
                     "the key generator made {key:?}, which is not a valid header value"
                 )
             }
-            ClientError::ResponseTooLarge { key, limit, .. } => write!(
+            ClientError::ResponseTooLarge {
+                key, status, limit, ..
+            } => write!(
                 f,
-                "the response grew past {limit} bytes; the operation ran (Idempotency-Key {key})"
+                "the {status} response grew past {limit} bytes, the limit for buffering it \
+                 (Idempotency-Key {key}, which gets the same answer again)"
             ),
         }
     }

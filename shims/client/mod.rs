@@ -53,7 +53,7 @@
 //! |---|---|
 //! | 2xx, 3xx, or an error status that is not problem+json | returns the response, buffered ([`RetryMiddleware::max_response_bytes`]), with a [`Delivery`] in its extensions |
 //! | a connect error, a timeout, a connection dropped before or while the answer came | retries |
-//! | 409 `request-in-flight` (or a 409 with `Retry-After`), 429, 502, 503, 504, and 500 if [`RetryMiddleware::retry_server_errors`] | retries, waiting at least the `Retry-After` (seconds or an HTTP date) |
+//! | 409 `request-in-flight` (or a 409 with `Retry-After`), 408, 425, 429, 502, 503, 504, and 500 if [`RetryMiddleware::retry_server_errors`], unless the answer is a replay (`Idempotent-Replayed: true`: a stored result does not change) | retries, waiting at least the `Retry-After` (seconds or an HTTP date) |
 //! | any other error status with an `application/problem+json` body (400, 401, 403, 404, 410, 413, 422, ...) | fails with [`ClientError::Rejected`], the problem parsed |
 //! | the attempts or the time run out | fails with [`ClientError::Exhausted`], which carries the key |
 //! | a streaming body, which cannot be sent twice | fails with [`ClientError::BodyNotReplayable`] before anything is sent |
