@@ -90,7 +90,7 @@ pub const KEY_HEADER: &str = crate::contract::KEY_HEADER;
 
 /// How many times, and how far apart, an operation is tried.
 ///
-/// Defaults: 6 attempts within 30 s, backoff from 100 ms doubling up to 5 s, with full jitter.
+/// Defaults: 8 attempts within 30 s, backoff from 100 ms doubling up to 5 s, with full jitter.
 /// The defaults ride out a server restart of a few seconds and a lossy network; a caller that
 /// must not wait (a user at a screen) lowers them, and keeps the key of a call that ran out to
 /// try again later.
@@ -105,7 +105,7 @@ pub struct RetryPolicy {
 impl Default for RetryPolicy {
     fn default() -> Self {
         RetryPolicy {
-            max_attempts: 6,
+            max_attempts: 8,
             max_elapsed: Duration::from_secs(30),
             initial_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(5),
@@ -124,7 +124,7 @@ impl RetryPolicy {
         Self::default().max_attempts(1)
     }
 
-    /// The most attempts, the first included (at least 1). Default 6.
+    /// The most attempts, the first included (at least 1). Default 8.
     pub fn max_attempts(mut self, attempts: u32) -> Self {
         self.max_attempts = attempts.max(1);
         self
