@@ -42,20 +42,30 @@ struct Order {
     total: f64,
 }
 
-/// The service's own database, in miniature: the orders it created, each with the idempotency
-/// key it was created under, optionally appended to a file (`key order_id total` per line) that
-/// a restarted process reads back.
+/// The service's own database, in miniature: the orders it created, each with the scope and
+/// idempotency key it was created under, optionally appended to a file (one JSON object per
+/// line) that a restarted process reads back.
 ///
 /// Keeping the key with the order is what closes the one window an idempotency layer cannot
 /// close from outside the service's database: a crash after the order is written and before
 /// its response is stored. The lease of that key then expires, a retry runs the handler again,
-/// and the handler finds the order under its key instead of placing a second one.
+/// and the handler finds the order under its scope and key instead of placing a second one.
 #[derive(Default)]
 pub(crate) struct Orders {
-    by_key: parking_lot::Mutex<std::collections::HashMap<String, Order>>,
+    by_key: parking_lot::Mutex<std::collections::HashMap<(String, String), Order>>,
+    placed: parking_lot::Mutex<Vec<(Option<String>, String)>>,
     ledger: Option<parking_lot::Mutex<std::fs::File>>,
     created: AtomicUsize,
     recovered: AtomicUsize,
+}
+
+/// One line of the ledger.
+#[derive(Serialize, Deserialize)]
+struct Placed {
+    scope: String,
+    key: String,
+    order_id: String,
+    total: f64,
 }
 
 impl Orders {
@@ -67,20 +77,17 @@ impl Orders {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
             Err(e) => return Err(e),
         };
-        let mut by_key = std::collections::HashMap::new();
-        // A line cut short by a crash has no total: that order was never answered, and is
+        let orders = Orders::default();
+        // A line cut short by a crash does not parse: that order was never answered, and is
         // placed again by the retry.
         for line in text.lines() {
-            let mut fields = line.split(' ');
-            if let (Some(key), Some(id), Some(Ok(total))) =
-                (fields.next(), fields.next(), fields.next().map(str::parse))
-            {
+            if let Ok(p) = serde_json::from_str::<Placed>(line) {
                 let order = Order {
-                    order_id: id.to_owned(),
+                    order_id: p.order_id,
                     status: "created",
-                    total,
+                    total: p.total,
                 };
-                by_key.insert(key.to_owned(), order);
+                orders.by_key.lock().insert((p.scope, p.key), order);
             }
         }
         let file = std::fs::OpenOptions::new()
@@ -88,9 +95,8 @@ impl Orders {
             .append(true)
             .open(path)?;
         Ok(Orders {
-            by_key: parking_lot::Mutex::new(by_key),
             ledger: Some(parking_lot::Mutex::new(file)),
-            ..Orders::default()
+            ..orders
         })
     }
 
@@ -106,20 +112,17 @@ impl Orders {
         self.recovered.load(Ordering::SeqCst)
     }
 
-    /// The order id placed under each key.
+    /// Every order this process created: its key (if the request had one) and its id.
     #[allow(dead_code)]
-    pub(crate) fn ids_by_key(&self) -> std::collections::HashMap<String, String> {
-        let by_key = self.by_key.lock();
-        by_key
-            .iter()
-            .map(|(k, o)| (k.clone(), o.order_id.clone()))
-            .collect()
+    pub(crate) fn placed(&self) -> Vec<(Option<String>, String)> {
+        self.placed.lock().clone()
     }
 
-    /// Places an order, or, when `key` already has one, answers that one.
-    fn place(&self, key: Option<&str>, total: f64) -> std::io::Result<Order> {
+    /// Places an order, or, when the claimed scope and key already have one, answers that one.
+    fn place(&self, claimed: Option<&ClaimedKey>, total: f64) -> std::io::Result<Order> {
+        let id = claimed.map(|c| (c.scope().to_owned(), c.key().as_str().to_owned()));
         let mut by_key = self.by_key.lock();
-        if let Some(order) = key.and_then(|k| by_key.get(k)) {
+        if let Some(order) = id.as_ref().and_then(|id| by_key.get(id)) {
             self.recovered.fetch_add(1, Ordering::SeqCst);
             return Ok(order.clone());
         }
@@ -128,16 +131,26 @@ impl Orders {
             status: "created",
             total,
         };
-        if let (Some(key), Some(ledger)) = (key, &self.ledger) {
+        if let (Some((scope, key)), Some(ledger)) = (&id, &self.ledger) {
             use std::io::Write;
+            let placed = Placed {
+                scope: scope.clone(),
+                key: key.clone(),
+                order_id: order.order_id.clone(),
+                total,
+            };
+            let mut line = serde_json::to_vec(&placed).map_err(std::io::Error::other)?;
+            line.push(b'\n');
             // One write per order: whole in the file once it returns, even if the process is
             // killed the next instant.
-            let line = format!("{key} {} {total}\n", order.order_id);
-            ledger.lock().write_all(line.as_bytes())?;
+            ledger.lock().write_all(&line)?;
         }
         self.created.fetch_add(1, Ordering::SeqCst);
-        if let Some(key) = key {
-            by_key.insert(key.to_owned(), order.clone());
+        self.placed
+            .lock()
+            .push((id.as_ref().map(|(_, k)| k.clone()), order.order_id.clone()));
+        if let Some(id) = id {
+            by_key.insert(id, order.clone());
         }
         Ok(order)
     }
@@ -145,23 +158,22 @@ impl Orders {
 
 // `Option<ClaimedKey>`: the key the layer deduplicated on (unquoted, lower-cased), its scope
 // and the lease's fencing token; `None` for a request sent without a key. The orders are kept
-// under that key (see `Orders`); a real service would also pass it on to its payment provider
-// and tag its own writes with the token.
+// under scope and key (see `Orders`); a real service would also pass the key on to its payment
+// provider and tag its own writes with the token.
 async fn create_order(
     State(orders): State<Arc<Orders>>,
     claimed: Option<ClaimedKey>,
     Json(req): Json<CreateOrder>,
 ) -> Result<(StatusCode, Json<Order>), StatusCode> {
-    let key = claimed.as_ref().map(|c| c.key().as_str());
     let total = f64::from(req.quantity) * req.price;
     // A 500 releases the key: the retry places the order.
     let order = orders
-        .place(key, total)
+        .place(claimed.as_ref(), total)
         .map_err(|_| StatusCode::INTERNAL_SERVER_ERROR)?;
     tracing::info!(
         order_id = %order.order_id,
         symbol = %req.symbol,
-        idempotency_key = key,
+        idempotency_key = claimed.as_ref().map(|c| c.key().as_str()),
         fencing_token = claimed.as_ref().map(ClaimedKey::fencing_token),
         "order created"
     );

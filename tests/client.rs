@@ -565,6 +565,109 @@ async fn responses_over_the_limit() {
     assert!(e.to_string().contains(key.as_str()));
 }
 
+/// Review defect: the application's 409 with `Retry-After` is stored and replayed; its replay
+/// (`Idempotent-Replayed: true`) was retried until the attempts ran out and reported as
+/// "may have run". A stored answer is returned after one retry.
+#[tokio::test]
+async fn a_replayed_answer_is_not_retried() {
+    let s = server(|c| c).await;
+    s.script
+        .answers
+        .lock()
+        .push_back((409, vec![("retry-after", "0".into())], "taken".into()));
+    let c = client(RetryMiddleware::new().policy(fast()));
+    let r = post(&c, &s, "{}").send().await.unwrap();
+    assert_eq!(
+        (r.status().as_u16(), r.delivery().unwrap().attempts),
+        (409, 2)
+    );
+    assert!(r.delivery().unwrap().replayed);
+    assert_eq!(r.text().await.unwrap(), "taken");
+    assert_eq!(s.script.runs.lock().len(), 1);
+}
+
+/// Review defect: a `Retry-After` too large for u64 was dropped, so the retry went out at once.
+/// It is a wait past any budget: the call ends with its key, unretried.
+#[tokio::test]
+async fn a_retry_after_too_large_to_count_is_not_a_retry_at_once() {
+    let s = server(|c| c).await;
+    let huge = ("retry-after", "99999999999999999999".to_owned());
+    s.script
+        .answers
+        .lock()
+        .push_back((503, vec![huge], String::new()));
+    let c = client(RetryMiddleware::new().policy(fast()));
+    let e = post(&c, &s, "{}").send().await.unwrap_err();
+    let Some(ClientError::Exhausted {
+        attempts: 1,
+        last: LastFailure::Status {
+            retry_after: Some(wait),
+            ..
+        },
+        ..
+    }) = ClientError::of(&e)
+    else {
+        panic!("{e:?}");
+    };
+    assert_eq!(*wait, Duration::MAX);
+    assert_eq!(s.script.runs.lock().len(), 1);
+}
+
+/// Review defect: a chunked 503 page longer than `max_response_bytes` ended the call with
+/// `ResponseTooLarge` ("the operation ran"). The status decides a retry before any buffering.
+#[tokio::test]
+async fn a_retryable_status_with_a_long_unsized_body_is_retried() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        let page = "x".repeat(100);
+        let answers = [
+            format!(
+                "HTTP/1.1 503 Service Unavailable\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n{page}\r\n0\r\n\r\n",
+                page.len()
+            ),
+            "HTTP/1.1 201 Created\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok".into(),
+        ];
+        for answer in answers {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut buf = vec![0u8; 8192];
+            let _ = socket.read(&mut buf).await.unwrap();
+            socket.write_all(answer.as_bytes()).await.unwrap();
+            let _ = socket.shutdown().await;
+        }
+    });
+    let c = client(RetryMiddleware::new().policy(fast()).max_response_bytes(16));
+    let r = c
+        .post(format!("{base}/orders"))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status().as_u16(), r.delivery().unwrap().attempts),
+        (201, 2)
+    );
+}
+
+/// Review defect: a caller's key of bytes that are not printable ASCII was sent, but reported
+/// back (`ClientError::key`) as its lossy UTF-8 text, a different key. Now refused unsent.
+#[tokio::test]
+async fn a_caller_key_that_is_not_ascii_is_refused_unsent() {
+    let s = server(|c| c).await;
+    let c = client(RetryMiddleware::new().policy(fast()));
+    let key = reqwest::header::HeaderValue::from_bytes(b"order-\xe9t\xe9-17").unwrap();
+    let e = post(&c, &s, "{}")
+        .header("idempotency-key", key)
+        .send()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(ClientError::of(&e), Some(ClientError::InvalidKey { .. })),
+        "{e:?}"
+    );
+    assert!(s.script.runs.lock().is_empty());
+}
+
 mod grpc {
     //! The gRPC layer against a tonic server behind the tonic idempotency layer.
 
@@ -626,6 +729,7 @@ mod grpc {
             match req.symbol.as_str() {
                 "SLOW" => tokio::time::sleep(Duration::from_millis(500)).await,
                 "BAD" => return Err(Status::invalid_argument("bad symbol")),
+                "ABORT" => return Err(Status::aborted("the application's own conflict")),
                 "DOWN" => {
                     let mut s = Status::unavailable("down");
                     s.metadata_mut()
@@ -654,19 +758,25 @@ mod grpc {
         }
     }
 
-    async fn start() -> (
-        Arc<Book>,
-        OrdersClient<idempotency_rs::client::grpc::RetryService<Channel>>,
-        Engine,
-    ) {
+    type Client = OrdersClient<idempotency_rs::client::grpc::RetryService<Channel>>;
+
+    async fn start() -> (Arc<Book>, Client, Engine) {
+        start_with(|layer| layer).await
+    }
+
+    async fn start_with(
+        configure: impl FnOnce(IdempotencyLayer) -> IdempotencyLayer,
+    ) -> (Arc<Book>, Client, Engine) {
         let engine = Engine::open_async(EngineConfig::in_memory()).await.unwrap();
         let book = Arc::new(Book::default());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let layer = IdempotencyLayer::new(&engine)
-            .method(CREATE)
-            .require_key(true)
-            .max_message_bytes(64);
+        let layer = configure(
+            IdempotencyLayer::new(&engine)
+                .method(CREATE)
+                .require_key(true)
+                .max_message_bytes(64),
+        );
         let svc = OrdersServer::new(Svc(book.clone()));
         tokio::spawn(async move {
             tonic::transport::Server::builder()
@@ -719,6 +829,18 @@ mod grpc {
             "another message under the same key"
         );
         assert_eq!(meta(e.metadata(), "idempotency-attempts"), "1");
+    }
+
+    /// Review defect: a stored ABORTED (a server storing every outcome) came back replayed and
+    /// was retried until the attempts ran out. A replay is the call's result.
+    #[tokio::test]
+    async fn a_replayed_aborted_is_not_retried() {
+        let (book, mut client, _e) = start_with(|l| l.store_when(|_| true)).await;
+        let e = client.create_order(order("ABORT")).await.unwrap_err();
+        assert_eq!(e.code(), Code::Aborted);
+        assert_eq!(book.runs.load(Ordering::SeqCst), 1);
+        // The first ABORTED is retried (it may be "in flight"); its replay is not.
+        assert_eq!(meta(e.metadata(), "idempotency-attempts"), "2");
     }
 
     #[tokio::test]

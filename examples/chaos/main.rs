@@ -414,17 +414,7 @@ pub(crate) async fn axum_rows(run: &Run, dir: &Path) -> Vec<Report> {
         let elapsed = started.elapsed();
         // Answers still on their way (delayed by the proxy) land before the count.
         tokio::time::sleep(run.faults.max_delay + Duration::from_millis(200)).await;
-        let placed: Vec<_> = if keyed {
-            orders
-                .ids_by_key()
-                .into_iter()
-                .map(|(k, id)| (Some(k), id))
-                .collect()
-        } else {
-            (0..orders.created())
-                .map(|i| (None, i.to_string()))
-                .collect()
-        };
+        let placed = orders.placed();
         let name = if keyed {
             "Axum, RetryMiddleware"
         } else {
@@ -678,8 +668,9 @@ pub(crate) async fn kill_row(
     let placed: Vec<_> = text
         .lines()
         .filter_map(|l| {
-            let mut f = l.split(' ');
-            Some((Some(f.next()?.to_owned()), f.next()?.to_owned()))
+            let v: serde_json::Value = serde_json::from_str(l).ok()?;
+            let text = |name: &str| v[name].as_str().map(str::to_owned);
+            Some((text("key"), text("order_id")?))
         })
         .collect();
     let mut report = Report::count(
