@@ -78,22 +78,39 @@ impl Orders {
             Err(e) => return Err(e),
         };
         let orders = Orders::default();
-        // A line cut short by a crash does not parse: that order was never answered, and is
-        // placed again by the retry.
-        for line in text.lines() {
-            if let Ok(p) = serde_json::from_str::<Placed>(line) {
-                let order = Order {
-                    order_id: p.order_id,
-                    status: "created",
-                    total: p.total,
-                };
-                orders.by_key.lock().insert((p.scope, p.key), order);
+        // Only the last line can be cut short, by a crash in the middle of its write: that
+        // order was never answered, and its retry places it again. Any other line that does
+        // not read is a ledger this program did not write: refused, never skipped.
+        let whole = text.ends_with('\n');
+        let lines: Vec<&str> = text.lines().collect();
+        for (i, line) in lines.iter().enumerate() {
+            match serde_json::from_str::<Placed>(line) {
+                Ok(p) => {
+                    let order = Order {
+                        order_id: p.order_id,
+                        status: "created",
+                        total: p.total,
+                    };
+                    orders.by_key.lock().insert((p.scope, p.key), order);
+                }
+                Err(_) if i + 1 == lines.len() && !whole => {}
+                Err(e) => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!("{}: line {} is not an order: {e}", path.display(), i + 1),
+                    ));
+                }
             }
         }
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(path)?;
+        if !whole {
+            // Drop the torn line, so that the next order starts a line of its own.
+            let kept = text.rfind('\n').map_or(0, |at| at + 1);
+            file.set_len(kept as u64)?;
+        }
         Ok(Orders {
             ledger: Some(parking_lot::Mutex::new(file)),
             ..orders
@@ -166,6 +183,10 @@ async fn create_order(
     Json(req): Json<CreateOrder>,
 ) -> Result<(StatusCode, Json<Order>), StatusCode> {
     let total = f64::from(req.quantity) * req.price;
+    if !total.is_finite() || req.price < 0.0 {
+        // Nothing placed; a 422 releases the key, so the request can be fixed and resent.
+        return Err(StatusCode::UNPROCESSABLE_ENTITY);
+    }
     // A 500 releases the key: the retry places the order.
     let order = orders
         .place(claimed.as_ref(), total)

@@ -23,14 +23,16 @@
 //!
 //! - adds `idempotency-key` metadata with a fresh key, unless the call carries one;
 //! - retries, with the same key and message, on `UNAVAILABLE`, `ABORTED` (the server layer's
-//!   "still in flight"), `RESOURCE_EXHAUSTED`, an HTTP 502/503/504 without a gRPC status, and
-//!   any transport error (connect, reset, a connection lost before the answer); never on any
-//!   other status, `INVALID_ARGUMENT` and `FAILED_PRECONDITION` included;
+//!   "still in flight"; an application's own `ABORTED` is retried too, as gRPC means it),
+//!   `RESOURCE_EXHAUSTED`, an HTTP 429/502/503/504 without a gRPC status, an HTTP 200 that ends
+//!   without one (an answer cut short), and any transport error (connect, reset, a connection
+//!   lost before the answer); never on any other status, `INVALID_ARGUMENT` and
+//!   `FAILED_PRECONDITION` included, and never an answer marked `idempotent-replayed: true`;
 //! - waits at least the server's `grpc-retry-pushback-ms`, and does not retry when it is
 //!   negative (gRPC's "do not retry"; the server layer sends it on a message over its limit);
 //! - keeps to the call's deadline (`grpc-timeout`, set by `tonic::Request::set_timeout`): each
-//!   attempt carries the time left, no attempt starts or waits past it, and a call that reaches
-//!   it ends with `DEADLINE_EXCEEDED`;
+//!   attempt carries the time left (rounded up), no attempt starts or waits past it, and a call
+//!   that reaches it ends with `DEADLINE_EXCEEDED`;
 //! - answers with `idempotency-key` and `idempotency-attempts` metadata added (on a status
 //!   too), so a caller whose attempts ran out has the key to try again later.
 //!
@@ -51,7 +53,7 @@ use tonic::Code;
 use tonic::body::Body;
 use tower::{Layer, Service, ServiceExt};
 
-use super::{KEY_HEADER, KeyGenerator, RetryPolicy, uuid_key};
+use super::{KEY_HEADER, KeyGenerator, RetryPolicy, Stop, uuid_key};
 use crate::contract::body::{BoxError, Buffered, Collected, collect};
 
 /// The response metadata entry with the number of attempts a call took.
@@ -290,6 +292,17 @@ where
         };
         let failure = match answer {
             Err(e) => Failure::Transport(e),
+            // An HTTP 200 that ends without a grpc-status anywhere was cut short (a reset
+            // stream): the answer was lost, and the call may have run.
+            Ok((parts, _, trailers))
+                if parts.status == http::StatusCode::OK
+                    && !parts.headers.contains_key("grpc-status")
+                    && !trailers
+                        .as_ref()
+                        .is_some_and(|t| t.contains_key("grpc-status")) =>
+            {
+                Failure::Transport("the answer ended without a grpc-status".into())
+            }
             Ok((parts, data, trailers)) => {
                 let code = grpc_code(&parts, trailers.as_ref());
                 let pushback = pushback(&parts.headers, trailers.as_ref());
@@ -321,16 +334,20 @@ where
             Failure::Status(answer) => answer.pushback,
             Failure::Transport(_) => None,
         };
-        match settings
+        let past_deadline = deadline.is_some_and(|d| Instant::now() >= d);
+        let next = settings
             .policy
-            .next_delay(attempts, floor, started, deadline)
-        {
-            Some(delay) => {
+            .next_delay(attempts, floor, started, deadline);
+        match next {
+            // The call's deadline came first: that is how it ends, as gRPC's own would.
+            Err(Stop::Deadline) => return Ok(deadline_exceeded(&key, attempts)),
+            Err(_) if past_deadline => return Ok(deadline_exceeded(&key, attempts)),
+            Ok(delay) => {
                 tracing::info!(%key, attempt = attempts, ?delay, reason = %describe(&failure),
                     "idempotent call: retrying with the same key");
                 tokio::time::sleep(delay).await;
             }
-            None => {
+            Err(_) => {
                 tracing::warn!(%key, attempts, reason = %describe(&failure),
                     "idempotent call: attempts exhausted; retry later with the same key");
                 return Ok(match failure {
@@ -412,10 +429,22 @@ fn parse_grpc_timeout(value: &[u8]) -> Option<Duration> {
     })
 }
 
-/// The time left, in whole milliseconds (at least 1; at most 8 digits, as gRPC requires).
+/// The time left, rounded up (so that the server's deadline is never the earlier one) to whole
+/// milliseconds, or seconds, minutes or hours when it needs more than gRPC's 8 digits.
 fn grpc_timeout_value(left: Duration) -> HeaderValue {
-    let ms = left.as_millis().clamp(1, 99_999_999);
-    HeaderValue::from_str(&format!("{ms}m")).expect("digits and a unit")
+    const MAX: u128 = 99_999_999;
+    let micros = left.as_micros().max(1);
+    let mut value = micros.div_ceil(1000);
+    let mut unit = 'm';
+    for (next, per) in [('S', 1000), ('M', 60), ('H', 60)] {
+        if value <= MAX {
+            break;
+        }
+        value = value.div_ceil(per);
+        unit = next;
+    }
+    let value = value.min(MAX);
+    HeaderValue::from_str(&format!("{value}{unit}")).expect("digits and a unit")
 }
 
 fn deadline_exceeded(key: &str, attempts: u32) -> Response<Body> {
@@ -473,7 +502,13 @@ mod tests {
         assert_eq!(parse_grpc_timeout(b"123456789m"), None);
         assert_eq!(parse_grpc_timeout(b"10x"), None);
         assert_eq!(grpc_timeout_value(Duration::from_micros(10)), "1m");
+        assert_eq!(grpc_timeout_value(Duration::from_micros(1001)), "2m");
         assert_eq!(grpc_timeout_value(Duration::from_secs(3)), "3000m");
+        assert_eq!(grpc_timeout_value(Duration::from_secs(200_000)), "200000S");
+        assert_eq!(
+            grpc_timeout_value(Duration::from_secs(u64::MAX)),
+            "99999999H"
+        );
     }
 
     #[test]

@@ -39,6 +39,7 @@ pub struct RetryMiddleware {
     keys: KeyGenerator,
     retry_500: bool,
     max_response_bytes: usize,
+    attempt_timeout: Option<Duration>,
 }
 
 impl fmt::Debug for RetryMiddleware {
@@ -48,6 +49,7 @@ impl fmt::Debug for RetryMiddleware {
             .field("methods", &self.methods)
             .field("retry_500", &self.retry_500)
             .field("max_response_bytes", &self.max_response_bytes)
+            .field("attempt_timeout", &self.attempt_timeout)
             .finish_non_exhaustive()
     }
 }
@@ -68,6 +70,7 @@ impl RetryMiddleware {
             keys: std::sync::Arc::new(uuid_key),
             retry_500: false,
             max_response_bytes: 16 * 1024 * 1024,
+            attempt_timeout: None,
         }
     }
 
@@ -107,6 +110,16 @@ impl RetryMiddleware {
     /// [`ClientError::ResponseTooLarge`].
     pub fn max_response_bytes(mut self, limit: usize) -> Self {
         self.max_response_bytes = limit;
+        self
+    }
+
+    /// The longest one attempt may take, to the end of its answer's body; past it the attempt
+    /// counts as lost and is retried. Default: none of the middleware's own, so the client's
+    /// (`reqwest::ClientBuilder::timeout`) or the request's (`.timeout(..)`) applies, and
+    /// without either an attempt may wait as long as the server keeps the connection open.
+    /// [`RetryPolicy::max_elapsed`] bounds when attempts *start*, not how long each takes.
+    pub fn attempt_timeout(mut self, limit: Duration) -> Self {
+        self.attempt_timeout = Some(limit);
         self
     }
 
@@ -158,11 +171,38 @@ impl Middleware for RetryMiddleware {
                 return Err(fail(ClientError::BodyNotReplayable { key, method, url }));
             };
             tracing::debug!(%key, attempt = attempts, %method, %url, "idempotent request: sending");
-            let failure = match next.clone().run(attempt, extensions).await {
+            let sent = next.clone().run(attempt, extensions);
+            let sent = match self.attempt_timeout {
+                Some(limit) => match tokio::time::timeout(limit, sent).await {
+                    Ok(sent) => sent,
+                    Err(_) => Err(reqwest_middleware::Error::middleware(AttemptTimedOut(
+                        limit,
+                    ))),
+                },
+                None => sent.await,
+            };
+            let failure = match sent {
+                Err(reqwest_middleware::Error::Middleware(e))
+                    if e.downcast_ref::<AttemptTimedOut>().is_some() =>
+                {
+                    LastFailure::TimedOut(self.attempt_timeout.unwrap_or_default())
+                }
                 Err(reqwest_middleware::Error::Reqwest(e)) if is_transport(&e) => {
                     LastFailure::Transport(e)
                 }
-                Err(e) => return Err(e),
+                // Nothing was sent: the request could not be built.
+                Err(reqwest_middleware::Error::Reqwest(e)) if e.is_builder() => {
+                    return Err(e.into());
+                }
+                // Sent, and then something else failed (a redirect loop after the POST ran,
+                // an inner middleware's error): not retried, but the key goes back with it.
+                Err(e) => {
+                    return Err(fail(ClientError::Failed {
+                        key,
+                        attempts,
+                        source: Box::new(e),
+                    }));
+                }
                 Ok(response) => match self.settle(response, &key, attempts, started).await {
                     Settled::Done(result) => return result,
                     Settled::Retry(failure) => failure,
@@ -170,12 +210,12 @@ impl Middleware for RetryMiddleware {
             };
             let floor = failure.retry_after();
             match self.policy.next_delay(attempts, floor, started, None) {
-                Some(delay) => {
+                Ok(delay) => {
                     tracing::info!(%key, attempt = attempts, ?delay, reason = %failure,
                         "idempotent request: retrying with the same key");
                     tokio::time::sleep(delay).await;
                 }
-                None => {
+                Err(_) => {
                     tracing::warn!(%key, attempts, reason = %failure,
                         "idempotent request: attempts exhausted; retry later with the same key");
                     return Err(fail(ClientError::Exhausted {
@@ -224,6 +264,27 @@ impl RetryMiddleware {
         let too_long = response
             .content_length()
             .is_some_and(|n| n > self.max_response_bytes as u64);
+        let error = status.is_client_error() || status.is_server_error();
+        if too_long && error && is_problem(response.headers()) {
+            // A refusal too long to keep: its problem, if it is a small one, still decides.
+            let body = read_up_to(response, PROBLEM_LIMIT).await;
+            let problem = body.as_deref().and_then(ProblemDetails::parse);
+            if !replayed && status == StatusCode::CONFLICT && problem_in_flight(problem.as_ref()) {
+                return Settled::Retry(LastFailure::Status {
+                    status: status.as_u16(),
+                    retry_after: None,
+                    problem,
+                });
+            }
+            return Settled::Done(Err(fail(ClientError::Rejected {
+                key: key.to_owned(),
+                attempts,
+                status: status.as_u16(),
+                problem,
+                replayed,
+                body: body.unwrap_or_default(),
+            })));
+        }
         if too_long {
             return Settled::Done(Ok(self.deliver(response, key, attempts, started)));
         }
@@ -243,20 +304,14 @@ impl RetryMiddleware {
             .then(|| ProblemDetails::parse(&body))
             .flatten();
         // The server layer's 409 for a request still running (with or without Retry-After).
-        if !replayed
-            && status == StatusCode::CONFLICT
-            && problem
-                .as_ref()
-                .is_some_and(|p| p.type_uri == IN_FLIGHT_TYPE)
-        {
+        if !replayed && status == StatusCode::CONFLICT && problem_in_flight(problem.as_ref()) {
             return Settled::Retry(LastFailure::Status {
                 status: status.as_u16(),
                 retry_after: retry_after(response.headers()),
                 problem,
             });
         }
-        if (status.is_client_error() || status.is_server_error()) && is_problem(response.headers())
-        {
+        if error && is_problem(response.headers()) {
             tracing::debug!(%key, attempt = attempts, status = status.as_u16(), replayed,
                 "idempotent request: refused");
             return Settled::Done(Err(fail(ClientError::Rejected {
@@ -301,6 +356,23 @@ impl RetryMiddleware {
         response
     }
 }
+
+/// The server layer's 409 for a request still running.
+fn problem_in_flight(problem: Option<&ProblemDetails>) -> bool {
+    problem.is_some_and(|p| p.type_uri == IN_FLIGHT_TYPE)
+}
+
+/// An attempt that ran past [`RetryMiddleware::attempt_timeout`].
+#[derive(Debug)]
+struct AttemptTimedOut(Duration);
+
+impl fmt::Display for AttemptTimedOut {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "no answer within {:?}", self.0)
+    }
+}
+
+impl std::error::Error for AttemptTimedOut {}
 
 fn fail(error: ClientError) -> reqwest_middleware::Error {
     reqwest_middleware::Error::middleware(error)
@@ -495,13 +567,15 @@ pub enum LastFailure {
     },
     /// No answer: connecting, sending or reading failed, or timed out.
     Transport(reqwest::Error),
+    /// No answer within [`RetryMiddleware::attempt_timeout`].
+    TimedOut(Duration),
 }
 
 impl LastFailure {
     fn retry_after(&self) -> Option<Duration> {
         match self {
             LastFailure::Status { retry_after, .. } => *retry_after,
-            LastFailure::Transport(_) => None,
+            LastFailure::Transport(_) | LastFailure::TimedOut(_) => None,
         }
     }
 }
@@ -525,6 +599,7 @@ impl fmt::Display for LastFailure {
                 }
                 Ok(())
             }
+            LastFailure::TimedOut(limit) => write!(f, "no answer within {limit:?}"),
         }
     }
 }
@@ -579,6 +654,17 @@ pub enum ClientError {
         /// The key, non-ASCII bytes replaced.
         key: String,
     },
+    /// The request was sent, and then failed in a way retrying cannot mend (a redirect loop
+    /// after the server answered, another middleware's error). The operation may have run:
+    /// a retry with this key gets its one result.
+    Failed {
+        /// The key the request carried.
+        key: String,
+        /// Attempts made.
+        attempts: u32,
+        /// What failed.
+        source: Box<reqwest_middleware::Error>,
+    },
     /// The response had no length and grew past [`RetryMiddleware::max_response_bytes`]. The
     /// server answered (with a status that is not retried): a retry with this key gets the
     /// same answer.
@@ -610,6 +696,7 @@ impl ClientError {
             | ClientError::Exhausted { key, .. }
             | ClientError::BodyNotReplayable { key, .. }
             | ClientError::InvalidKey { key }
+            | ClientError::Failed { key, .. }
             | ClientError::ResponseTooLarge { key, .. } => key,
         }
     }
@@ -619,6 +706,7 @@ impl ClientError {
         match self {
             ClientError::Rejected { attempts, .. }
             | ClientError::Exhausted { attempts, .. }
+            | ClientError::Failed { attempts, .. }
             | ClientError::ResponseTooLarge { attempts, .. } => *attempts,
             ClientError::BodyNotReplayable { .. } | ClientError::InvalidKey { .. } => 0,
         }
@@ -667,12 +755,14 @@ impl fmt::Display for ClientError {
                 "{method} {url} has a streaming body, which cannot be retried; nothing was sent \
                  (give it a body of bytes)"
             ),
-            ClientError::InvalidKey { key } => {
-                write!(
-                    f,
-                    "the key generator made {key:?}, which is not a valid header value"
-                )
-            }
+            ClientError::Failed { key, source, .. } => write!(
+                f,
+                "{source}; the operation may have run: retry it later with Idempotency-Key {key}"
+            ),
+            ClientError::InvalidKey { key } => write!(
+                f,
+                "the Idempotency-Key {key:?} is not printable ASCII; nothing was sent"
+            ),
             ClientError::ResponseTooLarge {
                 key, status, limit, ..
             } => write!(
@@ -691,6 +781,7 @@ impl std::error::Error for ClientError {
                 last: LastFailure::Transport(e),
                 ..
             } => Some(e),
+            ClientError::Failed { source, .. } => Some(source.as_ref()),
             _ => None,
         }
     }

@@ -56,6 +56,7 @@
 //! | 409 `request-in-flight` (or a 409 with `Retry-After`), 408, 425, 429, 502, 503, 504, and 500 if [`RetryMiddleware::retry_server_errors`], unless the answer is a replay (`Idempotent-Replayed: true`: a stored result does not change) | retries, waiting at least the `Retry-After` (seconds or an HTTP date) |
 //! | any other error status with an `application/problem+json` body (400, 401, 403, 404, 410, 413, 422, ...) | fails with [`ClientError::Rejected`], the problem parsed |
 //! | the attempts or the time run out | fails with [`ClientError::Exhausted`], which carries the key |
+//! | sent, then failed in a way a retry cannot mend (a redirect loop after the POST ran) | fails with [`ClientError::Failed`], which carries the key |
 //! | a streaming body, which cannot be sent twice | fails with [`ClientError::BodyNotReplayable`] before anything is sent |
 //!
 //! Only the covered methods (POST and PATCH unless [`RetryMiddleware::methods`] says
@@ -67,9 +68,10 @@
 //!
 //! [`grpc::RetryLayer`] wraps a tonic `Channel`: the covered methods get `idempotency-key`
 //! metadata and are retried on `UNAVAILABLE`, `ABORTED` (the layer's in-flight answer, honouring
-//! `grpc-retry-pushback-ms`), `RESOURCE_EXHAUSTED` and transport errors; never on
-//! `INVALID_ARGUMENT`, `FAILED_PRECONDITION` or any other status. A call's `grpc-timeout`
-//! (its deadline) bounds every retry.
+//! `grpc-retry-pushback-ms`), `RESOURCE_EXHAUSTED`, transport errors and an answer cut short
+//! before its `grpc-status`; never on `INVALID_ARGUMENT`, `FAILED_PRECONDITION` or any other
+//! status. A call's `grpc-timeout` (its deadline) bounds every retry, and a call that reaches it
+//! ends with `DEADLINE_EXCEEDED`.
 
 use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
@@ -165,26 +167,44 @@ impl RetryPolicy {
     }
 
     /// The delay before the next attempt after `attempts` attempts made since `started`, at
-    /// least `floor` (the server's `Retry-After`), or `None` when the attempts are used up or
-    /// the delay would end past the time budget (or past `deadline`, when the call has one).
+    /// least `floor` (the server's `Retry-After`), or why there is none: the attempts are used
+    /// up, or the delay would end past the time budget, or past `deadline` (the call's own).
     pub(crate) fn next_delay(
         &self,
         attempts: u32,
         floor: Option<Duration>,
         started: Instant,
         deadline: Option<Instant>,
-    ) -> Option<Duration> {
+    ) -> Result<Duration, Stop> {
         if attempts >= self.max_attempts {
-            return None;
+            return Err(Stop::Attempts);
         }
         let delay = jitter(self.backoff_ceiling(attempts)).max(floor.unwrap_or_default());
-        let resume = Instant::now().checked_add(delay)?;
-        let budget_end = started.checked_add(self.max_elapsed);
-        if budget_end.is_some_and(|end| resume > end) || deadline.is_some_and(|d| resume >= d) {
-            return None;
+        let Some(resume) = Instant::now().checked_add(delay) else {
+            return Err(Stop::Budget);
+        };
+        if deadline.is_some_and(|d| resume >= d) {
+            return Err(Stop::Deadline);
         }
-        Some(delay)
+        if started
+            .checked_add(self.max_elapsed)
+            .is_some_and(|end| resume > end)
+        {
+            return Err(Stop::Budget);
+        }
+        Ok(delay)
     }
+}
+
+/// Why a call is not tried again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Stop {
+    /// [`RetryPolicy::max_attempts`] were made.
+    Attempts,
+    /// The wait would end past [`RetryPolicy::max_elapsed`] (or past any instant).
+    Budget,
+    /// The wait would end past the call's own deadline.
+    Deadline,
 }
 
 /// A duration drawn uniformly from `0 ..= ceiling`.
@@ -242,19 +262,18 @@ mod tests {
             .next_delay(1, Some(Duration::from_secs(2)), now, None)
             .unwrap();
         assert!(d >= Duration::from_secs(2));
-        // Out of attempts.
-        assert_eq!(p.next_delay(3, None, now, None), None);
-        // A floor past the budget: no retry.
+        assert_eq!(p.next_delay(3, None, now, None), Err(Stop::Attempts));
+        // A floor past the budget, or past counting: no retry.
+        let six = Some(Duration::from_secs(6));
+        assert_eq!(p.next_delay(1, six, now, None), Err(Stop::Budget));
         assert_eq!(
-            p.next_delay(1, Some(Duration::from_secs(6)), now, None),
-            None
+            p.next_delay(1, Some(Duration::MAX), now, None),
+            Err(Stop::Budget)
         );
         // A floor past the call's deadline: no retry.
-        let deadline = now + Duration::from_secs(1);
-        assert_eq!(
-            p.next_delay(1, Some(Duration::from_secs(2)), now, Some(deadline)),
-            None
-        );
+        let deadline = Some(now + Duration::from_secs(1));
+        let two = Some(Duration::from_secs(2));
+        assert_eq!(p.next_delay(1, two, now, deadline), Err(Stop::Deadline));
         assert_eq!(RetryPolicy::new().max_attempts(0).attempts(), 1);
     }
 }
