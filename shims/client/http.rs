@@ -267,23 +267,17 @@ impl RetryMiddleware {
         let error = status.is_client_error() || status.is_server_error();
         if too_long && error && is_problem(response.headers()) {
             // A refusal too long to keep: its problem, if it is a small one, still decides.
+            let retry_after = retry_after(response.headers());
             let body = read_up_to(response, PROBLEM_LIMIT).await;
             let problem = body.as_deref().and_then(ProblemDetails::parse);
-            if !replayed && status == StatusCode::CONFLICT && problem_in_flight(problem.as_ref()) {
-                return Settled::Retry(LastFailure::Status {
-                    status: status.as_u16(),
-                    retry_after: None,
-                    problem,
-                });
-            }
-            return Settled::Done(Err(fail(ClientError::Rejected {
-                key: key.to_owned(),
-                attempts,
-                status: status.as_u16(),
-                problem,
+            let refusal = Refusal {
+                status,
                 replayed,
+                retry_after,
+                problem,
                 body: body.unwrap_or_default(),
-            })));
+            };
+            return refusal.settle(key, attempts);
         }
         if too_long {
             return Settled::Done(Ok(self.deliver(response, key, attempts, started)));
@@ -300,28 +294,15 @@ impl RetryMiddleware {
                 })));
             }
         };
-        let problem = is_problem(response.headers())
-            .then(|| ProblemDetails::parse(&body))
-            .flatten();
-        // The server layer's 409 for a request still running (with or without Retry-After).
-        if !replayed && status == StatusCode::CONFLICT && problem_in_flight(problem.as_ref()) {
-            return Settled::Retry(LastFailure::Status {
-                status: status.as_u16(),
-                retry_after: retry_after(response.headers()),
-                problem,
-            });
-        }
         if error && is_problem(response.headers()) {
-            tracing::debug!(%key, attempt = attempts, status = status.as_u16(), replayed,
-                "idempotent request: refused");
-            return Settled::Done(Err(fail(ClientError::Rejected {
-                key: key.to_owned(),
-                attempts,
-                status: status.as_u16(),
-                problem,
+            let refusal = Refusal {
+                status,
                 replayed,
+                retry_after: retry_after(response.headers()),
+                problem: ProblemDetails::parse(&body),
                 body,
-            })));
+            };
+            return refusal.settle(key, attempts);
         }
         Settled::Done(Ok(self.deliver(response, key, attempts, started)))
     }
@@ -357,9 +338,41 @@ impl RetryMiddleware {
     }
 }
 
-/// The server layer's 409 for a request still running.
-fn problem_in_flight(problem: Option<&ProblemDetails>) -> bool {
-    problem.is_some_and(|p| p.type_uri == IN_FLIGHT_TYPE)
+/// An error answer with a problem document.
+struct Refusal {
+    status: StatusCode,
+    replayed: bool,
+    retry_after: Option<Duration>,
+    problem: Option<ProblemDetails>,
+    body: Bytes,
+}
+
+impl Refusal {
+    /// The server layer's 409 for a request still running is retried (with or without
+    /// `Retry-After`); any other refusal reaches the caller as [`ClientError::Rejected`].
+    fn settle(self, key: &str, attempts: u32) -> Settled {
+        let in_flight = self
+            .problem
+            .as_ref()
+            .is_some_and(|p| p.type_uri == IN_FLIGHT_TYPE);
+        if !self.replayed && self.status == StatusCode::CONFLICT && in_flight {
+            return Settled::Retry(LastFailure::Status {
+                status: self.status.as_u16(),
+                retry_after: self.retry_after,
+                problem: self.problem,
+            });
+        }
+        tracing::debug!(%key, attempt = attempts, status = self.status.as_u16(),
+            replayed = self.replayed, "idempotent request: refused");
+        Settled::Done(Err(fail(ClientError::Rejected {
+            key: key.to_owned(),
+            attempts,
+            status: self.status.as_u16(),
+            problem: self.problem,
+            replayed: self.replayed,
+            body: self.body,
+        })))
+    }
 }
 
 /// An attempt that ran past [`RetryMiddleware::attempt_timeout`].
