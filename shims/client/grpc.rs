@@ -53,14 +53,13 @@ use tonic::Code;
 use tonic::body::Body;
 use tower::{Layer, Service, ServiceExt};
 
-use super::{KEY_HEADER, KeyGenerator, RetryPolicy, Stop, uuid_key};
+use super::{KEY_HEADER, KeyGenerator, RetryPolicy, Stop, is_replay, uuid_key};
 use crate::contract::body::{BoxError, Buffered, Collected, collect};
 
 /// The response metadata entry with the number of attempts a call took.
 pub const ATTEMPTS_METADATA: &str = "idempotency-attempts";
 /// The response metadata entry with the server's delay before a retry, in milliseconds.
 pub const RETRY_PUSHBACK_METADATA: &str = "grpc-retry-pushback-ms";
-const REPLAYED_METADATA: &str = "idempotent-replayed";
 
 /// A tower layer for tonic channels: see [the module docs](self).
 #[derive(Clone)]
@@ -278,7 +277,12 @@ where
                 .map_err(Into::into)?;
             let (parts, body) = answer.into_parts();
             match collect(pin!(body), None).await {
-                Collected::Whole { data, trailers } => Ok((parts, data, trailers)),
+                Collected::Whole { data, trailers } => match grpc_code(&parts, trailers.as_ref()) {
+                    Some(code) => Ok((parts, data, trailers, code)),
+                    // An HTTP 200 that ends without a grpc-status anywhere was cut short (a
+                    // reset stream): the answer was lost, and the call may have run.
+                    None => Err("the answer ended without a grpc-status".into()),
+                },
                 Collected::TooLarge { .. } => unreachable!("no limit"),
                 Collected::Failed(e) => Err(e),
             }
@@ -292,24 +296,9 @@ where
         };
         let failure = match answer {
             Err(e) => Failure::Transport(e),
-            // An HTTP 200 that ends without a grpc-status anywhere was cut short (a reset
-            // stream): the answer was lost, and the call may have run.
-            Ok((parts, _, trailers))
-                if parts.status == http::StatusCode::OK
-                    && !parts.headers.contains_key("grpc-status")
-                    && !trailers
-                        .as_ref()
-                        .is_some_and(|t| t.contains_key("grpc-status")) =>
-            {
-                Failure::Transport("the answer ended without a grpc-status".into())
-            }
-            Ok((parts, data, trailers)) => {
-                let code = grpc_code(&parts, trailers.as_ref());
+            Ok((parts, data, trailers, code)) => {
                 let pushback = pushback(&parts.headers, trailers.as_ref());
-                let replayed = parts
-                    .headers
-                    .get(REPLAYED_METADATA)
-                    .is_some_and(|v| v.as_bytes() == b"true");
+                let replayed = is_replay(&parts.headers);
                 // A stored answer is the call's result: replayed again, it cannot change.
                 let retryable = !replayed
                     && matches!(
@@ -381,17 +370,18 @@ fn describe(failure: &Failure) -> String {
 }
 
 /// The call's status: from the trailers, or from the headers of a trailers-only answer, or, with
-/// neither, from the HTTP status as gRPC maps it.
-fn grpc_code(parts: &http::response::Parts, trailers: Option<&HeaderMap>) -> Code {
+/// neither, from the HTTP status as gRPC maps it. `None` for an HTTP 200 with no status at all:
+/// an answer cut short.
+fn grpc_code(parts: &http::response::Parts, trailers: Option<&HeaderMap>) -> Option<Code> {
     let status = trailers
         .and_then(|t| t.get("grpc-status"))
         .or_else(|| parts.headers.get("grpc-status"));
     match status {
-        Some(v) => Code::from_bytes(v.as_bytes()),
+        Some(v) => Some(Code::from_bytes(v.as_bytes())),
         None => match parts.status.as_u16() {
-            200 => Code::Unknown,
-            429 | 502..=504 => Code::Unavailable,
-            _ => Code::Unknown,
+            200 => None,
+            429 | 502..=504 => Some(Code::Unavailable),
+            _ => Some(Code::Unknown),
         },
     }
 }

@@ -8,13 +8,11 @@ use http::{Extensions, HeaderMap, HeaderValue, Method, StatusCode};
 use reqwest::{Request, Response, ResponseBuilderExt, Url};
 use reqwest_middleware::{Middleware, Next};
 
-use super::{KEY_HEADER, KeyGenerator, RetryPolicy, uuid_key};
+use super::{KEY_HEADER, KeyGenerator, RetryPolicy, is_replay, uuid_key};
+use crate::contract::{ProblemKind, TYPE_PREFIX};
 
 /// The body of an answer to retry is read for its problem only up to this many bytes.
 const PROBLEM_LIMIT: usize = 64 * 1024;
-
-/// The problem `type` of the server layer's in-flight answer.
-const IN_FLIGHT_TYPE: &str = "urn:idempotency-rs:problem:request-in-flight";
 
 /// A [`reqwest_middleware::Middleware`] that gives each covered request one `Idempotency-Key`
 /// and retries it, with that key and the same body, until it gets an answer that settles it.
@@ -173,37 +171,28 @@ impl Middleware for RetryMiddleware {
             tracing::debug!(%key, attempt = attempts, %method, %url, "idempotent request: sending");
             let sent = next.clone().run(attempt, extensions);
             let sent = match self.attempt_timeout {
-                Some(limit) => match tokio::time::timeout(limit, sent).await {
-                    Ok(sent) => sent,
-                    Err(_) => Err(reqwest_middleware::Error::middleware(AttemptTimedOut(
-                        limit,
-                    ))),
-                },
-                None => sent.await,
+                Some(limit) => tokio::time::timeout(limit, sent).await.map_err(|_| limit),
+                None => Ok(sent.await),
             };
             let failure = match sent {
-                Err(reqwest_middleware::Error::Middleware(e))
-                    if e.downcast_ref::<AttemptTimedOut>().is_some() =>
-                {
-                    LastFailure::TimedOut(self.attempt_timeout.unwrap_or_default())
-                }
-                Err(reqwest_middleware::Error::Reqwest(e)) if is_transport(&e) => {
+                Err(limit) => LastFailure::TimedOut(limit),
+                Ok(Err(reqwest_middleware::Error::Reqwest(e))) if is_transport(&e) => {
                     LastFailure::Transport(e)
                 }
                 // Nothing was sent: the request could not be built.
-                Err(reqwest_middleware::Error::Reqwest(e)) if e.is_builder() => {
+                Ok(Err(reqwest_middleware::Error::Reqwest(e))) if e.is_builder() => {
                     return Err(e.into());
                 }
                 // Sent, and then something else failed (a redirect loop after the POST ran,
                 // an inner middleware's error): not retried, but the key goes back with it.
-                Err(e) => {
+                Ok(Err(e)) => {
                     return Err(fail(ClientError::Failed {
                         key,
                         attempts,
                         source: Box::new(e),
                     }));
                 }
-                Ok(response) => match self.settle(response, &key, attempts, started).await {
+                Ok(Ok(response)) => match self.settle(response, &key, attempts, started).await {
                     Settled::Done(result) => return result,
                     Settled::Retry(failure) => failure,
                 },
@@ -354,7 +343,7 @@ impl Refusal {
         let in_flight = self
             .problem
             .as_ref()
-            .is_some_and(|p| p.type_uri == IN_FLIGHT_TYPE);
+            .is_some_and(|p| p.slug() == Some(ProblemKind::InFlight.slug()));
         if !self.replayed && self.status == StatusCode::CONFLICT && in_flight {
             return Settled::Retry(LastFailure::Status {
                 status: self.status.as_u16(),
@@ -375,18 +364,6 @@ impl Refusal {
     }
 }
 
-/// An attempt that ran past [`RetryMiddleware::attempt_timeout`].
-#[derive(Debug)]
-struct AttemptTimedOut(Duration);
-
-impl fmt::Display for AttemptTimedOut {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "no answer within {:?}", self.0)
-    }
-}
-
-impl std::error::Error for AttemptTimedOut {}
-
 fn fail(error: ClientError) -> reqwest_middleware::Error {
     reqwest_middleware::Error::middleware(error)
 }
@@ -394,12 +371,6 @@ fn fail(error: ClientError) -> reqwest_middleware::Error {
 /// Failed on the way: connecting, sending, waiting (timeout) or reading the answer.
 fn is_transport(e: &reqwest::Error) -> bool {
     e.is_connect() || e.is_timeout() || e.is_request() || e.is_body()
-}
-
-fn is_replay(headers: &HeaderMap) -> bool {
-    headers
-        .get(crate::contract::REPLAYED_HEADER)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true"))
 }
 
 fn is_problem(headers: &HeaderMap) -> bool {
@@ -429,14 +400,7 @@ pub(crate) fn retry_after(headers: &HeaderMap) -> Option<Duration> {
 
 /// The body, if it ends within `limit` bytes and arrives whole.
 async fn read_up_to(mut response: Response, limit: usize) -> Option<Bytes> {
-    let mut body = BytesMut::new();
-    while let Some(chunk) = response.chunk().await.ok()? {
-        if body.len() + chunk.len() > limit {
-            return None;
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Some(body.freeze())
+    read_body(&mut response, limit).await.ok()
 }
 
 enum Buffering {
@@ -444,8 +408,8 @@ enum Buffering {
     TooLarge,
 }
 
-/// Reads the whole body (up to `limit`), and gives back an equal response holding it.
-async fn buffer(mut response: Response, limit: usize) -> Result<(Response, Bytes), Buffering> {
+/// Reads the rest of the body, failing past `limit` bytes.
+async fn read_body(response: &mut Response, limit: usize) -> Result<Bytes, Buffering> {
     let mut body = BytesMut::new();
     while let Some(chunk) = response.chunk().await.map_err(Buffering::Transport)? {
         if body.len() + chunk.len() > limit {
@@ -453,7 +417,12 @@ async fn buffer(mut response: Response, limit: usize) -> Result<(Response, Bytes
         }
         body.extend_from_slice(&chunk);
     }
-    let body = body.freeze();
+    Ok(body.freeze())
+}
+
+/// Reads the whole body (up to `limit`), and gives back an equal response holding it.
+async fn buffer(mut response: Response, limit: usize) -> Result<(Response, Bytes), Buffering> {
+    let body = read_body(&mut response, limit).await?;
     let url: Url = response.url().clone();
     let mut rebuilt = http::Response::builder()
         .status(response.status())
@@ -550,7 +519,7 @@ impl ProblemDetails {
     /// The slug of a problem from this crate's server layers (`key-reused`,
     /// `request-in-flight`, ...), which [`crate::contract::ProblemKind::slug`] lists.
     pub fn slug(&self) -> Option<&str> {
-        self.type_uri.strip_prefix("urn:idempotency-rs:problem:")
+        self.type_uri.strip_prefix(TYPE_PREFIX)
     }
 }
 

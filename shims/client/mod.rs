@@ -223,6 +223,14 @@ fn jitter(ceiling: Duration) -> Duration {
 /// Makes the key of each new operation.
 pub type KeyGenerator = Arc<dyn Fn() -> String + Send + Sync>;
 
+/// The answer is a stored one (`idempotent-replayed: true`, the header and the gRPC metadata
+/// entry alike): a result that retrying cannot change.
+pub(crate) fn is_replay(headers: &::http::HeaderMap) -> bool {
+    headers
+        .get(crate::contract::REPLAYED_HEADER)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true"))
+}
+
 /// The default key: a random (v4) UUID, lower case.
 pub(crate) fn uuid_key() -> String {
     uuid::Uuid::new_v4().to_string()

@@ -94,6 +94,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub use canonical::{canonical_json, canonical_value};
+#[cfg(feature = "client")]
+pub(crate) use problem::TYPE_PREFIX;
 pub use problem::{Problem, ProblemKind};
 pub use routes::PathPattern;
 pub(crate) use routes::Timings;

@@ -5,7 +5,7 @@ use std::time::Duration;
 use crate::response::StoredResponse;
 
 /// The start of every problem `type` URI this crate writes.
-const TYPE_PREFIX: &str = "urn:idempotency-rs:problem:";
+pub(crate) const TYPE_PREFIX: &str = "urn:idempotency-rs:problem:";
 
 /// One kind of answer the idempotency layer gives on its own, without running the handler.
 /// Each has a stable `type` URI (`urn:idempotency-rs:problem:<slug>`), an HTTP status and a
