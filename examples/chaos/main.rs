@@ -176,7 +176,6 @@ impl Report {
             keyed,
             ..Report::default()
         };
-        r.duplicates = placed.len().saturating_sub(calls.len());
         for call in calls {
             r.attempts += u64::from(call.attempts);
             r.retried += usize::from(call.attempts > 1);
@@ -201,10 +200,13 @@ impl Report {
                 }
             }
         }
-        if keyed {
-            r.duplicates = by_key.values().map(|ids| ids.len() - 1).sum::<usize>()
-                + placed.iter().filter(|(k, _)| k.is_none()).count();
-        }
+        r.duplicates = if keyed {
+            by_key.values().map(|ids| ids.len() - 1).sum::<usize>()
+                + placed.iter().filter(|(k, _)| k.is_none()).count()
+        } else {
+            // Without keys, every order beyond one per answered call ran twice.
+            placed.len().saturating_sub(r.succeeded)
+        };
         r
     }
 
@@ -423,13 +425,8 @@ pub(crate) async fn axum_rows(run: &Run, dir: &Path) -> Vec<Report> {
             "Axum, plain reqwest retrying without a key"
         };
         let mut report = Report::count(name, keyed, &calls, &placed, proxy.tally(), elapsed);
-        if keyed {
-            // Orders are kept by key, so a second run shows as a recovery, not an order.
-            report.executions = orders.created();
-            report.duplicates = orders.recovered();
-        } else {
-            report.duplicates = orders.created().saturating_sub(report.succeeded);
-        }
+        // Orders are kept by key, so a second run of a key shows as a recovery, not an order.
+        report.duplicates += orders.recovered();
         rows.push(report);
         server.abort();
         engine.shutdown().expect("shutdown");
