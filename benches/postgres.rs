@@ -268,15 +268,9 @@ impl Case {
         }
     }
 
-    /// The case's table in the run's schema.
+    /// The case's table in the run's schema: its id, as a name.
     fn table(self) -> String {
-        match self {
-            Case::Engine(n) => format!("engine_{n}"),
-            Case::PerRequest(n) => format!("per_request_{n}"),
-            Case::Raw { conns, rows } => format!("raw_{conns}x{rows}"),
-            Case::Procs(n) => format!("procs_{n}"),
-            Case::Backlog(n) => format!("backlog_{n}"),
-        }
+        self.id().replace(['/', '-'], "_")
     }
 
     fn system(self) -> String {
