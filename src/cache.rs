@@ -6,8 +6,17 @@
 //! `release` and `extend` only touch in-flight records. So (fingerprint, response, expiry) read
 //! once stays true until `expires_at`, which every lookup checks against the engine's clock.
 //! Only records that are on disk are cached (a read connection's replay, after the check that
-//! its completion was flushed; see `syncer.rs`). The one thing it cannot see is a record that
-//! someone deletes by hand while the engine runs: the cache replays it until it is evicted.
+//! its completion was flushed; see `syncer.rs`).
+//!
+//! **Deleted records.** A record deleted through this engine ([`Engine::forget`]) is dropped
+//! from the cache at once, and a tombstone keeps a lookup that read it just before the delete
+//! from putting it back. A record deleted some other way (another instance's engine on a shared
+//! PostgreSQL store, or SQL by hand) cannot be seen: every entry also lives at most
+//! [`EngineConfig::replay_cache_max_age`] (10 s by default) after it was read, so that is the
+//! longest such a record is still replayed.
+//!
+//! [`Engine::forget`]: crate::Engine::forget
+//! [`EngineConfig::replay_cache_max_age`]: crate::EngineConfig::replay_cache_max_age
 //!
 //! **Bounded.** The budget is in bytes (bodies, headers and trailers, plus a fixed overhead per
 //! entry), split over a few shards so the two tokio workers rarely meet on a lock. Each shard
@@ -16,6 +25,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
@@ -27,6 +37,11 @@ const SHARDS: usize = 8;
 
 /// Bytes counted for an entry on top of its response (map slot, queue slot, allocations).
 const ENTRY_OVERHEAD: usize = 160;
+
+/// How long a forgotten record's tombstone keeps it out of the cache: longer than any lookup
+/// that read it before it was deleted can take (their statements are bounded by the busy or
+/// statement timeout).
+const TOMBSTONE_LIFE: Duration = Duration::from_secs(120);
 
 /// A completed record as read from disk.
 #[derive(Debug, Clone)]
@@ -54,6 +69,8 @@ impl Completed {
 pub(crate) struct ReplayCache {
     shards: Box<[Mutex<Shard>]>,
     shard_budget: usize,
+    /// The longest an entry lives after it was read.
+    max_age: Duration,
 }
 
 #[derive(Default)]
@@ -64,6 +81,8 @@ struct Shard {
     order: VecDeque<([u8; 32], u64)>,
     bytes: usize,
     next_seq: u64,
+    /// Records forgotten recently, with when their tombstone ends: not cached until then.
+    tombstones: HashMap<[u8; 32], Instant>,
 }
 
 struct Entry {
@@ -74,15 +93,27 @@ struct Entry {
 
 impl ReplayCache {
     /// A cache of about `budget` bytes; `None` when the budget is too small to hold anything.
-    pub(crate) fn new(budget: usize) -> Option<ReplayCache> {
+    /// Entries live at most `max_age` after they were read.
+    pub(crate) fn new(budget: usize, max_age: Duration) -> Option<ReplayCache> {
         let shard_budget = budget / SHARDS;
-        if shard_budget < 4 * ENTRY_OVERHEAD {
+        if shard_budget < 4 * ENTRY_OVERHEAD || max_age.is_zero() {
             return None;
         }
         Some(ReplayCache {
             shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
             shard_budget,
+            max_age,
         })
+    }
+
+    /// Drops the record `id` (deleted from the store), and keeps it out for a while: a lookup
+    /// that read it just before the delete must not put it back.
+    pub(crate) fn forget(&self, id: &[u8; 32]) {
+        let mut shard = self.shard(id).lock();
+        shard.remove(id);
+        let now = Instant::now();
+        shard.tombstones.retain(|_, until| *until > now);
+        shard.tombstones.insert(*id, now + TOMBSTONE_LIFE);
     }
 
     fn shard(&self, id: &[u8; 32]) -> &Mutex<Shard> {
@@ -111,12 +142,24 @@ impl ReplayCache {
     }
 
     /// Caches a record just read from disk (a no-op for one too large to be worth it).
-    pub(crate) fn insert(&self, id: [u8; 32], record: Completed) {
+    pub(crate) fn insert(&self, id: [u8; 32], mut record: Completed) {
         let size = ENTRY_OVERHEAD + response_size(&record.response);
         if size > self.shard_budget / 4 {
             return;
         }
+        let now = Instant::now();
+        let oldest = now + self.max_age;
+        record.deadline = Some(record.deadline.map_or(oldest, |d| d.min(oldest)));
         let mut shard = self.shard(&id).lock();
+        if !shard.tombstones.is_empty() {
+            match shard.tombstones.get(&id) {
+                Some(until) if *until > now => return,
+                Some(_) => {
+                    shard.tombstones.remove(&id);
+                }
+                None => {}
+            }
+        }
         shard.remove(&id);
         let seq = shard.next_seq;
         shard.next_seq += 1;
@@ -181,7 +224,7 @@ mod tests {
 
     #[test]
     fn hits_until_expiry_then_misses() {
-        let cache = ReplayCache::new(1 << 20).unwrap();
+        let cache = ReplayCache::new(1 << 20, Duration::from_secs(10)).unwrap();
         cache.insert(id(1), record(10, 100));
         assert!(cache.get(&id(1), 99).is_some());
         assert!(cache.get(&id(1), 100).is_none());
@@ -193,7 +236,7 @@ mod tests {
     #[test]
     fn stays_within_its_budget_and_keeps_the_newest() {
         let budget = 64 * 1024;
-        let cache = ReplayCache::new(budget).unwrap();
+        let cache = ReplayCache::new(budget, Duration::from_secs(10)).unwrap();
         for i in 0..10_000 {
             cache.insert(id(i), record(100, i64::MAX));
             assert!(cache.bytes() <= budget);
@@ -215,10 +258,34 @@ mod tests {
 
     #[test]
     fn large_responses_and_tiny_budgets_are_not_cached() {
-        let cache = ReplayCache::new(64 * 1024).unwrap();
+        let cache = ReplayCache::new(64 * 1024, Duration::from_secs(10)).unwrap();
         cache.insert(id(1), record(64 * 1024, i64::MAX));
         assert!(cache.get(&id(1), 0).is_none());
-        assert!(ReplayCache::new(0).is_none());
+        assert!(ReplayCache::new(0, Duration::from_secs(10)).is_none());
+    }
+
+    #[test]
+    fn forgotten_records_are_dropped_and_kept_out() {
+        let cache = ReplayCache::new(1 << 20, Duration::from_secs(10)).unwrap();
+        cache.insert(id(1), record(10, i64::MAX));
+        cache.forget(&id(1));
+        assert!(cache.get(&id(1), 0).is_none());
+        // A lookup that read the record before the delete cannot put it back.
+        cache.insert(id(1), record(10, i64::MAX));
+        assert!(cache.get(&id(1), 0).is_none());
+        // Other records are not affected.
+        cache.insert(id(2), record(10, i64::MAX));
+        assert!(cache.get(&id(2), 0).is_some());
+    }
+
+    #[test]
+    fn entries_live_at_most_the_max_age() {
+        let cache = ReplayCache::new(1 << 20, Duration::from_millis(30)).unwrap();
+        cache.insert(id(1), record(10, i64::MAX));
+        assert!(cache.get(&id(1), 0).is_some());
+        std::thread::sleep(Duration::from_millis(40));
+        assert!(cache.get(&id(1), 0).is_none());
+        assert!(ReplayCache::new(1 << 20, Duration::ZERO).is_none());
     }
 
     #[test]

@@ -69,6 +69,7 @@ pub struct EngineConfig {
     pub(crate) cleanup_batch: usize,
     pub(crate) read_connections: usize,
     pub(crate) replay_cache_bytes: usize,
+    pub(crate) replay_cache_max_age: Duration,
     pub(crate) cache_size_kib: i64,
     pub(crate) busy_timeout: Duration,
     pub(crate) max_page_count: Option<u32>,
@@ -237,6 +238,7 @@ impl EngineConfig {
             cleanup_batch: 1000,
             read_connections: 4,
             replay_cache_bytes: 8 << 20,
+            replay_cache_max_age: Duration::from_secs(10),
             cache_size_kib: 16 * 1024,
             busy_timeout: Duration::from_secs(5),
             max_page_count: None,
@@ -307,11 +309,23 @@ impl EngineConfig {
     /// dropped first; a response over a 32nd of it is not kept), so a storm of retries of the
     /// same keys skips SQLite. It is always right: a completed record cannot change before it
     /// expires, every hit checks the expiry, and only records already flushed to disk are kept.
-    /// The exception is a record deleted by hand from the database while the engine runs,
-    /// which the cache may keep replaying until it is dropped: restart the engine after such
-    /// surgery, or turn the cache off.
+    /// A record deleted through this engine ([`Engine::forget`](crate::Engine::forget)) leaves
+    /// the cache at once; one deleted any other way (by another instance on a shared
+    /// PostgreSQL store, or by hand) is replayed for at most
+    /// [`replay_cache_max_age`](Self::replay_cache_max_age).
     pub fn replay_cache_bytes(mut self, bytes: usize) -> Self {
         self.replay_cache_bytes = bytes;
+        self
+    }
+
+    /// The longest the replay cache keeps an entry after reading it. Default 10 s; zero turns
+    /// the cache off.
+    ///
+    /// This bounds how long a record deleted outside this engine is still replayed from its
+    /// memory: forgotten by another instance on a shared PostgreSQL store, or deleted by SQL
+    /// by hand. (The record's own expiry bounds every entry too.)
+    pub fn replay_cache_max_age(mut self, max_age: Duration) -> Self {
+        self.replay_cache_max_age = max_age;
         self
     }
 

@@ -11,6 +11,7 @@ use crossbeam_channel::{Sender, TrySendError};
 use parking_lot::Mutex;
 use rusqlite::Connection;
 
+use crate::admin::{self, Answer, Change, Record, Stats};
 use crate::cache::ReplayCache;
 use crate::clock::{Clock, duration_ms};
 use crate::config::{EngineConfig, Location};
@@ -135,6 +136,9 @@ struct Inner {
     clock: Arc<dyn Clock>,
     lock_ms: i64,
     retention_ms: i64,
+    /// Where an operator's reads open their own connection (`None`: an in-memory store,
+    /// whose reads go through the writer).
+    admin: Option<EngineConfig>,
     joiner: Joiner,
     /// The exclusive right to the database file (`lock.rs`); `None` in memory, and once
     /// [`Engine::shutdown`] has closed every connection.
@@ -200,7 +204,7 @@ impl Engine {
             let (backend, readers) = crate::postgres::open(&config, url)?;
             // Every completed record the writer or a read connection returns is committed, so
             // durable: all of them may be cached.
-            let cache = ReplayCache::new(config.replay_cache_bytes);
+            let cache = ReplayCache::new(config.replay_cache_bytes, config.replay_cache_max_age);
             let remote = readers.map(|r| (r, Gate::default()));
             return Engine::start(backend, &config, Arc::default(), None, remote, cache, None);
         }
@@ -234,7 +238,7 @@ impl Engine {
         // Only with read connections: the writer's own replays may not be on disk yet.
         let cache = readers
             .as_ref()
-            .and_then(|_| ReplayCache::new(config.replay_cache_bytes));
+            .and_then(|_| ReplayCache::new(config.replay_cache_bytes, config.replay_cache_max_age));
         Engine::start(
             backend,
             &config,
@@ -271,6 +275,10 @@ impl Engine {
                 clock: config.clock.clone(),
                 lock_ms: duration_ms(config.lock_timeout),
                 retention_ms: duration_ms(config.retention),
+                admin: match config.location {
+                    Location::Memory => None,
+                    _ => Some(config.clone()),
+                },
                 joiner: Joiner(Mutex::new(Some(handle))),
                 file: Mutex::new(lock),
             }),
@@ -427,6 +435,133 @@ impl Engine {
     /// Commands waiting for the writer thread right now.
     pub fn queued(&self) -> usize {
         self.inner.claims.len() + self.inner.leases.len()
+    }
+
+    /// The record of `(scope, key)` as an operator sees it, expired ones included, with its
+    /// stored response ([`admin`](crate::admin)). `None`: no record.
+    ///
+    /// Reads on a connection of its own (SQLite: a read-only one; PostgreSQL: a new one),
+    /// never queued behind claims and never holding them up; an in-memory store is read by
+    /// the writer between two batches. Blocks the calling thread.
+    ///
+    /// # Errors
+    /// [`Error::InvalidScope`], [`Error::InvalidKey`], [`Error::Corrupt`] for a row that does
+    /// not decode, a storage error, [`Error::Closed`].
+    pub fn record(&self, scope: &str, key: &str) -> Result<Option<Record>> {
+        let id = admin::id_of(scope, key)?;
+        match self.admin_read(admin::Op::Record { id })? {
+            Answer::Record(r) => Ok(r),
+            other => Err(admin::unexpected(other)),
+        }
+    }
+
+    /// Live in-flight records whose lease was granted at least `older_than` ago, oldest first,
+    /// at most `limit` (without responses). Read as [`Engine::record`] reads.
+    ///
+    /// # Errors
+    /// A storage error, [`Error::Corrupt`], [`Error::Closed`].
+    pub fn in_flight(&self, older_than: Duration, limit: usize) -> Result<Vec<Record>> {
+        let op = admin::in_flight_op(older_than, limit);
+        match self.admin_read(op)? {
+            Answer::Records(r) => Ok(r),
+            other => Err(admin::unexpected(other)),
+        }
+    }
+
+    /// The figures of the store: records by state, the oldest lease, the expired backlog,
+    /// sizes, schema version. Read as [`Engine::record`] reads; it scans the table.
+    ///
+    /// # Errors
+    /// A storage error, [`Error::Closed`].
+    pub fn stats(&self) -> Result<Stats> {
+        match self.admin_read(admin::Op::Stats)? {
+            Answer::Stats(s) => Ok(s),
+            other => Err(admin::unexpected(other)),
+        }
+    }
+
+    /// Frees a stuck key: deletes its in-flight record, only if the record still carries
+    /// `fencing_token` (read it with [`Engine::record`] or [`Engine::in_flight`]). The next
+    /// claim runs the operation again; the lease that held the key, if it is still running,
+    /// gets [`Error::LeaseLost`] when it completes, and stores nothing.
+    ///
+    /// Use it for a key whose holder is known to be gone, when its lock timeout is long. It
+    /// goes through the writer, in a transaction of its own, on disk when this returns.
+    ///
+    /// # Errors
+    /// [`Error::InvalidScope`], [`Error::InvalidKey`], a storage error, [`Error::Closed`].
+    /// A record that is not there, completed, or under another token is not an error: the
+    /// [`Change`] says which, and nothing was changed.
+    pub fn force_release(&self, scope: &str, key: &str, fencing_token: u64) -> Result<Change> {
+        let id = admin::id_of(scope, key)?;
+        let change = self.admin_change(admin::Op::Release {
+            id,
+            fence: fencing_token,
+        })?;
+        tracing::warn!(
+            scope,
+            key,
+            fence = fencing_token,
+            outcome = %change,
+            "idempotency: force-release of a key by an operator"
+        );
+        Ok(change)
+    }
+
+    /// Deletes a completed record: the next claim of its key runs the operation again. This
+    /// engine stops replaying it at once (its replay cache included); another instance on a
+    /// shared PostgreSQL store may still replay it from its cache for up to
+    /// [`EngineConfig::replay_cache_max_age`](crate::EngineConfig::replay_cache_max_age). An
+    /// in-flight record is not forgotten ([`Change::InFlight`]): release it under its token.
+    ///
+    /// # Errors
+    /// As [`Engine::force_release`].
+    pub fn forget(&self, scope: &str, key: &str) -> Result<Change> {
+        let id = admin::id_of(scope, key)?;
+        let change = self.admin_change(admin::Op::Forget { id })?;
+        if change == Change::Done
+            && let Some(cache) = &self.inner.cache
+        {
+            cache.forget(&id);
+        }
+        tracing::warn!(scope, key, outcome = %change, "idempotency: a record forgotten by an operator");
+        Ok(change)
+    }
+
+    /// Deletes every expired record now, in transactions of a thousand rows (the engine's own
+    /// cleanup does the same in the background, spread out). Returns how many.
+    ///
+    /// # Errors
+    /// A storage error, [`Error::Closed`].
+    pub fn purge_expired(&self) -> Result<u64> {
+        let n = match self.admin_writer(admin::Op::Purge)? {
+            Answer::Purged(n) => n,
+            other => return Err(admin::unexpected(other)),
+        };
+        tracing::info!(deleted = n, "idempotency: expired records purged by an operator");
+        Ok(n)
+    }
+
+    fn admin_read(&self, op: admin::Op) -> Result<Answer> {
+        self.check_open()?;
+        match &self.inner.admin {
+            Some(config) => admin::Reader::open(config)?.run(&op, self.inner.clock.now_ms()),
+            None => self.admin_writer(op),
+        }
+    }
+
+    fn admin_change(&self, op: admin::Op) -> Result<Change> {
+        match self.admin_writer(op)? {
+            Answer::Change(c) => Ok(c),
+            other => Err(admin::unexpected(other)),
+        }
+    }
+
+    fn admin_writer(&self, op: admin::Op) -> Result<Answer> {
+        self.check_open()?;
+        let (reply, rx) = oneshot::channel();
+        self.send_lease(LeaseCmd::Admin { op, reply })?;
+        rx.recv().map_err(|_| self.inner.shared.gone())?
     }
 
     /// Makes the writer thread panic, to test how callers see a dead writer.

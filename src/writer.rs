@@ -55,6 +55,10 @@ pub(crate) trait Backend: Send + 'static {
         None
     }
 
+    /// An operator's request ([`crate::admin`]), between two batches: changes in a
+    /// transaction of their own, on disk when this returns.
+    fn admin(&mut self, op: &crate::admin::Op) -> Result<crate::admin::Answer>;
+
     /// The writer is stopping (`failure`: a flush failed): last words to the store.
     fn stop(&mut self, failure: Option<&Error>) {
         let _ = failure;
@@ -219,6 +223,11 @@ pub(crate) enum LeaseCmd {
     /// Answered once everything before it is committed (and flushed), with the error that
     /// stopped the engine if a flush failed.
     Shutdown(oneshot::Sender<Result<()>>),
+    /// An operator's request, run after the batch it arrives with.
+    Admin {
+        op: crate::admin::Op,
+        reply: oneshot::Sender<Result<crate::admin::Answer>>,
+    },
     #[cfg(feature = "fault-injection")]
     Panic,
 }
@@ -406,9 +415,11 @@ impl<B: Backend> Writer<B> {
             }
             lease_commands_first(&mut batch);
             let mut rest = Vec::with_capacity(batch.len());
+            let mut admin = Vec::new();
             for p in batch {
                 match p {
                     Pending::Lease(LeaseCmd::Shutdown(ack), _) => shutdown = Some(ack),
+                    Pending::Lease(LeaseCmd::Admin { op, reply }, _) => admin.push((op, reply)),
                     #[cfg(feature = "fault-injection")]
                     Pending::Lease(LeaseCmd::Panic, _) => {
                         panic!("injected writer panic (fault-injection feature)")
@@ -417,6 +428,9 @@ impl<B: Backend> Writer<B> {
                 }
             }
             if let Some(e) = failure {
+                for (_, reply) in admin {
+                    let _ = reply.send(Err(e.clone()));
+                }
                 self.fail_all(rest, e);
                 break;
             }
@@ -434,6 +448,11 @@ impl<B: Backend> Writer<B> {
                 }
             }
             self.process(rest);
+            // After the batch they came with: an operator's read sees every command sent
+            // before it.
+            for (op, reply) in admin {
+                let _ = reply.send(self.backend.admin(&op));
+            }
             if disconnected && self.requeued.is_empty() {
                 break;
             }
@@ -659,6 +678,9 @@ impl<B: Backend> Writer<B> {
                 let _ = reply.send(out);
             }
             LeaseCmd::Shutdown(_) => {}
+            LeaseCmd::Admin { reply, .. } => {
+                let _ = reply.send(out.and(Err(Error::Closed)));
+            }
             #[cfg(feature = "fault-injection")]
             LeaseCmd::Panic => {}
         }

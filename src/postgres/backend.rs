@@ -619,6 +619,26 @@ impl Backend for PgBackend {
     fn cleanup_slice(&self) -> Duration {
         CLEANUP_SLICE
     }
+
+    fn admin(&mut self, op: &crate::admin::Op) -> Result<crate::admin::Answer> {
+        let client = self.link.take_client()?;
+        let test_now = self.test_now();
+        let shown = self.link.target.shown.clone();
+        let out = within(
+            &self.link.rt,
+            self.link.deadline,
+            crate::postgres::admin::run(&client, &self.names, op, test_now, &shown),
+        );
+        match out {
+            Ok(answer) => {
+                let _ = self.link.give_back(client, Ok::<(), Fail>(()));
+                answer
+            }
+            Err(_) => self
+                .link
+                .give_back(client, Err::<crate::admin::Answer, _>(Fail::Timeout("an operator's request"))),
+        }
+    }
 }
 
 /// How often a batch that was rolled back for a reason worth a retry runs again.

@@ -3,6 +3,7 @@
 //! (`backend.rs`). What is decided, in which order, and what every caller is told stays the
 //! writer's and the engine's, shared with SQLite.
 
+pub(crate) mod admin;
 mod backend;
 mod connect;
 mod readers;

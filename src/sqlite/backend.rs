@@ -233,6 +233,12 @@ impl Backend for SqliteBackend {
         self.syncer.as_ref()
     }
 
+    fn admin(&mut self, op: &crate::admin::Op) -> Result<crate::admin::Answer> {
+        let answer = crate::sqlite::admin::change(&self.conn, op, self.clock.now_ms());
+        self.poke_checkpointer();
+        answer
+    }
+
     fn stop(&mut self, failure: Option<&Error>) {
         // The syncer flushes and answers everything it was handed; the checkpointer stops
         // before the final checkpoint, which then has the WAL to itself.

@@ -187,11 +187,11 @@ pub(crate) fn open_checkpointer(path: &Path, config: &EngineConfig) -> Result<Co
     Ok(conn)
 }
 
-fn open_error(e: rusqlite::Error, path: &Path) -> Error {
+pub(crate) fn open_error(e: rusqlite::Error, path: &Path) -> Error {
     open_error_any(e.into(), path)
 }
 
-fn open_error_any(e: Error, path: &Path) -> Error {
+pub(crate) fn open_error_any(e: Error, path: &Path) -> Error {
     if let Error::Storage(inner) = &e
         && let Some(rusqlite::Error::SqliteFailure(f, _)) = inner.downcast_ref::<rusqlite::Error>()
     {
@@ -230,7 +230,7 @@ fn open_error_any(e: Error, path: &Path) -> Error {
 }
 
 /// The file's schema version, or `SchemaTooNew` when this build cannot read it.
-fn schema_version(conn: &Connection) -> Result<i64> {
+pub(crate) fn schema_version(conn: &Connection) -> Result<i64> {
     let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
     if version > SCHEMA_VERSION {
         return Err(Error::SchemaTooNew {
@@ -286,7 +286,7 @@ fn migrate(conn: &Connection) -> Result<()> {
 
 /// Checks that a file claiming schema `version` really has our tables: a foreign database with
 /// our version number must not be written to.
-fn check_tables(conn: &Connection, version: i64) -> Result<()> {
+pub(crate) fn check_tables(conn: &Connection, version: i64) -> Result<()> {
     if version <= 0 {
         return Ok(());
     }
@@ -541,7 +541,7 @@ fn raw_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawRecord> {
 }
 
 /// A type or conversion failure while reading a row means the row is not what we wrote.
-fn column_error(e: rusqlite::Error) -> Error {
+pub(crate) fn column_error(e: rusqlite::Error) -> Error {
     match e {
         rusqlite::Error::FromSqlConversionFailure(..)
         | rusqlite::Error::InvalidColumnType(..)
