@@ -5,10 +5,14 @@
 //! ADDR=127.0.0.1:8080 cargo run --example axum_server --features axum-integration
 //! IDEMPOTENCY_STORE_URL=postgres://postgres@127.0.0.1/test \
 //!     cargo run --example axum_server --features axum-integration,postgres
+//! cargo run --example axum_server --features axum-integration,metrics   # and GET /metrics
 //! ```
 //!
 //! `POST /orders` with `{"symbol","quantity","price"}` answers `{"order_id","status","total"}`
 //! with a fresh UUID. The scope comes from `X-User-ID`.
+//!
+//! With the `metrics` feature, `GET /metrics` answers the engine's meters in Prometheus text
+//! (the crate docs, *Metrics*, list them).
 //!
 //! The store is the one `IDEMPOTENCY_STORE_URL` names (default `sqlite:idempotency.db`, a file
 //! in the working directory); `postgres://user@host/db` shares it between instances (build with
@@ -235,12 +239,20 @@ pub(crate) async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .or_else(|| std::env::var("ADDR").ok())
         .unwrap_or_else(|| "127.0.0.1:3000".into());
 
+    // Before the engine opens: it registers its meters with the recorder installed then.
+    #[cfg(feature = "metrics")]
+    let prometheus = prometheus()?;
     let url =
         std::env::var("IDEMPOTENCY_STORE_URL").unwrap_or_else(|_| "sqlite:idempotency.db".into());
     let engine = Engine::open_url(&url).await?;
     // The URL's host and database, never its password.
     tracing::info!(store = url.rsplit('@').next(), "idempotency store open");
     let app = app(&engine, Arc::default());
+    #[cfg(feature = "metrics")]
+    let app = app.route(
+        "/metrics",
+        axum::routing::get(move || std::future::ready(prometheus.render())),
+    );
 
     let listener = tokio::net::TcpListener::bind(&addr).await?;
     tracing::info!("listening on http://{}", listener.local_addr()?);
@@ -251,6 +263,36 @@ pub(crate) async fn main() -> Result<(), Box<dyn std::error::Error>> {
     engine.shutdown()?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Installs the Prometheus recorder: the engine's durations as histograms with buckets (in
+/// seconds), batch sizes in powers of two. A task drains the histograms' samples into their
+/// buckets every few seconds, so memory stays flat between scrapes.
+#[cfg(feature = "metrics")]
+fn prometheus() -> Result<metrics_exporter_prometheus::PrometheusHandle, Box<dyn std::error::Error>>
+{
+    use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Suffix("_seconds".into()),
+            &[
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                1.0, 2.5, 5.0,
+            ],
+        )?
+        .set_buckets_for_metric(
+            Matcher::Full("idempotency_batch_size".into()),
+            &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0],
+        )?
+        .install_recorder()?;
+    let upkeep = handle.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+            upkeep.run_upkeep();
+        }
+    });
+    Ok(handle)
 }
 
 /// Resolves on Ctrl-C (SIGINT) or SIGTERM, which systemd, Docker and Kubernetes send to stop a

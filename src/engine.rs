@@ -13,6 +13,7 @@ use rusqlite::Connection;
 
 use crate::admin::{self, Answer, Change, Record, Stats};
 use crate::cache::ReplayCache;
+use crate::metrics::{Outcome, Source, Timer};
 use crate::clock::{Clock, duration_ms};
 use crate::config::{EngineConfig, Location};
 use crate::error::{Error, Result};
@@ -206,7 +207,8 @@ impl Engine {
             // durable: all of them may be cached.
             let cache = ReplayCache::new(config.replay_cache_bytes, config.replay_cache_max_age);
             let remote = readers.map(|r| (r, Gate::default()));
-            return Engine::start(backend, &config, Arc::default(), None, remote, cache, None);
+            let shared = Arc::new(Shared::new("postgres"));
+            return Engine::start(backend, &config, shared, None, remote, cache, None);
         }
         let lock = match &config.location {
             Location::File(path) => Some(EngineLock::acquire(path, config.open_timeout)?),
@@ -221,7 +223,7 @@ impl Engine {
             // From here on the resolved path: the syncer opens `<path>-wal` itself.
             config.location = Location::File(lock.db().to_path_buf());
         }
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(Shared::new("sqlite"));
         let backend = SqliteBackend::new(conn, &config, shared.clone())?;
         let readers = match &config.location {
             Location::File(path) if config.read_connections > 0 => Some(ReaderPool {
@@ -340,6 +342,14 @@ impl Engine {
     /// ([`Error::DiskFull`], [`Error::Busy`], [`Error::Storage`]); [`Error::Corrupt`] when the
     /// stored record does not decode.
     pub fn claim(&self, request: ClaimRequest) -> Result<ClaimOutcome> {
+        let timer = Timer::start();
+        let who = Who::of(&request);
+        let result = self.claim_blocking(request);
+        self.observe_claim(timer, who, &result);
+        result
+    }
+
+    fn claim_blocking(&self, request: ClaimRequest) -> Result<ClaimOutcome> {
         #[cfg_attr(not(feature = "postgres"), allow(unused_mut))]
         let mut started = self.start_claim(request)?;
         loop {
@@ -365,6 +375,14 @@ impl Engine {
     /// # Errors
     /// As [`Engine::claim`].
     pub async fn claim_async(&self, request: ClaimRequest) -> Result<ClaimOutcome> {
+        let timer = Timer::start();
+        let who = Who::of(&request);
+        let result = self.claim_waiting(request).await;
+        self.observe_claim(timer, who, &result);
+        result
+    }
+
+    async fn claim_waiting(&self, request: ClaimRequest) -> Result<ClaimOutcome> {
         #[cfg_attr(not(feature = "postgres"), allow(unused_mut))]
         let mut started = self.start_claim(request)?;
         loop {
@@ -430,6 +448,11 @@ impl Engine {
     /// The retention of claims that do not set their own ([`EngineConfig::retention`](crate::EngineConfig::retention)).
     pub fn retention(&self) -> Duration {
         Duration::from_millis(u64::try_from(self.inner.retention_ms).unwrap_or(0))
+    }
+
+    /// The engine's meters (for the layers' rejections).
+    pub(crate) fn meters(&self) -> &crate::metrics::Meters {
+        &self.inner.shared.meters
     }
 
     /// Commands waiting for the writer thread right now.
@@ -607,6 +630,7 @@ impl Engine {
             let now = self.inner.clock.now_ms();
             if let Some(record) = cache.get(&id, now) {
                 let decision = record.decide(&req.fingerprint);
+                self.replayed(&decision, Source::Cache);
                 return Ok(Started::Done(ClaimOutcome::from_decision(decision, now)));
             }
         }
@@ -619,6 +643,7 @@ impl Engine {
                 &self.inner.shared.unsynced,
                 cache,
             )? {
+                self.replayed(&decision, Source::ReadConnection);
                 return Ok(Started::Done(ClaimOutcome::from_decision(decision, now)));
             }
         }
@@ -648,6 +673,7 @@ impl Engine {
                     gate.hit();
                 }
                 let decision = record.decide(&request.fingerprint);
+                self.replayed(&decision, Source::ReadConnection);
                 if let Some(cache) = &self.inner.cache {
                     cache.insert(id, record);
                 }
@@ -711,6 +737,7 @@ impl Engine {
         match reply? {
             ClaimReply::Claimed(won) => {
                 let (fence, locked_until) = won.disarm();
+                self.inner.shared.meters.lease_granted();
                 Ok(ClaimOutcome::Claimed(Lease {
                     engine: self.clone(),
                     id: pending.id,
@@ -722,9 +749,13 @@ impl Engine {
                     done: false,
                 }))
             }
-            ClaimReply::Decided(d) => Ok(ClaimOutcome::from_decision(d, self.inner.clock.now_ms())),
+            ClaimReply::Decided(d) => {
+                self.replayed(&d, Source::Writer);
+                Ok(ClaimOutcome::from_decision(d, self.inner.clock.now_ms()))
+            }
             ClaimReply::Completed(record) => {
                 let decision = record.decide(&pending.fingerprint);
+                self.replayed(&decision, Source::Writer);
                 if let Some(cache) = &self.inner.cache {
                     cache.insert(pending.id, record);
                 }
@@ -741,6 +772,75 @@ impl Engine {
             .leases
             .send(cmd)
             .map_err(|_| self.inner.shared.gone())
+    }
+
+    fn replayed(&self, decision: &Decision, source: Source) {
+        if let Decision::Replay(_) = decision {
+            self.inner.shared.meters.replay(source);
+        }
+    }
+
+    /// Meters and logs a claim's end: outcomes at debug, failures at warn (worth a retry) or
+    /// error (the store is failing).
+    fn observe_claim(&self, timer: Timer, who: Option<Who>, result: &Result<ClaimOutcome>) {
+        let meters = &self.inner.shared.meters;
+        match result {
+            Ok(outcome) => {
+                let (label, fence) = match outcome {
+                    ClaimOutcome::Claimed(lease) => (Outcome::Claimed, Some(lease.fence)),
+                    ClaimOutcome::Replay(_) => (Outcome::Replayed, None),
+                    ClaimOutcome::InFlight { .. } => (Outcome::InFlight, None),
+                    ClaimOutcome::Mismatch => (Outcome::Mismatch, None),
+                };
+                meters.claim(timer, label);
+                if let Some(who) = who {
+                    tracing::debug!(
+                        scope = %who.scope,
+                        key = %who.key,
+                        outcome = label.as_str(),
+                        fence,
+                        "idempotency: claim"
+                    );
+                }
+            }
+            Err(e) => {
+                meters.error("claim", e);
+                if let Some(who) = who {
+                    log_error("claim", &who, e);
+                }
+            }
+        }
+    }
+}
+
+/// The scope and key of a claim, kept for its log events only while some are enabled.
+struct Who {
+    scope: String,
+    key: IdempotencyKey,
+}
+
+impl Who {
+    fn of(request: &ClaimRequest) -> Option<Who> {
+        tracing::enabled!(tracing::Level::ERROR).then(|| Who {
+            scope: request.scope.clone(),
+            key: request.key.clone(),
+        })
+    }
+}
+
+/// A failed call, logged with its scope and key: warn when a retry may succeed (overload, a
+/// busy or unreachable store, a lost lease), debug for a closed engine and refused input
+/// (the layers answer those), error when the store is failing.
+fn log_error(op: &'static str, who: &Who, e: &Error) {
+    let (scope, key, kind) = (&*who.scope, who.key.as_str(), e.kind());
+    match e {
+        Error::Closed | Error::InvalidScope { .. } | Error::InvalidKey { .. } => {
+            tracing::debug!(scope, key, op, kind, error = %e, "idempotency: call refused");
+        }
+        Error::Overloaded { .. } | Error::Busy | Error::Unavailable { .. } | Error::LeaseLost => {
+            tracing::warn!(scope, key, op, kind, error = %e, "idempotency: call failed");
+        }
+        _ => tracing::error!(scope, key, op, kind, error = %e, "idempotency: store failure"),
     }
 }
 
@@ -991,8 +1091,11 @@ impl Lease {
     /// it durable failed: it may or may not have reached the disk, this engine never replays
     /// it, and the engine stops.
     pub fn complete(mut self, response: StoredResponse) -> Result<()> {
-        let rx = self.send_complete(response)?;
-        rx.recv().map_err(|_| self.engine.inner.shared.gone())?
+        let timer = Timer::start();
+        let result = self
+            .send_complete(response)
+            .and_then(|rx| rx.recv().map_err(|_| self.engine.inner.shared.gone())?);
+        self.observe("complete", timer, result)
     }
 
     /// [`Lease::complete`] without blocking.
@@ -1000,8 +1103,12 @@ impl Lease {
     /// # Errors
     /// As [`Lease::complete`].
     pub async fn complete_async(mut self, response: StoredResponse) -> Result<()> {
-        let rx = self.send_complete(response)?;
-        rx.await.map_err(|_| self.engine.inner.shared.gone())?
+        let timer = Timer::start();
+        let result = match self.send_complete(response) {
+            Ok(rx) => rx.await.map_err(|_| self.engine.inner.shared.gone())?,
+            Err(e) => Err(e),
+        };
+        self.observe("complete", timer, result)
     }
 
     /// Frees the key: the next claim runs the operation again. Blocks until committed.
@@ -1009,8 +1116,10 @@ impl Lease {
     /// # Errors
     /// [`Error::LeaseLost`], a storage error, or [`Error::Closed`].
     pub fn release(mut self) -> Result<()> {
-        let rx = self.send_release()?;
-        rx.recv().map_err(|_| self.engine.inner.shared.gone())?
+        let result = self
+            .send_release()
+            .and_then(|rx| rx.recv().map_err(|_| self.engine.inner.shared.gone())?);
+        self.observe("release", Timer::start(), result)
     }
 
     /// [`Lease::release`] without blocking.
@@ -1018,8 +1127,11 @@ impl Lease {
     /// # Errors
     /// As [`Lease::release`].
     pub async fn release_async(mut self) -> Result<()> {
-        let rx = self.send_release()?;
-        rx.await.map_err(|_| self.engine.inner.shared.gone())?
+        let result = match self.send_release() {
+            Ok(rx) => rx.await.map_err(|_| self.engine.inner.shared.gone())?,
+            Err(e) => Err(e),
+        };
+        self.observe("release", Timer::start(), result)
     }
 
     /// Moves the lock timeout to `by` from now, for operations that run longer than the lock
@@ -1029,8 +1141,10 @@ impl Lease {
     /// [`Error::LeaseLost`] when the record was already taken over; a storage error;
     /// [`Error::Closed`].
     pub fn extend(&mut self, by: Duration) -> Result<()> {
-        let rx = self.send_extend(by)?;
-        self.locked_until = rx.recv().map_err(|_| self.engine.inner.shared.gone())??;
+        let result = self
+            .send_extend(by)
+            .and_then(|rx| rx.recv().map_err(|_| self.engine.inner.shared.gone())?);
+        self.locked_until = self.observe("extend", Timer::start(), result)?;
         Ok(())
     }
 
@@ -1039,9 +1153,36 @@ impl Lease {
     /// # Errors
     /// As [`Lease::extend`].
     pub async fn extend_async(&mut self, by: Duration) -> Result<()> {
-        let rx = self.send_extend(by)?;
-        self.locked_until = rx.await.map_err(|_| self.engine.inner.shared.gone())??;
+        let result = match self.send_extend(by) {
+            Ok(rx) => rx.await.map_err(|_| self.engine.inner.shared.gone())?,
+            Err(e) => Err(e),
+        };
+        self.locked_until = self.observe("extend", Timer::start(), result)?;
         Ok(())
+    }
+
+    /// Meters and logs the end of a lease command: debug when done, warn or error when not.
+    fn observe<T>(&self, op: &'static str, timer: Timer, result: Result<T>) -> Result<T> {
+        let meters = &self.engine.inner.shared.meters;
+        match &result {
+            Ok(_) => {
+                if op == "complete" {
+                    meters.completed(timer);
+                }
+                tracing::debug!(key = %self.key, fence = self.fence, op, "idempotency: lease");
+            }
+            Err(e) => {
+                meters.error(op, e);
+                let kind = e.kind();
+                match e {
+                    Error::LeaseLost | Error::Overloaded { .. } | Error::Busy | Error::Unavailable { .. } | Error::Closed => {
+                        tracing::warn!(key = %self.key, fence = self.fence, op, kind, error = %e, "idempotency: lease command failed");
+                    }
+                    _ => tracing::error!(key = %self.key, fence = self.fence, op, kind, error = %e, "idempotency: lease command failed: store failure"),
+                }
+            }
+        }
+        result
     }
 
     fn send_complete(&mut self, response: StoredResponse) -> Result<oneshot::Receiver<Result<()>>> {
@@ -1090,6 +1231,7 @@ impl Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
+        self.engine.inner.shared.meters.lease_ended();
         if !self.done {
             // Fire and forget on the unbounded lease queue: never blocks. If the engine is gone
             // the lock timeout frees the key.

@@ -161,6 +161,34 @@ impl Error {
         )
     }
 
+    /// A short, stable name of the variant (`lease_lost`, `disk_full`, ...): the `kind` label
+    /// of `idempotency_errors_total`, and a field of the crate's `tracing` events.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::InvalidKey { .. } => "invalid_key",
+            Error::InvalidScope { .. } => "invalid_scope",
+            Error::InvalidConfig { .. } => "invalid_config",
+            Error::NotADatabase { .. } => "not_a_database",
+            Error::CannotOpen { .. } => "cannot_open",
+            Error::ReadOnly { .. } => "read_only",
+            Error::SchemaTooNew { .. } => "schema_too_new",
+            Error::NotWal { .. } => "not_wal",
+            Error::AlreadyOpen { .. } => "already_open",
+            Error::Busy => "busy",
+            Error::DiskFull => "disk_full",
+            Error::Corrupt { .. } => "corrupt",
+            Error::TooLarge { .. } => "too_large",
+            Error::LeaseLost => "lease_lost",
+            Error::Overloaded { .. } => "overloaded",
+            Error::Closed => "closed",
+            Error::WriterPanicked { .. } => "writer_panicked",
+            Error::SyncFailed { .. } => "sync_failed",
+            Error::Unavailable { .. } => "unavailable",
+            Error::Refused { .. } => "refused",
+            Error::Storage(_) => "storage",
+        }
+    }
+
     /// True when the engine can never serve another request (closed, its writer died, or a
     /// flush of its log failed).
     pub fn is_closed(&self) -> bool {

@@ -10,6 +10,7 @@ mod engine;
 mod error;
 mod fingerprint;
 mod key;
+mod metrics;
 mod middleware;
 #[cfg(feature = "postgres")]
 mod postgres;

@@ -242,8 +242,10 @@ pub(crate) enum Exit {
 }
 
 /// State shared between the handles, the writer thread and its helper threads.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Shared {
+    /// The engine's meters (empty without the `metrics` feature).
+    pub(crate) meters: crate::metrics::Meters,
     exit: Mutex<Option<Exit>>,
     exited: Condvar,
     /// Completions committed but not yet flushed: never replayed (see `syncer.rs`).
@@ -256,6 +258,20 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// The shared state of a new engine on `backend` (`sqlite`, `postgres`).
+    pub(crate) fn new(backend: &'static str) -> Shared {
+        Shared {
+            meters: crate::metrics::Meters::new(backend),
+            exit: Mutex::default(),
+            exited: Condvar::new(),
+            unsynced: Unsynced::default(),
+            sync_failed: AtomicBool::new(false),
+            sync_failure: Mutex::default(),
+            #[cfg(feature = "fault-injection")]
+            sync_faults: Default::default(),
+        }
+    }
+
     /// The error of the first failed flush, if one failed.
     pub(crate) fn sync_failure(&self) -> Option<Error> {
         if !self.sync_failed.load(Ordering::Acquire) {
@@ -559,7 +575,13 @@ impl<B: Backend> Writer<B> {
         let results = if work.is_empty() {
             Ok(Vec::new())
         } else {
-            self.backend.run(&work)
+            let started = Instant::now();
+            let results = self.backend.run(&work);
+            let queued = self.claims.len() + self.leases.len();
+            self.shared
+                .meters
+                .batch(work.len(), started.elapsed(), queued);
+            results
         };
         drop(work);
         let results = match results {
@@ -692,6 +714,13 @@ impl<B: Backend> Writer<B> {
         let started = Instant::now();
         let deleted = self.backend.delete_expired(chunk);
         let spent = started.elapsed();
+        match &deleted {
+            Ok(n) => self.shared.meters.cleaned(*n),
+            Err(e) => {
+                self.shared.meters.error("cleanup", e);
+                tracing::error!(kind = e.kind(), error = %e, "idempotency: cleanup of expired records failed");
+            }
+        }
         // Each delete dirties a page of the id index at random, so a transaction of a thousand
         // can hold the writer for tens of milliseconds: size the next one to fit the slice.
         if spent > slice {

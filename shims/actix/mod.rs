@@ -264,12 +264,13 @@ where
             if declared.is_none_or(|n| n <= limit as u64) && !expects_continue(expect) {
                 drain(req.take_payload(), limit).await;
             }
+            contract.rejected(problem.kind, None, None);
             return Ok(reject(req, &problem));
         }
     };
     if declared.is_some_and(|n| n > limit as u64) {
         return match mode {
-            Mode::Strict => Ok(reject(req, &contract.body_too_large())),
+            Mode::Strict => Ok(too_large(req, &contract)),
             Mode::Lenient => pass_through(&service, req).await,
         };
     }
@@ -277,7 +278,7 @@ where
     let read = actix_web::body::to_bytes_limited(payload, limit).await;
     let bytes = match read {
         Ok(Ok(bytes)) => bytes,
-        Err(_) => return Ok(reject(req, &contract.body_too_large())),
+        Err(_) => return Ok(too_large(req, &contract)),
         Ok(Err(_)) => {
             return Ok(plain(
                 req,
@@ -375,6 +376,12 @@ where
     B: MessageBody + 'static,
 {
     Ok(service.call(req).await?.map_into_left_body())
+}
+
+fn too_large<B>(req: ServiceRequest, contract: &Contract) -> ServiceResponse<EitherBody<B>> {
+    let problem = contract.body_too_large();
+    contract.rejected(problem.kind, None, None);
+    reject(req, &problem)
 }
 
 fn reject<B>(req: ServiceRequest, problem: &Problem) -> ServiceResponse<EitherBody<B>> {

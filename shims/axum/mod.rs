@@ -276,12 +276,13 @@ where
             // Read the body first (up to the limit, discarded), so the connection stays open
             // for the client's next request: hyper closes one whose request body is unread.
             drain(&parts, body, limit).await;
+            contract.rejected(problem.kind, None, None);
             return Ok(problem_response(&problem));
         }
     };
     if body.size_hint().lower() > limit as u64 {
         return match mode {
-            Mode::Strict => Ok(problem_response(&contract.body_too_large())),
+            Mode::Strict => Ok(too_large(&contract)),
             Mode::Lenient => pass_through(inner, parts, body).await,
         };
     }
@@ -289,7 +290,7 @@ where
         Collected::Whole { data, .. } => data,
         Collected::TooLarge { prefix, rest } => {
             return match mode {
-                Mode::Strict => Ok(problem_response(&contract.body_too_large())),
+                Mode::Strict => Ok(too_large(&contract)),
                 Mode::Lenient => {
                     let body = Body::new(Prefixed::new(prefix, rest));
                     let response = inner.call(Request::from_parts(parts, body)).await?;
@@ -339,14 +340,7 @@ where
                 .await?;
             return Ok(response.map(Body::new));
         }
-        Begin::Reject(problem) => {
-            tracing::debug!(
-                status = problem.status(),
-                kind = problem.kind.slug(),
-                "idempotency: rejected"
-            );
-            return Ok(problem_response(&problem));
-        }
+        Begin::Reject(problem) => return Ok(problem_response(&problem)),
         Begin::Run(pending) => {
             tracing::debug!(
                 fencing_token = pending.lease().fencing_token(),
@@ -481,6 +475,12 @@ pub(crate) fn stored_response(stored: StoredResponse) -> Response<Body> {
 /// The problem+json response for a problem.
 pub(crate) fn problem_response(problem: &Problem) -> Response<Body> {
     stored_response(problem.to_response())
+}
+
+fn too_large(contract: &Contract) -> Response<Body> {
+    let problem = contract.body_too_large();
+    contract.rejected(problem.kind, None, None);
+    problem_response(&problem)
 }
 
 fn plain(status: StatusCode, text: &'static str) -> Response<Body> {

@@ -342,6 +342,29 @@ impl Contract {
         &self.config
     }
 
+    /// Meters and logs an answer the layer gives on its own: `idempotency_rejections_total`
+    /// by kind, and an event with the scope and key when they are known (a request still in
+    /// flight at debug, as the retry it answers is routine; every other kind at warn).
+    pub fn rejected(&self, kind: ProblemKind, scope: Option<&str>, key: Option<&str>) {
+        self.engine.meters().rejected(kind.slug());
+        match kind {
+            ProblemKind::InFlight => tracing::debug!(
+                kind = kind.slug(),
+                status = kind.status(),
+                scope,
+                key,
+                "idempotency: rejected"
+            ),
+            _ => tracing::warn!(
+                kind = kind.slug(),
+                status = kind.status(),
+                scope,
+                key,
+                "idempotency: rejected"
+            ),
+        }
+    }
+
     /// The engine.
     pub fn engine(&self) -> &Engine {
         &self.engine
@@ -571,6 +594,12 @@ impl Contract {
             request.content_type,
             request.body,
         );
+        // For the rejection's event only, and only while such events are wanted.
+        let key_text = tracing::enabled!(tracing::Level::DEBUG).then(|| key.as_str().to_owned());
+        let reject = |problem: Problem| {
+            self.rejected(problem.kind, Some(&scope), key_text.as_deref());
+            Begin::Reject(problem)
+        };
         match self
             .engine
             .claim_async(self.claim_request(scope.clone(), key, fp))
@@ -591,7 +620,7 @@ impl Contract {
                     .push((REPLAYED_HEADER.into(), b"true".to_vec()));
                 Begin::Replay(stored)
             }
-            Ok(ClaimOutcome::InFlight { retry_after }) => Begin::Reject(
+            Ok(ClaimOutcome::InFlight { retry_after }) => reject(
                 Problem::new(
                     ProblemKind::InFlight,
                     "A request with this Idempotency-Key is still being processed. Retry after \
@@ -599,13 +628,13 @@ impl Contract {
                 )
                 .retry_after(self.retry_hint(request.route, retry_after)),
             ),
-            Ok(ClaimOutcome::Mismatch) => Begin::Reject(Problem::new(
+            Ok(ClaimOutcome::Mismatch) => reject(Problem::new(
                 ProblemKind::KeyReused,
                 "This Idempotency-Key was already used for a different request (method, path or \
                  body differ). Resend the original request unchanged, or use a new key for a new \
                  request.",
             )),
-            Err(e) => Begin::Reject(store_unavailable(&e)),
+            Err(e) => reject(store_unavailable(&e)),
         }
     }
 }

@@ -99,16 +99,29 @@ where
             let req = Request::from_parts(parts, Body::new(body));
             return Ok(inner.call(req).await?.map(Body::new));
         }
-        Err(status) => return Ok(reject(status)),
+        Err((kind, status)) => {
+            settings.contract.rejected(kind, None, None);
+            return Ok(reject(status));
+        }
     };
     let scope = match settings.scope.extract(&parts) {
         Ok(scope) => scope,
-        Err(status) => return Ok(reject(status)),
+        Err(status) => {
+            let kind = match status.message().contains("too long") {
+                true => ProblemKind::ScopeInvalid,
+                false => ProblemKind::ScopeMissing,
+            };
+            settings.contract.rejected(kind, None, None);
+            return Ok(reject(status));
+        }
     };
     let limit = settings.contract.config().request_limit();
     let (message, request_trailers) = match collect(pin!(body), Some(limit)).await {
         Collected::Whole { data, trailers } => (data, trailers),
         Collected::TooLarge { .. } => {
+            settings
+                .contract
+                .rejected(ProblemKind::BodyTooLarge, Some(&scope), Some(key.as_str()));
             // A negative pushback is gRPC's "do not retry": the same message would be refused.
             let mut response = reject(Status::resource_exhausted(format!(
                 "the request message is larger than {limit} bytes, the limit for idempotent \
@@ -123,6 +136,8 @@ where
     };
 
     let fingerprint = Fingerprint::of_parts(&[parts.uri.path().as_bytes(), &message]);
+    // For a rejection's event only, and only while such events are wanted.
+    let key_text = tracing::enabled!(tracing::Level::DEBUG).then(|| key.as_str().to_owned());
     let claim = settings
         .contract
         .claim_request(scope.clone(), key, fingerprint);
@@ -130,6 +145,9 @@ where
         Ok(ClaimOutcome::Claimed(lease)) => lease,
         Ok(ClaimOutcome::Replay(stored)) => return Ok(replay(stored)),
         Ok(ClaimOutcome::InFlight { retry_after }) => {
+            settings
+                .contract
+                .rejected(ProblemKind::InFlight, Some(&scope), key_text.as_deref());
             let retry_after = settings.contract.retry_hint(parts.uri.path(), retry_after);
             return Ok(with_pushback(
                 reject(Status::aborted(format!(
@@ -141,13 +159,23 @@ where
             ));
         }
         Ok(ClaimOutcome::Mismatch) => {
+            settings
+                .contract
+                .rejected(ProblemKind::KeyReused, Some(&scope), key_text.as_deref());
             return Ok(reject(Status::failed_precondition(
                 "this idempotency-key was already used for a different call (another method or \
                  request message); resend the original request unchanged, or use a new key for a \
                  new request",
             )));
         }
-        Err(e) => return Ok(store_unavailable(&e)),
+        Err(e) => {
+            settings.contract.rejected(
+                ProblemKind::StoreUnavailable,
+                Some(&scope),
+                key_text.as_deref(),
+            );
+            return Ok(store_unavailable(&e));
+        }
     };
 
     // From here until the lease is completed or released, dropping this future (the client
@@ -205,7 +233,10 @@ where
 
 /// The key from the metadata, under the HTTP shims' key rules. `Ok(None)`: no key, and none
 /// is required.
-fn read_key(headers: &HeaderMap, settings: &Settings) -> Result<Option<IdempotencyKey>, Status> {
+fn read_key(
+    headers: &HeaderMap,
+    settings: &Settings,
+) -> Result<Option<IdempotencyKey>, (ProblemKind, Status)> {
     let values: Vec<&[u8]> = headers
         .get_all(KEY_METADATA)
         .iter()
@@ -214,7 +245,8 @@ fn read_key(headers: &HeaderMap, settings: &Settings) -> Result<Option<Idempoten
     settings
         .contract
         .parse_key(&values)
-        .map_err(|problem| match problem.kind {
+        .map_err(|problem| {
+            let status = match problem.kind {
             ProblemKind::KeyMissing => Status::invalid_argument(format!(
                 "this method requires an idempotency key: send a new {} in the \
                  `idempotency-key` metadata with each new request, and the same one when you \
@@ -229,6 +261,8 @@ fn read_key(headers: &HeaderMap, settings: &Settings) -> Result<Option<Idempoten
                 Status::invalid_argument("send exactly one `idempotency-key` metadata entry")
             }
             _ => Status::invalid_argument(problem.detail),
+            };
+            (problem.kind, status)
         })
 }
 

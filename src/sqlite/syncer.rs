@@ -209,6 +209,7 @@ fn flush(wal: &File, shared: &Shared) -> Result<()> {
     if let Some(e) = shared.sync_failure() {
         return Err(e);
     }
+    let started = std::time::Instant::now();
     #[cfg(feature = "fault-injection")]
     let result = match shared.sync_faults.before_flush() {
         true => Err(std::io::Error::other(
@@ -218,8 +219,11 @@ fn flush(wal: &File, shared: &Shared) -> Result<()> {
     };
     #[cfg(not(feature = "fault-injection"))]
     let result = wal.sync_data();
+    shared.meters.flushed(started.elapsed());
     result.map_err(|io| {
         let e = Error::sync_failed(io);
+        shared.meters.error("flush", &e);
+        tracing::error!(error = %e, "idempotency: flushing the WAL failed; the engine stops");
         shared.set_sync_failure(e.clone());
         e
     })

@@ -1,0 +1,203 @@
+//! The engine's meters, through the `metrics` facade (feature `metrics`); without the feature,
+//! every call here is empty and compiles away. The table of names is in `docs/metrics.md`
+//! (the crate docs, *Metrics*).
+//!
+//! Handles are registered once, when the engine opens, with the recorder installed then: on
+//! the hot path a meter is an atomic add on a handle, never a lookup by name.
+
+use std::time::Duration;
+
+#[cfg(feature = "metrics")]
+use std::time::Instant;
+
+use crate::error::Error;
+
+/// How a claim ended, for `idempotency_claims_total{outcome}`.
+#[derive(Clone, Copy)]
+pub(crate) enum Outcome {
+    Claimed,
+    Replayed,
+    InFlight,
+    Mismatch,
+}
+
+impl Outcome {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Claimed => "claimed",
+            Outcome::Replayed => "replayed",
+            Outcome::InFlight => "in_flight",
+            Outcome::Mismatch => "mismatch",
+        }
+    }
+}
+
+/// Where a replay came from, for `idempotency_replays_total{source}`.
+#[derive(Clone, Copy)]
+pub(crate) enum Source {
+    Cache,
+    ReadConnection,
+    Writer,
+}
+
+/// A started measurement (nothing without the feature).
+#[derive(Clone, Copy)]
+pub(crate) struct Timer(#[cfg(feature = "metrics")] Instant);
+
+impl Timer {
+    #[inline]
+    pub(crate) fn start() -> Timer {
+        Timer(
+            #[cfg(feature = "metrics")]
+            Instant::now(),
+        )
+    }
+}
+
+#[cfg(feature = "metrics")]
+mod on {
+    use super::*;
+    use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
+
+    /// Every handle of one engine.
+    pub(crate) struct Meters {
+        backend: &'static str,
+        claims: [Counter; 4],
+        replays: [Counter; 3],
+        claim_seconds: Histogram,
+        complete_seconds: Histogram,
+        batch_size: Histogram,
+        batch_seconds: Histogram,
+        flush_seconds: Histogram,
+        queue_depth: Gauge,
+        leases: Gauge,
+        cleanup_deleted: Counter,
+    }
+
+    impl Meters {
+        pub(crate) fn new(backend: &'static str) -> Meters {
+            let b = ("backend", backend);
+            let claims = ["claimed", "replayed", "in_flight", "mismatch"]
+                .map(|o| counter!("idempotency_claims_total", &[b, ("outcome", o)]));
+            let replays = ["cache", "read_connection", "writer"]
+                .map(|s| counter!("idempotency_replays_total", &[b, ("source", s)]));
+            Meters {
+                backend,
+                claims,
+                replays,
+                claim_seconds: histogram!("idempotency_claim_duration_seconds", &[b]),
+                complete_seconds: histogram!("idempotency_complete_duration_seconds", &[b]),
+                batch_size: histogram!("idempotency_batch_size", &[b]),
+                batch_seconds: histogram!("idempotency_batch_duration_seconds", &[b]),
+                flush_seconds: histogram!("idempotency_flush_duration_seconds", &[b]),
+                queue_depth: gauge!("idempotency_queue_depth", &[b]),
+                leases: gauge!("idempotency_leases", &[b]),
+                cleanup_deleted: counter!("idempotency_cleanup_deleted_total", &[b]),
+            }
+        }
+
+        #[inline]
+        pub(crate) fn claim(&self, started: Timer, outcome: Outcome) {
+            self.claims[outcome as usize].increment(1);
+            self.claim_seconds.record(started.0.elapsed());
+        }
+
+        #[inline]
+        pub(crate) fn replay(&self, source: Source) {
+            self.replays[source as usize].increment(1);
+        }
+
+        #[inline]
+        pub(crate) fn completed(&self, started: Timer) {
+            self.complete_seconds.record(started.0.elapsed());
+        }
+
+        /// A failed call of the engine (`op`: claim, complete, release, extend) or of its
+        /// threads (flush, cleanup).
+        pub(crate) fn error(&self, op: &'static str, e: &Error) {
+            counter!(
+                "idempotency_errors_total",
+                &[("backend", self.backend), ("op", op), ("kind", e.kind())]
+            )
+            .increment(1);
+        }
+
+        #[inline]
+        pub(crate) fn batch(&self, commands: usize, took: Duration, queued: usize) {
+            self.batch_size.record(commands as f64);
+            self.batch_seconds.record(took);
+            self.queue_depth.set(queued as f64);
+        }
+
+        #[inline]
+        pub(crate) fn flushed(&self, took: Duration) {
+            self.flush_seconds.record(took);
+        }
+
+        #[inline]
+        pub(crate) fn lease_granted(&self) {
+            self.leases.increment(1.0);
+        }
+
+        #[inline]
+        pub(crate) fn lease_ended(&self) {
+            self.leases.decrement(1.0);
+        }
+
+        pub(crate) fn cleaned(&self, deleted: usize) {
+            self.cleanup_deleted.increment(deleted as u64);
+        }
+
+        /// An answer the HTTP or gRPC layer gave on its own (`kind`: the problem's slug).
+        pub(crate) fn rejected(&self, kind: &'static str) {
+            counter!(
+                "idempotency_rejections_total",
+                &[("backend", self.backend), ("kind", kind)]
+            )
+            .increment(1);
+        }
+    }
+}
+
+#[cfg(not(feature = "metrics"))]
+mod on {
+    use super::*;
+
+    /// No meters without the `metrics` feature.
+    pub(crate) struct Meters;
+
+    #[allow(clippy::unused_self)]
+    impl Meters {
+        pub(crate) fn new(_backend: &'static str) -> Meters {
+            Meters
+        }
+        #[inline]
+        pub(crate) fn claim(&self, _started: Timer, _outcome: Outcome) {}
+        #[inline]
+        pub(crate) fn replay(&self, _source: Source) {}
+        #[inline]
+        pub(crate) fn completed(&self, _started: Timer) {}
+        #[inline]
+        pub(crate) fn error(&self, _op: &'static str, _e: &Error) {}
+        #[inline]
+        pub(crate) fn batch(&self, _commands: usize, _took: Duration, _queued: usize) {}
+        #[inline]
+        pub(crate) fn flushed(&self, _took: Duration) {}
+        #[inline]
+        pub(crate) fn lease_granted(&self) {}
+        #[inline]
+        pub(crate) fn lease_ended(&self) {}
+        #[inline]
+        pub(crate) fn cleaned(&self, _deleted: usize) {}
+        #[inline]
+        pub(crate) fn rejected(&self, _kind: &'static str) {}
+    }
+}
+
+pub(crate) use on::Meters;
+
+impl std::fmt::Debug for Meters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Meters")
+    }
+}
