@@ -13,12 +13,12 @@ use rusqlite::Connection;
 
 use crate::admin::{self, Answer, Change, Record, Stats};
 use crate::cache::ReplayCache;
-use crate::metrics::{Outcome, Source, Timer};
 use crate::clock::{Clock, duration_ms};
 use crate::config::{EngineConfig, Location};
 use crate::error::{Error, Result};
 use crate::fingerprint::Fingerprint;
 use crate::key::{IdempotencyKey, record_id, validate_scope};
+use crate::metrics::{Outcome, Source, Timer};
 use crate::record::{Decision, Read};
 use crate::response::StoredResponse;
 use crate::sqlite::SqliteBackend;
@@ -561,7 +561,10 @@ impl Engine {
             Answer::Purged(n) => n,
             other => return Err(admin::unexpected(other)),
         };
-        tracing::info!(deleted = n, "idempotency: expired records purged by an operator");
+        tracing::info!(
+            deleted = n,
+            "idempotency: expired records purged by an operator"
+        );
         Ok(n)
     }
 
@@ -1175,10 +1178,16 @@ impl Lease {
                 meters.error(op, e);
                 let kind = e.kind();
                 match e {
-                    Error::LeaseLost | Error::Overloaded { .. } | Error::Busy | Error::Unavailable { .. } | Error::Closed => {
+                    Error::LeaseLost
+                    | Error::Overloaded { .. }
+                    | Error::Busy
+                    | Error::Unavailable { .. }
+                    | Error::Closed => {
                         tracing::warn!(key = %self.key, fence = self.fence, op, kind, error = %e, "idempotency: lease command failed");
                     }
-                    _ => tracing::error!(key = %self.key, fence = self.fence, op, kind, error = %e, "idempotency: lease command failed: store failure"),
+                    _ => {
+                        tracing::error!(key = %self.key, fence = self.fence, op, kind, error = %e, "idempotency: lease command failed: store failure")
+                    }
                 }
             }
         }
