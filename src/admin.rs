@@ -387,7 +387,8 @@ impl Store {
     }
 
     fn read(&self, op: &Op) -> Result<Answer> {
-        self.reader.run(op, crate::clock::Clock::now_ms(&crate::SystemClock))
+        self.reader
+            .run(op, crate::clock::Clock::now_ms(&crate::SystemClock))
     }
 
     fn writer(&self) -> Result<&Engine> {

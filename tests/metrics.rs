@@ -125,7 +125,10 @@ async fn order(
 /// The scripted sequence, then the scrape; `backend` is the label every sample carries.
 async fn scripted(addr: &str, backend: &str) {
     let client = reqwest::Client::new();
-    let (a, b) = (uuid::Uuid::new_v4().to_string(), uuid::Uuid::new_v4().to_string());
+    let (a, b) = (
+        uuid::Uuid::new_v4().to_string(),
+        uuid::Uuid::new_v4().to_string(),
+    );
     // 1. a fresh key: claimed, run, completed.
     assert_eq!(order(&client, addr, Some("u1"), &a, 1).await.status(), 201);
     // 2. its retry: replayed (read from the store); 3. again: replayed (from the cache on
@@ -138,7 +141,10 @@ async fn scripted(addr: &str, backend: &str) {
     // 4. the same key with another body: a mismatch, rejected as key-reused.
     assert_eq!(order(&client, addr, Some("u1"), &a, 2).await.status(), 422);
     // 5. a key that is not a UUID: rejected before any claim.
-    assert_eq!(order(&client, addr, Some("u1"), "nope", 1).await.status(), 400);
+    assert_eq!(
+        order(&client, addr, Some("u1"), "nope", 1).await.status(),
+        400
+    );
     // 6. no user: no scope, rejected before any claim.
     assert_eq!(order(&client, addr, None, &b, 1).await.status(), 400);
     // 7. a second fresh key.

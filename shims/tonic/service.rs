@@ -242,11 +242,8 @@ fn read_key(
         .iter()
         .map(HeaderValue::as_bytes)
         .collect();
-    settings
-        .contract
-        .parse_key(&values)
-        .map_err(|problem| {
-            let status = match problem.kind {
+    settings.contract.parse_key(&values).map_err(|problem| {
+        let status = match problem.kind {
             ProblemKind::KeyMissing => Status::invalid_argument(format!(
                 "this method requires an idempotency key: send a new {} in the \
                  `idempotency-key` metadata with each new request, and the same one when you \
@@ -261,9 +258,9 @@ fn read_key(
                 Status::invalid_argument("send exactly one `idempotency-key` metadata entry")
             }
             _ => Status::invalid_argument(problem.detail),
-            };
-            (problem.kind, status)
-        })
+        };
+        (problem.kind, status)
+    })
 }
 
 /// The call's `grpc-status`: from the trailers, or from the headers of a trailers-only

@@ -364,7 +364,12 @@ async fn found(
         .await
         .map_err(|e| pg_error(e, shown))?;
     rows.first()
-        .map(|r| Ok((r.try_get(0).map_err(corrupt)?, r.try_get(1).map_err(corrupt)?)))
+        .map(|r| {
+            Ok((
+                r.try_get(0).map_err(corrupt)?,
+                r.try_get(1).map_err(corrupt)?,
+            ))
+        })
         .transpose()
 }
 

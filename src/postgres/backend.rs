@@ -634,9 +634,10 @@ impl Backend for PgBackend {
                 let _ = self.link.give_back(client, Ok::<(), Fail>(()));
                 answer
             }
-            Err(_) => self
-                .link
-                .give_back(client, Err::<crate::admin::Answer, _>(Fail::Timeout("an operator's request"))),
+            Err(_) => self.link.give_back(
+                client,
+                Err::<crate::admin::Answer, _>(Fail::Timeout("an operator's request")),
+            ),
         }
     }
 }

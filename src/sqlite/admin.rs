@@ -196,7 +196,9 @@ fn check(conn: &Connection, now: i64) -> Result<Vec<String>> {
         .collect();
     let counter = storage::load_fence(conn)?;
     let highest: Option<i64> =
-        conn.query_row("SELECT max(fence) FROM idempotency_records", [], |r| r.get(0))?;
+        conn.query_row("SELECT max(fence) FROM idempotency_records", [], |r| {
+            r.get(0)
+        })?;
     if let Some(highest) = highest
         && u64::try_from(highest).is_ok_and(|h| h > counter)
     {
@@ -204,9 +206,7 @@ fn check(conn: &Connection, now: i64) -> Result<Vec<String>> {
             "the fencing counter ({counter}) is behind a record's token ({highest}): a new lease could repeat a token"
         ));
     }
-    let mut stmt = conn.prepare(&format!(
-        "SELECT {COLUMNS}, seq FROM idempotency_records"
-    ))?;
+    let mut stmt = conn.prepare(&format!("SELECT {COLUMNS}, seq FROM idempotency_records"))?;
     let mut rows = stmt.query([])?;
     let mut bad = 0usize;
     while let Some(r) = rows.next()? {
