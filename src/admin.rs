@@ -152,7 +152,7 @@ impl std::fmt::Display for Change {
             }
             Change::FenceMoved { current } => write!(
                 f,
-                "the record's fencing token is now {current}: the lease you meant has ended, and nothing was changed"
+                "the record's fencing token is {current}, not the one given: the record is held under another lease, and nothing was changed"
             ),
         }
     }
@@ -278,7 +278,10 @@ pub(crate) fn explain(found: Option<(i64, i64)>, release: bool) -> Change {
 /// How a [`Store`] is opened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Access {
-    /// Reads only: never writes, never creates anything, works beside a running engine.
+    /// Reads only: never writes a record, creates no store, works beside a running engine.
+    /// (Like every reader of an SQLite database in WAL mode, it may create the `-wal` and
+    /// `-shm` files beside a store that has none, and so needs write access to its
+    /// directory.)
     #[default]
     ReadOnly,
     /// Reads, and the changes of [`Store::release`], [`Store::forget`] and
@@ -328,7 +331,7 @@ impl std::fmt::Debug for Store {
 pub(crate) enum Reader {
     Sqlite(crate::sqlite::admin::SqliteReader),
     #[cfg(feature = "postgres")]
-    Postgres(crate::postgres::admin::PgReader),
+    Postgres(Box<crate::postgres::admin::PgReader>),
 }
 
 impl Reader {
@@ -343,9 +346,9 @@ impl Reader {
                 reason: "an in-memory store cannot be opened from outside its engine".into(),
             }),
             #[cfg(feature = "postgres")]
-            Location::Postgres(url) => Ok(Reader::Postgres(
+            Location::Postgres(url) => Ok(Reader::Postgres(Box::new(
                 crate::postgres::admin::PgReader::open(config, url)?,
-            )),
+            ))),
         }
     }
 
@@ -477,6 +480,9 @@ impl Store {
     /// # Errors
     /// As [`Engine::shutdown`].
     pub fn close(self) -> Result<()> {
+        // The read connection first: the engine's connection is then the file's last, and its
+        // close removes the WAL.
+        drop(self.reader);
         match self.writer {
             Some(engine) => engine.shutdown(),
             None => Ok(()),

@@ -198,6 +198,8 @@ impl Engine {
     /// [`Error::CannotOpen`], [`Error::ReadOnly`], [`Error::SchemaTooNew`], [`Error::NotWal`],
     /// [`Error::Busy`], [`Error::SyncFailed`] (the files could not be flushed) or
     /// [`Error::Storage`].
+    // Without the `postgres` feature, `Remote` is `()`.
+    #[cfg_attr(not(feature = "postgres"), allow(clippy::unit_arg))]
     pub fn open(mut config: EngineConfig) -> Result<Engine> {
         config.validate()?;
         #[cfg(feature = "postgres")]
@@ -349,6 +351,7 @@ impl Engine {
         result
     }
 
+    #[cfg_attr(not(feature = "postgres"), allow(clippy::never_loop))]
     fn claim_blocking(&self, request: ClaimRequest) -> Result<ClaimOutcome> {
         #[cfg_attr(not(feature = "postgres"), allow(unused_mut))]
         let mut started = self.start_claim(request)?;
@@ -382,6 +385,7 @@ impl Engine {
         result
     }
 
+    #[cfg_attr(not(feature = "postgres"), allow(clippy::never_loop))]
     async fn claim_waiting(&self, request: ClaimRequest) -> Result<ClaimOutcome> {
         #[cfg_attr(not(feature = "postgres"), allow(unused_mut))]
         let mut started = self.start_claim(request)?;

@@ -248,6 +248,10 @@ fn a_store_opened_from_outside() {
     assert!(engine.record("s", "done").unwrap().is_none());
 
     // Nothing is created, and foreign files are refused.
+    assert!(matches!(
+        Store::open(dir.path().to_str().unwrap(), Access::ReadOnly),
+        Err(Error::CannotOpen { .. })
+    ));
     let missing = dir.path().join("missing.db");
     assert!(matches!(
         Store::open(missing.to_str().unwrap(), Access::ReadOnly),

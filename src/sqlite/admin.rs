@@ -31,6 +31,12 @@ impl SqliteReader {
     /// Opens the file read-only and checks that it is an idempotency-rs store this build can
     /// read. Writes nothing, creates nothing.
     pub(crate) fn open(path: &Path, config: &EngineConfig) -> Result<SqliteReader> {
+        if path.is_dir() {
+            return Err(Error::CannotOpen {
+                path: path.to_path_buf(),
+                reason: "the path is a directory",
+            });
+        }
         if !path.exists() {
             return Err(Error::CannotOpen {
                 path: path.to_path_buf(),
