@@ -1,7 +1,7 @@
 # Every target installs what it needs on a fresh machine (Rust toolchain, gcc, Python 3, git).
 CARGO ?= cargo
 
-.PHONY: test run example lint coverage fuzz bench bench-compare doc ci
+.PHONY: test run example lint coverage fuzz bench bench-compare bench-metrics doc ci
 
 ## The whole suite: unit, integration (Axum, Actix, Tonic), model, crash, fault, fuzz-corpus, doc and PostgreSQL tests; the latter on $IDEMPOTENCY_TEST_PG_URL, or on a throwaway PostgreSQL started (installed if missing) when none answers there (scripts/pg.sh).
 test:
@@ -31,6 +31,10 @@ bench:
 ## Engine vs naive SQLite vs raw ceiling vs Redis vs HTTP end to end, in one run (see BENCHMARKS.md).
 bench-compare:
 	bash scripts/bench-compare.sh
+
+## What the `metrics` feature costs: each engine case of bench-compare beside the same case with a Prometheus recorder installed.
+bench-metrics:
+	$(CARGO) bench --bench compare --features metrics -- --only engine-full,engine-normal,engine-metrics --skip-growth --no-latest
 
 doc:
 	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --no-deps --all-features

@@ -8,7 +8,7 @@
 //! cargo bench --bench compare -- [--secs S] [--warmup S] [--callers 1,8,64]
 //!     [--redis-plain HOST:PORT] [--redis-aof HOST:PORT]
 //!     [--growth 10000,1000000,5000000 | --skip-growth | --skip-5m]
-//!     [--only engine-full,engine-normal,naive,raw,redis-plain,redis-aof,growth,raw-v1]
+//!     [--only engine-full,engine-normal,naive,raw,redis-plain,redis-aof,growth,raw-v1,engine-metrics]
 //!     [--out DIR] [--dir DIR] [--stamp TEXT] [--command TEXT] [--no-latest]
 //!     [--engine-readers N] [--engine-cache-kib N] [--engine-max-batch N] [--engine-replay-cache BYTES]
 //!     [--engine-page-size BYTES]
@@ -19,6 +19,10 @@
 //! instead of the engine's rowid table: the measurement behind schema version 2 (BENCHMARKS.md,
 //! "Fewer pages per operation"). Every raw row's note gives the bytes written per row (WAL
 //! frames and checkpoint copies).
+//!
+//! `engine-metrics` (only when named in `--only`, built with `--features metrics`) runs each
+//! `engine-full` and `engine-normal` case a second time, right before or after it (in turn),
+//! with a Prometheus recorder installed: what the meters cost (`make bench-metrics`).
 //!
 //! The `--engine-*` options change the engine's configuration in every engine case (tuning
 //! experiments); `--engine-page-size` creates the database file with that page size before the
@@ -233,6 +237,9 @@ enum Workload {
 #[derive(Clone, Copy)]
 enum Case {
     Engine(Durability, Workload, usize),
+    /// `Engine` with the `metrics` feature's meters recorded by a Prometheus recorder
+    /// (scraped every 5 s), run right before or after the same case without.
+    Metered(Durability, Workload, usize),
     Naive(usize),
     /// `v1`: on schema version 1 (`common::create_v1_schema`), for comparison.
     Raw {
@@ -271,6 +278,11 @@ impl Case {
             Case::Engine(d, w, n) => {
                 format!("engine-{}/{}/{n}", durability_name(d), workload_name(w))
             }
+            Case::Metered(d, w, n) => format!(
+                "engine-{}-metrics/{}/{n}",
+                durability_name(d),
+                workload_name(w)
+            ),
             Case::Naive(n) => format!("naive/fresh/{n}"),
             Case::Raw { engine_shaped, v1 } => {
                 format!(
@@ -311,6 +323,12 @@ impl Case {
             ["engine-normal", w, n] => {
                 Case::Engine(Durability::Normal, workload(w), num(n) as usize)
             }
+            ["engine-full-metrics", w, n] => {
+                Case::Metered(Durability::Full, workload(w), num(n) as usize)
+            }
+            ["engine-normal-metrics", w, n] => {
+                Case::Metered(Durability::Normal, workload(w), num(n) as usize)
+            }
             ["naive", "fresh", n] => Case::Naive(num(n) as usize),
             ["raw", shape] => Case::Raw {
                 engine_shaped: shape.starts_with("claim-complete64"),
@@ -336,6 +354,7 @@ impl Case {
         };
         match *self {
             Case::Engine(d, wl, n) => (w(wl), "engine (tasks)", durability_name(d), n),
+            Case::Metered(d, wl, n) => (w(wl), "engine + metrics (tasks)", durability_name(d), n),
             Case::Naive(n) => (w(Workload::Fresh), "naive SQLite (threads)", "full", n),
             Case::Raw { engine_shaped, v1 } => (
                 w(Workload::Fresh),
@@ -377,8 +396,30 @@ fn plan(args: &Args) -> Vec<Case> {
         ("engine-normal", Durability::Normal),
     ] {
         if args.runs(section) {
+            let metered = args
+                .only
+                .as_ref()
+                .is_some_and(|o| o.iter().any(|s| s == "engine-metrics"));
+            // Which of a pair runs first alternates, from a run-dependent start: the second
+            // of two cases in a row pays for the first's files being flushed and deleted.
+            let mut first = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |t| t.as_secs())
+                % 2
+                == 0;
             for w in [Workload::Fresh, Workload::Replay] {
-                cases.extend(args.callers.iter().map(|&n| Case::Engine(d, w, n)));
+                for &n in &args.callers {
+                    // Opt-in (`--only engine-full,engine-metrics`, with the `metrics`
+                    // feature): each metered case beside its twin, so that the two share the
+                    // machine's state of the moment.
+                    let pair = [Case::Engine(d, w, n), Case::Metered(d, w, n)];
+                    match (metered, first) {
+                        (false, _) => cases.push(pair[0]),
+                        (true, true) => cases.extend(pair),
+                        (true, false) => cases.extend(pair.into_iter().rev()),
+                    }
+                    first = !first;
+                }
             }
         }
     }
@@ -1000,11 +1041,49 @@ fn expiry_case(args: &Args, dir: &Path, records: u64) -> Outcome {
     out
 }
 
+/// The Prometheus recorder, as a service would install it (buckets, upkeep, and a scrape
+/// every 5 s), before the engine opens and registers its meters.
+#[cfg(feature = "metrics")]
+fn install_recorder() {
+    use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Suffix("_seconds".into()),
+            &[0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0],
+        )
+        .and_then(|b| {
+            b.set_buckets_for_metric(
+                Matcher::Full("idempotency_batch_size".into()),
+                &[1.0, 4.0, 16.0, 64.0, 256.0],
+            )
+        })
+        .and_then(PrometheusBuilder::install_recorder)
+        .expect("the Prometheus recorder");
+    std::thread::spawn(move || {
+        loop {
+            std::thread::sleep(Duration::from_secs(5));
+            handle.run_upkeep();
+            std::hint::black_box(handle.render());
+        }
+    });
+}
+
+#[cfg(not(feature = "metrics"))]
+fn install_recorder() {
+    panic!(
+        "the engine-metrics cases need the `metrics` feature: cargo bench --bench compare --features metrics"
+    );
+}
+
 /// Child mode: runs one case and prints its outcome.
 fn run_child(args: &Args, id: &str) {
     let dir = args.workdir.as_deref().expect("--case needs --workdir");
     let out = match Case::parse(id) {
         Case::Engine(d, w, n) => engine_case(args, dir, d, w, n),
+        Case::Metered(d, w, n) => {
+            install_recorder();
+            engine_case(args, dir, d, w, n)
+        }
         Case::Naive(n) => naive_case(args, dir, n),
         Case::Raw { engine_shaped, v1 } => raw_case(args, dir, engine_shaped, v1),
         Case::Redis {

@@ -3,10 +3,9 @@
 //! token, forget a completed record, purge expired ones).
 //!
 //! Two ways in:
-//! * from a running service, through its [`Engine`](crate::Engine):
-//!   [`Engine::record`](crate::Engine::record), [`Engine::in_flight`](crate::Engine::in_flight),
-//!   [`Engine::stats`](crate::Engine::stats), [`Engine::force_release`](crate::Engine::force_release),
-//!   [`Engine::forget`](crate::Engine::forget), [`Engine::purge_expired`](crate::Engine::purge_expired);
+//! * from a running service, through its [`Engine`]: [`Engine::record`],
+//!   [`Engine::in_flight`], [`Engine::stats`], [`Engine::force_release`], [`Engine::forget`],
+//!   [`Engine::purge_expired`];
 //! * from outside, on a store nobody else writes to or beside a running service, with a
 //!   [`Store`]: read-only unless opened with [`Access::ReadWrite`]. This is what the
 //!   `idempotency-rs` command-line tool uses.

@@ -18,7 +18,7 @@ use crate::config::{EngineConfig, Location};
 use crate::error::{Error, Result};
 use crate::fingerprint::Fingerprint;
 use crate::key::{IdempotencyKey, record_id, validate_scope};
-use crate::metrics::{Outcome, Source, Timer};
+use crate::metrics::{ClaimTimer, Outcome, Source, Timer};
 use crate::record::{Decision, Read};
 use crate::response::StoredResponse;
 use crate::sqlite::SqliteBackend;
@@ -344,26 +344,32 @@ impl Engine {
     /// ([`Error::DiskFull`], [`Error::Busy`], [`Error::Storage`]); [`Error::Corrupt`] when the
     /// stored record does not decode.
     pub fn claim(&self, request: ClaimRequest) -> Result<ClaimOutcome> {
-        let timer = Timer::start();
+        let mut timer = ClaimTimer::new();
         let who = Who::of(&request);
-        let result = self.claim_blocking(request);
+        let result = self.claim_blocking(request, &mut timer);
         self.observe_claim(timer, who, &result);
         result
     }
 
     #[cfg_attr(not(feature = "postgres"), allow(clippy::never_loop))]
-    fn claim_blocking(&self, request: ClaimRequest) -> Result<ClaimOutcome> {
+    fn claim_blocking(
+        &self,
+        request: ClaimRequest,
+        timer: &mut ClaimTimer,
+    ) -> Result<ClaimOutcome> {
         #[cfg_attr(not(feature = "postgres"), allow(unused_mut))]
         let mut started = self.start_claim(request)?;
         loop {
             match started {
                 Started::Done(outcome) => return Ok(outcome),
                 Started::Queued(pending, rx) => {
+                    timer.waits(true);
                     let reply = rx.recv().map_err(|_| self.inner.shared.gone())?;
                     return self.finish_claim(pending, reply);
                 }
                 #[cfg(feature = "postgres")]
                 Started::Reading(reading, rx) => {
+                    timer.waits(false);
                     let found = rx.recv().ok();
                     started = self.after_read(*reading, found)?;
                 }
@@ -378,26 +384,32 @@ impl Engine {
     /// # Errors
     /// As [`Engine::claim`].
     pub async fn claim_async(&self, request: ClaimRequest) -> Result<ClaimOutcome> {
-        let timer = Timer::start();
+        let mut timer = ClaimTimer::new();
         let who = Who::of(&request);
-        let result = self.claim_waiting(request).await;
+        let result = self.claim_waiting(request, &mut timer).await;
         self.observe_claim(timer, who, &result);
         result
     }
 
     #[cfg_attr(not(feature = "postgres"), allow(clippy::never_loop))]
-    async fn claim_waiting(&self, request: ClaimRequest) -> Result<ClaimOutcome> {
+    async fn claim_waiting(
+        &self,
+        request: ClaimRequest,
+        timer: &mut ClaimTimer,
+    ) -> Result<ClaimOutcome> {
         #[cfg_attr(not(feature = "postgres"), allow(unused_mut))]
         let mut started = self.start_claim(request)?;
         loop {
             match started {
                 Started::Done(outcome) => return Ok(outcome),
                 Started::Queued(pending, rx) => {
+                    timer.waits(true);
                     let reply = rx.await.map_err(|_| self.inner.shared.gone())?;
                     return self.finish_claim(pending, reply);
                 }
                 #[cfg(feature = "postgres")]
                 Started::Reading(reading, rx) => {
+                    timer.waits(false);
                     let found = rx.await.ok();
                     started = self.after_read(*reading, found)?;
                 }
@@ -789,7 +801,7 @@ impl Engine {
 
     /// Meters and logs a claim's end: outcomes at debug, failures at warn (worth a retry) or
     /// error (the store is failing).
-    fn observe_claim(&self, timer: Timer, who: Option<Who>, result: &Result<ClaimOutcome>) {
+    fn observe_claim(&self, timer: ClaimTimer, who: Option<Who>, result: &Result<ClaimOutcome>) {
         let meters = &self.inner.shared.meters;
         match result {
             Ok(outcome) => {
@@ -839,7 +851,12 @@ impl Who {
 /// busy or unreachable store, a lost lease), debug for a closed engine and refused input
 /// (the layers answer those), error when the store is failing.
 fn log_error(op: &'static str, who: &Who, e: &Error) {
-    let (scope, key, kind) = (&*who.scope, who.key.as_str(), e.kind());
+    // As Display, like the claim events: `scope=acme key=order-17`.
+    let (scope, key, kind) = (
+        tracing::field::display(&who.scope),
+        tracing::field::display(&who.key),
+        e.kind(),
+    );
     match e {
         Error::Closed | Error::InvalidScope { .. } | Error::InvalidKey { .. } => {
             tracing::debug!(scope, key, op, kind, error = %e, "idempotency: call refused");

@@ -1,4 +1,5 @@
 #![doc = include_str!("../docs/crate.md")]
+#![doc = include_str!("../docs/metrics.md")]
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 

@@ -40,6 +40,59 @@ pub(crate) enum Source {
     Writer,
 }
 
+/// One claim in this many of those answered without the writer (from the replay cache or a
+/// read connection, in a microsecond or two) is timed: timing each would cost more than the
+/// answer itself measurably does (a clock read, and a sample the recorder keeps until it
+/// aggregates it). Claims the writer answers are all timed.
+#[cfg(feature = "metrics")]
+const SAMPLE_READS: u32 = 16;
+
+/// The time a claim took: every claim the writer answered (from when it was queued, or from
+/// its start when it was sampled), one in [`SAMPLE_READS`] of the others.
+pub(crate) struct ClaimTimer {
+    #[cfg(feature = "metrics")]
+    started: Option<Instant>,
+    #[cfg(feature = "metrics")]
+    writer: bool,
+}
+
+impl ClaimTimer {
+    /// At the start of a claim: timed from here if sampled.
+    #[inline]
+    pub(crate) fn new() -> ClaimTimer {
+        #[cfg(feature = "metrics")]
+        {
+            thread_local!(static N: std::cell::Cell<u32> = const { std::cell::Cell::new(0) });
+            let n = N.with(|n| {
+                let v = n.get().wrapping_add(1);
+                n.set(v);
+                v
+            });
+            ClaimTimer {
+                started: n.is_multiple_of(SAMPLE_READS).then(Instant::now),
+                writer: false,
+            }
+        }
+        #[cfg(not(feature = "metrics"))]
+        ClaimTimer {}
+    }
+
+    /// The claim goes to the writer (`writer`), or on PostgreSQL waits for a read connection:
+    /// timed from here on if it was not already.
+    #[inline]
+    pub(crate) fn waits(&mut self, writer: bool) {
+        #[cfg(feature = "metrics")]
+        {
+            self.writer |= writer;
+            if self.started.is_none() {
+                self.started = Some(Instant::now());
+            }
+        }
+        #[cfg(not(feature = "metrics"))]
+        let _ = writer;
+    }
+}
+
 /// A started measurement (nothing without the feature).
 #[derive(Clone, Copy)]
 pub(crate) struct Timer(#[cfg(feature = "metrics")] Instant);
@@ -64,7 +117,8 @@ mod on {
         backend: &'static str,
         claims: [Counter; 4],
         replays: [Counter; 3],
-        claim_seconds: Histogram,
+        /// Answered without the writer (sampled), and by the writer.
+        claim_seconds: [Histogram; 2],
         complete_seconds: Histogram,
         batch_size: Histogram,
         batch_seconds: Histogram,
@@ -85,7 +139,8 @@ mod on {
                 backend,
                 claims,
                 replays,
-                claim_seconds: histogram!("idempotency_claim_duration_seconds", &[b]),
+                claim_seconds: ["read", "writer"]
+                    .map(|p| histogram!("idempotency_claim_duration_seconds", &[b, ("path", p)])),
                 complete_seconds: histogram!("idempotency_complete_duration_seconds", &[b]),
                 batch_size: histogram!("idempotency_batch_size", &[b]),
                 batch_seconds: histogram!("idempotency_batch_duration_seconds", &[b]),
@@ -97,9 +152,11 @@ mod on {
         }
 
         #[inline]
-        pub(crate) fn claim(&self, started: Timer, outcome: Outcome) {
+        pub(crate) fn claim(&self, timer: ClaimTimer, outcome: Outcome) {
             self.claims[outcome as usize].increment(1);
-            self.claim_seconds.record(started.0.elapsed());
+            if let Some(started) = timer.started {
+                self.claim_seconds[usize::from(timer.writer)].record(started.elapsed());
+            }
         }
 
         #[inline]
@@ -172,7 +229,7 @@ mod on {
             Meters
         }
         #[inline]
-        pub(crate) fn claim(&self, _started: Timer, _outcome: Outcome) {}
+        pub(crate) fn claim(&self, _timer: ClaimTimer, _outcome: Outcome) {}
         #[inline]
         pub(crate) fn replay(&self, _source: Source) {}
         #[inline]

@@ -53,8 +53,9 @@ than idempotency_records). The store must exist: this tool never creates one.";
     about = "Inspect and repair an idempotency-rs store (SQLite file or PostgreSQL table)",
     long_about = "Inspect and repair an idempotency-rs store (SQLite file or PostgreSQL table) \
 from outside the service that uses it.\n\n\
-Reads (stats, inspect, list, check) open the store read-only: they never change it, never \
-create anything, and work beside a running service without blocking it. Changes (release, \
+Reads (stats, inspect, list, check) open the store read-only: they never change a record, \
+never create a store (on SQLite, like any reader, they may add the -wal and -shm files beside \
+it), and work beside a running service without blocking it. Changes (release, \
 forget, purge) open it for writing. An SQLite store serves one engine at a time, so a change \
 to a store a running service holds is refused (after --wait): stop the service first, or make \
 the change from inside it (Engine::force_release, Engine::forget, Engine::purge_expired). A \
