@@ -405,8 +405,7 @@ fn plan(args: &Args) -> Vec<Case> {
             let mut first = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |t| t.as_secs())
-                % 2
-                == 0;
+                .is_multiple_of(2);
             for w in [Workload::Fresh, Workload::Replay] {
                 for &n in &args.callers {
                     // Opt-in (`--only engine-full,engine-metrics`, with the `metrics`

@@ -314,6 +314,9 @@ pub enum Access {
 /// ```
 pub struct Store {
     reader: Reader,
+    /// The configuration's clock: what "expired" means to this store's reads, as to its
+    /// engine's changes.
+    clock: std::sync::Arc<dyn crate::Clock>,
     /// With [`Access::ReadWrite`]: the changes go through an engine of its own.
     writer: Option<Engine>,
 }
@@ -380,17 +383,21 @@ impl Store {
     /// [`open_timeout`](EngineConfig::open_timeout)), and whatever [`Engine::open`] returns.
     pub fn open_config(config: EngineConfig, access: Access) -> Result<Store> {
         let reader = Reader::open(&config)?;
+        let clock = config.clock.clone();
         let writer = match access {
             Access::ReadOnly => None,
             // The reader has checked that the store is ours: the engine creates nothing.
             Access::ReadWrite => Some(Engine::open(config.read_connections(0))?),
         };
-        Ok(Store { reader, writer })
+        Ok(Store {
+            reader,
+            clock,
+            writer,
+        })
     }
 
     fn read(&self, op: &Op) -> Result<Answer> {
-        self.reader
-            .run(op, crate::clock::Clock::now_ms(&crate::SystemClock))
+        self.reader.run(op, self.clock.now_ms())
     }
 
     fn writer(&self) -> Result<&Engine> {

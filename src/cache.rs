@@ -113,7 +113,9 @@ impl ReplayCache {
         shard.remove(id);
         let now = Instant::now();
         shard.tombstones.retain(|_, until| *until > now);
-        shard.tombstones.insert(*id, now + TOMBSTONE_LIFE);
+        if let Some(until) = now.checked_add(TOMBSTONE_LIFE) {
+            shard.tombstones.insert(*id, until);
+        }
     }
 
     fn shard(&self, id: &[u8; 32]) -> &Mutex<Shard> {
@@ -148,8 +150,10 @@ impl ReplayCache {
             return;
         }
         let now = Instant::now();
-        let oldest = now + self.max_age;
-        record.deadline = Some(record.deadline.map_or(oldest, |d| d.min(oldest)));
+        // A max age too long for an `Instant` (`Duration::MAX`) bounds nothing.
+        if let Some(oldest) = now.checked_add(self.max_age) {
+            record.deadline = Some(record.deadline.map_or(oldest, |d| d.min(oldest)));
+        }
         let mut shard = self.shard(&id).lock();
         if !shard.tombstones.is_empty() {
             match shard.tombstones.get(&id) {

@@ -61,3 +61,12 @@ impl Clock for ManualClock {
 pub(crate) fn duration_ms(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
+
+/// `d` from now, or as far as an `Instant` reaches (more than a century) when `d` is longer
+/// (a configured `Duration::MAX` means "never", and must not panic).
+pub(crate) fn instant_after(d: std::time::Duration) -> std::time::Instant {
+    let now = std::time::Instant::now();
+    now.checked_add(d)
+        .or_else(|| now.checked_add(std::time::Duration::from_secs(1 << 32)))
+        .unwrap_or(now)
+}

@@ -344,8 +344,9 @@ pub(crate) fn spawn<B: Backend>(
         cleanup_interval: config.cleanup_interval,
         cleanup_batch: config.cleanup_batch,
         cleanup_chunk: config.cleanup_batch.min(CLEANUP_FIRST_CHUNK),
-        next_cleanup: Instant::now() + config.cleanup_interval,
+        next_cleanup: crate::clock::instant_after(config.cleanup_interval),
         requeued: Vec::new(),
+        purges: Vec::new(),
     };
     std::thread::Builder::new()
         .name("idempotency-writer".into())
@@ -394,6 +395,12 @@ struct Writer<B: Backend> {
     next_cleanup: Instant,
     /// Releases of claims whose caller went away before the answer arrived.
     requeued: Vec<LeaseCmd>,
+    /// Operators waiting for the expired backlog to be gone ([`Engine::purge_expired`]), with
+    /// the rows deleted since each asked. The purge is the cleanup, run until a chunk comes
+    /// back short, and paced like it: claims are never held up by it.
+    ///
+    /// [`Engine::purge_expired`]: crate::Engine::purge_expired
+    purges: Vec<(oneshot::Sender<Result<crate::admin::Answer>>, u64)>,
 }
 
 /// One command of a batch, with what its caller will be told.
@@ -444,7 +451,8 @@ impl<B: Backend> Writer<B> {
                 }
             }
             if let Some(e) = failure {
-                for (_, reply) in admin {
+                let purges = self.purges.drain(..).map(|(reply, _)| reply);
+                for reply in admin.into_iter().map(|(_, reply)| reply).chain(purges) {
                     let _ = reply.send(Err(e.clone()));
                 }
                 self.fail_all(rest, e);
@@ -467,7 +475,15 @@ impl<B: Backend> Writer<B> {
             // After the batch they came with: an operator's read sees every command sent
             // before it.
             for (op, reply) in admin {
-                let _ = reply.send(self.backend.admin(&op));
+                match op {
+                    crate::admin::Op::Purge => {
+                        self.purges.push((reply, 0));
+                        self.next_cleanup = Instant::now();
+                    }
+                    op => {
+                        let _ = reply.send(self.backend.admin(&op));
+                    }
+                }
             }
             if disconnected && self.requeued.is_empty() {
                 break;
@@ -478,6 +494,9 @@ impl<B: Backend> Writer<B> {
             self.backend.between_batches();
         }
         let failure = self.shared.sync_failure();
+        for (reply, _) in self.purges.drain(..) {
+            let _ = reply.send(Err(failure.clone().unwrap_or(Error::Closed)));
+        }
         self.backend.stop(failure.as_ref());
         if let Some(ack) = shutdown {
             let _ = ack.send(failure.clone().map_or(Ok(()), Err));
@@ -715,10 +734,23 @@ impl<B: Backend> Writer<B> {
         let deleted = self.backend.delete_expired(chunk);
         let spent = started.elapsed();
         match &deleted {
-            Ok(n) => self.shared.meters.cleaned(*n),
+            Ok(n) => {
+                self.shared.meters.cleaned(*n);
+                for (_, total) in &mut self.purges {
+                    *total += *n as u64;
+                }
+                if *n < chunk {
+                    for (reply, total) in self.purges.drain(..) {
+                        let _ = reply.send(Ok(crate::admin::Answer::Purged(total)));
+                    }
+                }
+            }
             Err(e) => {
                 self.shared.meters.error("cleanup", e);
                 tracing::error!(kind = e.kind(), error = %e, "idempotency: cleanup of expired records failed");
+                for (reply, _) in self.purges.drain(..) {
+                    let _ = reply.send(Err(e.clone()));
+                }
             }
         }
         // Each delete dirties a page of the id index at random, so a transaction of a thousand
@@ -739,8 +771,9 @@ impl<B: Backend> Writer<B> {
                     false => Instant::now(),
                 };
             }
-            Ok(_) => self.next_cleanup = Instant::now() + self.cleanup_interval,
-            Err(_) => self.next_cleanup = Instant::now() + self.cleanup_interval,
+            Ok(_) | Err(_) => {
+                self.next_cleanup = crate::clock::instant_after(self.cleanup_interval)
+            }
         }
     }
 }

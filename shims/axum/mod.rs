@@ -325,7 +325,9 @@ where
         content_type,
         body: &bytes,
     };
-    let begin = contract.begin(scope, key, incoming).await;
+    let begin = contract
+        .begin_passing(scope, key, incoming, |p| mode.passes_on(p))
+        .await;
     let pending = match begin {
         Begin::Replay(stored) => {
             tracing::debug!(

@@ -588,6 +588,18 @@ impl Contract {
 
     /// Claims the key for this request and decides what happens to it.
     pub async fn begin(&self, scope: String, key: IdempotencyKey, request: Incoming<'_>) -> Begin {
+        self.begin_passing(scope, key, request, |_| false).await
+    }
+
+    /// [`Contract::begin`], for a layer that lets some refusals through to the handler
+    /// (`passes`): those are not counted or logged as rejections.
+    pub(crate) async fn begin_passing(
+        &self,
+        scope: String,
+        key: IdempotencyKey,
+        request: Incoming<'_>,
+        passes: impl Fn(&Problem) -> bool,
+    ) -> Begin {
         let fp = self.fingerprint(
             request.method,
             request.path_and_query,
@@ -597,7 +609,9 @@ impl Contract {
         // For the rejection's event only, and only while such events are wanted.
         let key_text = tracing::enabled!(tracing::Level::DEBUG).then(|| key.as_str().to_owned());
         let reject = |problem: Problem| {
-            self.rejected(problem.kind, Some(&scope), key_text.as_deref());
+            if !passes(&problem) {
+                self.rejected(problem.kind, Some(&scope), key_text.as_deref());
+            }
             Begin::Reject(problem)
         };
         match self

@@ -20,14 +20,74 @@ use crate::postgres::schema::{Names, SCHEMA_VERSION};
 const COLUMNS: &str = "scope, key, fingerprint, state::int8, fence, locked_until, expires_at,
     created_at, completed_at, status::int8, headers, body, trailers";
 
-/// Rows deleted per statement by a purge.
-const PURGE_CHUNK: i64 = 1000;
-
 /// Problems a check lists one by one before it only counts them.
 const MAX_PROBLEMS: usize = 50;
 
-/// A read connection of its own, with its runtime.
+/// A read connection of its own, on a thread of its own: its runtime must neither start nor
+/// stop on a caller's thread, which may be running an async executor (an operator endpoint
+/// inside the service).
 pub(crate) struct PgReader {
+    requests: Option<std::sync::mpsc::Sender<(Op, oneshot::Sender<Result<Answer>>)>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl PgReader {
+    /// Connects (on its thread) and checks that the table is an idempotency-rs store this
+    /// build can read. Creates nothing.
+    pub(crate) fn open(config: &EngineConfig, url: &str) -> Result<PgReader> {
+        let (config, url) = (config.clone(), url.to_owned());
+        let (requests, rx) = std::sync::mpsc::channel::<(Op, oneshot::Sender<Result<Answer>>)>();
+        let (ready, opened) = std::sync::mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("idempotency-admin".into())
+            .spawn(move || match Conn::open(&config, &url) {
+                Err(e) => {
+                    let _ = ready.send(Err(e));
+                }
+                Ok(conn) => {
+                    let _ = ready.send(Ok(()));
+                    for (op, reply) in rx {
+                        let _ = reply.send(conn.run(&op));
+                    }
+                }
+            })
+            .map_err(|e| Error::Storage(Arc::new(e)))?;
+        let reader = PgReader {
+            requests: Some(requests),
+            thread: Some(thread),
+        };
+        opened.recv().map_err(|_| gone())??;
+        Ok(reader)
+    }
+
+    pub(crate) fn run(&self, op: &Op, _now: i64) -> Result<Answer> {
+        let (reply, answer) = oneshot::channel();
+        self.requests
+            .as_ref()
+            .ok_or_else(gone)?
+            .send((op.clone(), reply))
+            .map_err(|_| gone())?;
+        answer.recv().map_err(|_| gone())?
+    }
+}
+
+impl Drop for PgReader {
+    fn drop(&mut self) {
+        self.requests.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn gone() -> Error {
+    Error::Storage(Arc::new(std::io::Error::other(
+        "the thread of an operator's read connection ended",
+    )))
+}
+
+/// The connection, its runtime, and what it needs to read.
+struct Conn {
     rt: tokio::runtime::Runtime,
     client: Client,
     names: Names,
@@ -36,10 +96,8 @@ pub(crate) struct PgReader {
     db_clock: Option<Arc<dyn Clock>>,
 }
 
-impl PgReader {
-    /// Connects and checks that the table is an idempotency-rs store this build can read.
-    /// Creates nothing.
-    pub(crate) fn open(config: &EngineConfig, url: &str) -> Result<PgReader> {
+impl Conn {
+    fn open(config: &EngineConfig, url: &str) -> Result<Conn> {
         let settings = &config.postgres;
         let names = Names::new(&settings.table)?;
         let mut target = Target::parse(url)?;
@@ -56,7 +114,7 @@ impl PgReader {
                 detail: format!("{shown}: no connection within {deadline:?}"),
             })?
             .map_err(|e| pg_error(e, &shown))?;
-        let reader = PgReader {
+        let reader = Conn {
             rt,
             client,
             names,
@@ -127,7 +185,7 @@ impl PgReader {
         })
     }
 
-    pub(crate) fn run(&self, op: &Op, _now: i64) -> Result<Answer> {
+    fn run(&self, op: &Op) -> Result<Answer> {
         if matches!(op, Op::Release { .. } | Op::Forget { .. } | Op::Purge) {
             return Err(Error::Refused {
                 detail: "the store was opened read-only".into(),
@@ -324,25 +382,10 @@ pub(crate) async fn run(
                 _ => Change::Done,
             }))
         }
-        Op::Purge => {
-            let mut total = 0u64;
-            loop {
-                let n = client
-                    .execute_typed(
-                        &format!(
-                            "DELETE FROM {t} WHERE id IN
-                                 (SELECT id FROM {t} WHERE expires_at <= $1 LIMIT $2)"
-                        ),
-                        &[(&now, Type::INT8), (&PURGE_CHUNK, Type::INT8)],
-                    )
-                    .await
-                    .map_err(pg)?;
-                total += n;
-                if n < PURGE_CHUNK as u64 {
-                    return Ok(Answer::Purged(total));
-                }
-            }
-        }
+        // The writer runs a purge as its cleanup (`writer.rs`), never as one request.
+        Op::Purge => Err(Error::InvalidConfig {
+            reason: "a purge is the writer's cleanup, not a request to the store".into(),
+        }),
     }
 }
 

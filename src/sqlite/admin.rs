@@ -15,9 +15,6 @@ use crate::sqlite::storage::{self, column_error, open_error, open_error_any};
 const COLUMNS: &str = "scope, key, fingerprint, state, fence, locked_until, expires_at, created_at,
     completed_at, status, headers, body, trailers";
 
-/// Rows deleted per transaction by a purge.
-const PURGE_CHUNK: usize = 1000;
-
 /// Problems a check lists one by one before it only counts them.
 const MAX_PROBLEMS: usize = 50;
 
@@ -243,7 +240,10 @@ fn check(conn: &Connection, now: i64) -> Result<Vec<String>> {
 pub(crate) fn change(conn: &Connection, op: &Op, now: i64) -> Result<Answer> {
     conn.pragma_update(None, "synchronous", "FULL")?;
     let answer = match *op {
-        Op::Purge => purge(conn, now),
+        // The writer runs a purge as its cleanup (`writer.rs`), never as one request.
+        Op::Purge => Err(Error::InvalidConfig {
+            reason: "a purge is the writer's cleanup, not a request to the store".into(),
+        }),
         Op::Release { ref id, fence } => in_transaction(conn, || {
             let fence = i64::try_from(fence).unwrap_or(i64::MAX);
             let n = conn
@@ -300,18 +300,6 @@ fn in_transaction<T>(conn: &Connection, f: impl FnOnce() -> Result<T>) -> Result
         Err(e) => {
             storage::rollback(conn);
             Err(e)
-        }
-    }
-}
-
-/// Deletes every record expired at `now`, [`PURGE_CHUNK`] rows per transaction.
-fn purge(conn: &Connection, now: i64) -> Result<Answer> {
-    let mut total = 0u64;
-    loop {
-        let n = in_transaction(conn, || storage::delete_expired(conn, now, PURGE_CHUNK))?;
-        total += n as u64;
-        if n < PURGE_CHUNK {
-            return Ok(Answer::Purged(total));
         }
     }
 }

@@ -57,7 +57,7 @@ impl EngineLock {
                 },
                 _ => Error::Storage(Arc::new(e)),
             })?;
-        let deadline = Instant::now() + wait;
+        let deadline = crate::clock::instant_after(wait);
         let mut pause = Duration::from_millis(2);
         loop {
             match file.try_lock() {

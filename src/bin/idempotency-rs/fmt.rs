@@ -196,11 +196,14 @@ fn unsafe_char(c: char) -> bool {
         )
 }
 
-/// The data as text when it is valid UTF-8 with nothing a terminal would interpret.
+/// The data as text when it is valid UTF-8 with nothing a terminal would interpret (a
+/// carriage return only as part of a CRLF line break: alone, it lets a line overwrite itself).
 pub(crate) fn printable(data: &[u8]) -> Option<&str> {
-    std::str::from_utf8(data)
-        .ok()
-        .filter(|s| !s.chars().any(unsafe_char))
+    std::str::from_utf8(data).ok().filter(|s| {
+        !s.chars().any(unsafe_char)
+            && s.match_indices('\r')
+                .all(|(i, _)| s[i + 1..].starts_with('\n'))
+    })
 }
 
 /// A name (scope, key) as it can be shown in a line or a table: as is when it is non-empty and
@@ -252,6 +255,13 @@ pub(crate) fn redact(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lone_carriage_return_is_not_printable() {
+        assert_eq!(printable(b"a\r\nb"), Some("a\r\nb"));
+        assert_eq!(printable(b"paid\rrefunded"), None);
+        assert_eq!(printable(b"end\r"), None);
+    }
 
     #[test]
     fn durations_parse() {
