@@ -16,13 +16,14 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+pub use crate::config::redact_url;
 use crate::config::{EngineConfig, Location};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::fingerprint::Fingerprint;
 use crate::key::{IdempotencyKey, record_id, validate_scope};
-use crate::record::{STATE_COMPLETED, STATE_IN_FLIGHT};
-use crate::response::{StoredResponse, decode_headers};
+use crate::record::{RawRecord, STATE_COMPLETED, STATE_IN_FLIGHT};
+use crate::response::StoredResponse;
 
 /// Where a record stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -200,23 +201,22 @@ impl Row {
         let fencing_token = u64::try_from(self.fence)
             .map_err(|_| corrupt(format!("fencing token {}", self.fence)))?;
         let response = match (self.state, with_response) {
-            (STATE_COMPLETED, true) => {
-                let status = self
-                    .status
-                    .and_then(|s| u16::try_from(s).ok())
-                    .ok_or_else(|| corrupt(format!("status {:?}", self.status)))?;
-                let headers = match &self.headers {
-                    Some(h) => decode_headers(h)?,
-                    None => Vec::new(),
-                };
-                let trailers = self.trailers.as_deref().map(decode_headers).transpose()?;
-                Some(StoredResponse {
-                    status,
-                    headers,
-                    body: self.body.unwrap_or_default(),
-                    trailers,
-                })
-            }
+            (STATE_COMPLETED, true) => Some(
+                RawRecord {
+                    fingerprint: Vec::new(),
+                    state: self.state,
+                    locked_until: self.locked_until,
+                    status: self.status,
+                    headers: self.headers,
+                    body: self.body,
+                    trailers: self.trailers,
+                }
+                .into_response()
+                .map_err(|e| match e {
+                    Error::Corrupt { detail } => corrupt(detail),
+                    e => e,
+                })?,
+            ),
             _ => None,
         };
         Ok(Record {

@@ -96,7 +96,15 @@ impl std::fmt::Debug for Location {
 /// A URL (or a `key=value` connection string) with every password in it replaced by `***`,
 /// for messages and `Debug`: the user info's password (up to the first `@`, as libpq and
 /// tokio-postgres read it, whatever it holds) and every `password=` parameter.
-pub(crate) fn redact_url(url: &str) -> String {
+///
+/// ```
+/// use idempotency_rs::admin::redact_url;
+/// assert_eq!(
+///     redact_url("postgres://app:secret@db/app?password=x&sslmode=require"),
+///     "postgres://app:***@db/app?password=***&sslmode=require"
+/// );
+/// ```
+pub fn redact_url(url: &str) -> String {
     let mut out = match url.split_once("://") {
         Some((scheme, rest)) => match rest.split_once('@') {
             Some((userinfo, after)) if userinfo.contains(':') => {

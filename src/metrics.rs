@@ -107,14 +107,41 @@ impl Timer {
     }
 }
 
+/// How often the claim and replay counts gathered per thread are added to the recorder's
+/// counters (by the writer thread, which wakes for it): a scrape sees them at most this late.
+pub(crate) const FLUSH_EVERY: Duration = Duration::from_secs(1);
+
 #[cfg(feature = "metrics")]
 mod on {
     use super::*;
     use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
+    use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+    /// The counts every claim adds to: claims by outcome (4), then replays by source (3).
+    const COUNTS: usize = 7;
+    /// Threads share [`SHARDS`] sets of counts, handed out in turn.
+    const SHARDS: usize = 8;
+
+    /// One thread's counts, on cache lines of their own. A claim answered from the replay
+    /// cache takes a microsecond or so; two tokio workers adding to one shared counter (the
+    /// recorder's, and its generation beside it) on every claim pass its cache line back and
+    /// forth, which measured 10-30% of the replay throughput at 8 and 64 callers.
+    #[repr(align(128))]
+    #[derive(Default)]
+    struct Shard([AtomicU64; COUNTS]);
+
+    fn my_shard() -> usize {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        thread_local!(static MINE: usize = NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS);
+        MINE.with(|s| *s)
+    }
 
     /// Every handle of one engine.
     pub(crate) struct Meters {
         backend: &'static str,
+        /// Claims and replays counted per thread, added to `claims` and `replays` by
+        /// [`Meters::flush`].
+        local: Box<[Shard; SHARDS]>,
         claims: [Counter; 4],
         replays: [Counter; 3],
         /// Answered without the writer (sampled), and by the writer.
@@ -137,6 +164,7 @@ mod on {
                 .map(|s| counter!("idempotency_replays_total", &[b, ("source", s)]));
             Meters {
                 backend,
+                local: Box::default(),
                 claims,
                 replays,
                 claim_seconds: ["read", "writer"]
@@ -153,7 +181,7 @@ mod on {
 
         #[inline]
         pub(crate) fn claim(&self, timer: ClaimTimer, outcome: Outcome) {
-            self.claims[outcome as usize].increment(1);
+            self.count(outcome as usize);
             if let Some(started) = timer.started {
                 self.claim_seconds[usize::from(timer.writer)].record(started.elapsed());
             }
@@ -161,7 +189,30 @@ mod on {
 
         #[inline]
         pub(crate) fn replay(&self, source: Source) {
-            self.replays[source as usize].increment(1);
+            self.count(4 + source as usize);
+        }
+
+        #[inline]
+        fn count(&self, i: usize) {
+            self.local[my_shard()].0[i].fetch_add(1, Ordering::Relaxed);
+        }
+
+        /// Adds the counts gathered per thread to the recorder's counters (the writer thread,
+        /// every [`FLUSH_EVERY`], and when it stops).
+        pub(crate) fn flush(&self) {
+            let mut sums = [0u64; COUNTS];
+            for shard in self.local.iter() {
+                for (sum, n) in sums.iter_mut().zip(&shard.0) {
+                    if n.load(Ordering::Relaxed) != 0 {
+                        *sum += n.swap(0, Ordering::Relaxed);
+                    }
+                }
+            }
+            for (counter, n) in self.claims.iter().chain(&self.replays).zip(sums) {
+                if n != 0 {
+                    counter.increment(n);
+                }
+            }
         }
 
         #[inline]
@@ -248,6 +299,8 @@ mod on {
         pub(crate) fn cleaned(&self, _deleted: usize) {}
         #[inline]
         pub(crate) fn rejected(&self, _kind: &'static str) {}
+        #[inline]
+        pub(crate) fn flush(&self) {}
     }
 }
 

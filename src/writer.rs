@@ -347,6 +347,10 @@ pub(crate) fn spawn<B: Backend>(
         next_cleanup: crate::clock::instant_after(config.cleanup_interval),
         requeued: Vec::new(),
         purges: Vec::new(),
+        next_flush: crate::clock::instant_after(match cfg!(feature = "metrics") {
+            true => crate::metrics::FLUSH_EVERY,
+            false => Duration::MAX,
+        }),
     };
     std::thread::Builder::new()
         .name("idempotency-writer".into())
@@ -401,6 +405,9 @@ struct Writer<B: Backend> {
     ///
     /// [`Engine::purge_expired`]: crate::Engine::purge_expired
     purges: Vec<(oneshot::Sender<Result<crate::admin::Answer>>, u64)>,
+    /// When the meters' per-thread counts are next added to the recorder's (never without
+    /// the `metrics` feature).
+    next_flush: Instant,
 }
 
 /// One command of a batch, with what its caller will be told.
@@ -491,8 +498,13 @@ impl<B: Backend> Writer<B> {
             if Instant::now() >= self.next_cleanup {
                 self.cleanup();
             }
+            if Instant::now() >= self.next_flush {
+                self.shared.meters.flush();
+                self.next_flush = Instant::now() + crate::metrics::FLUSH_EVERY;
+            }
             self.backend.between_batches();
         }
+        self.shared.meters.flush();
         let failure = self.shared.sync_failure();
         for (reply, _) in self.purges.drain(..) {
             let _ = reply.send(Err(failure.clone().unwrap_or(Error::Closed)));
@@ -506,7 +518,10 @@ impl<B: Backend> Writer<B> {
 
     /// Waits for the first command, or until the next cleanup is due.
     fn wait(&self) -> Result<Pending, RecvTimeoutError> {
-        let timeout = self.next_cleanup.saturating_duration_since(Instant::now());
+        let timeout = self
+            .next_cleanup
+            .min(self.next_flush)
+            .saturating_duration_since(Instant::now());
         let mut sel = Select::new();
         let c = sel.recv(&self.claims);
         let l = sel.recv(&self.leases);

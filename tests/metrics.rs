@@ -150,14 +150,34 @@ async fn scripted(addr: &str, backend: &str) {
     // 7. a second fresh key.
     assert_eq!(order(&client, addr, Some("u1"), &b, 1).await.status(), 201);
 
-    let text = client
-        .get(format!("http://{addr}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    // Claims and replays are counted per thread and reach the recorder within a second (the
+    // writer adds them up every second): scrape until the five claims are there, then check
+    // every figure, exactly.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let text = loop {
+        let text = client
+            .get(format!("http://{addr}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let claims: f64 = ["claimed", "replayed", "in_flight", "mismatch"]
+            .iter()
+            .filter_map(|o| {
+                sample(
+                    &text,
+                    "idempotency_claims_total",
+                    &[("backend", backend), ("outcome", o)],
+                )
+            })
+            .sum();
+        if claims >= 5.0 || Instant::now() > deadline {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     let got = |name: &str, labels: &[(&str, &str)]| {
         let mut all = vec![("backend", backend)];
         all.extend_from_slice(labels);

@@ -12,8 +12,8 @@ use crate::admin::{Answer, Change, Op, Row, Stats, explain, time};
 use crate::clock::Clock;
 use crate::config::EngineConfig;
 use crate::error::{Error, Result};
-use crate::postgres::backend::{self, now_ms, within};
-use crate::postgres::connect::{Target, pg_error};
+use crate::postgres::backend::{now_ms, within};
+use crate::postgres::connect::pg_error;
 use crate::postgres::schema::{Names, SCHEMA_VERSION};
 
 /// Every column of a record, in the order [`row`] reads them.
@@ -98,29 +98,14 @@ struct Conn {
 
 impl Conn {
     fn open(config: &EngineConfig, url: &str) -> Result<Conn> {
-        let settings = &config.postgres;
-        let names = Names::new(&settings.table)?;
-        let mut target = Target::parse(url)?;
-        target.set_connect_timeout(settings.statement_timeout);
-        let connector = target.connector()?;
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| Error::Storage(Arc::new(e)))?;
-        let deadline = settings.statement_timeout + Duration::from_secs(1);
-        let shown = target.shown.clone();
-        let client = within(&rt, deadline, backend::connect(&target, &connector))
-            .map_err(|_| Error::Unavailable {
-                detail: format!("{shown}: no connection within {deadline:?}"),
-            })?
-            .map_err(|e| pg_error(e, &shown))?;
+        let c = crate::postgres::connect(config, url)?;
         let reader = Conn {
-            rt,
-            client,
-            names,
-            shown,
-            deadline,
-            db_clock: settings.database_clock.clone(),
+            rt: c.rt,
+            client: c.client,
+            names: c.names,
+            shown: c.target.shown,
+            deadline: c.deadline,
+            db_clock: config.postgres.database_clock.clone(),
         };
         reader.check_schema()?;
         Ok(reader)

@@ -42,7 +42,20 @@ pub(crate) fn open(config: &EngineConfig, url: &str) -> Result<(PgBackend, Optio
         .map_err(|_| Error::Storage(Arc::new(std::io::Error::other("the open panicked"))))?
 }
 
-fn open_here(config: &EngineConfig, url: &str) -> Result<(PgBackend, Option<Readers>)> {
+/// A first connection to the server, with the runtime that drives it: where every opener
+/// (the engine's, an operator's reader) starts.
+pub(crate) struct Connected {
+    pub(crate) names: Names,
+    pub(crate) target: Target,
+    pub(crate) connector: tokio_postgres_rustls::MakeRustlsConnect,
+    pub(crate) rt: tokio::runtime::Runtime,
+    pub(crate) client: tokio_postgres::Client,
+    /// How long one exchange may take: the statement timeout, and a second for the network.
+    pub(crate) deadline: Duration,
+}
+
+/// Checks the table name and URL, and connects (on the calling thread's new runtime).
+pub(crate) fn connect(config: &EngineConfig, url: &str) -> Result<Connected> {
     let settings = &config.postgres;
     let names = Names::new(&settings.table)?;
     let mut target = Target::parse(url)?;
@@ -58,6 +71,26 @@ fn open_here(config: &EngineConfig, url: &str) -> Result<(PgBackend, Option<Read
             detail: format!("{}: no connection within {deadline:?}", target.shown),
         })?
         .map_err(|e| pg_error(e, &target.shown))?;
+    Ok(Connected {
+        names,
+        target,
+        connector,
+        rt,
+        client,
+        deadline,
+    })
+}
+
+fn open_here(config: &EngineConfig, url: &str) -> Result<(PgBackend, Option<Readers>)> {
+    let settings = &config.postgres;
+    let Connected {
+        names,
+        target,
+        connector,
+        rt,
+        client,
+        deadline,
+    } = connect(config, url)?;
     // The server's encoding must hold every scope and key (UTF-8 text): on a LATIN1 database a
     // scope outside it would fail, and with it every other command of its batch. And with
     // `Durability::Full` a completion is acknowledged only once its commit is on disk, whatever

@@ -228,30 +228,6 @@ pub(crate) fn prefix(s: &str, max: usize) -> &str {
     &s[..end]
 }
 
-/// The store's URL as it may be shown: a PostgreSQL password replaced by `***`.
-pub(crate) fn redact(url: &str) -> String {
-    let mut out = match url.split_once("://") {
-        Some((scheme, rest)) => match rest.split_once('@') {
-            Some((userinfo, after)) if userinfo.contains(':') => {
-                let user = userinfo.split(':').next().unwrap_or_default();
-                format!("{scheme}://{user}:***@{after}")
-            }
-            _ => url.to_owned(),
-        },
-        None => url.to_owned(),
-    };
-    let mut from = 0;
-    while let Some(at) = out[from..].find("password=") {
-        let start = from + at + "password=".len();
-        let end = out[start..]
-            .find(['&', ' '])
-            .map_or(out.len(), |n| start + n);
-        out.replace_range(start..end, "***");
-        from = start + 3;
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -316,9 +292,5 @@ mod tests {
         assert_eq!(prefix("héllo", 2), "h");
         assert_eq!(duration(Duration::from_millis(65_000)), "1m 05s");
         assert_eq!(bytes(4096), "4096 bytes (4.0 KiB)");
-        assert_eq!(
-            redact("postgres://u:secret@h/db?password=x&a=b"),
-            "postgres://u:***@h/db?password=***&a=b"
-        );
     }
 }

@@ -13,7 +13,7 @@ use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
 use clap::{Args, Parser, Subcommand};
-use idempotency_rs::admin::{Access, Change, Record, RecordState, Stats, Store};
+use idempotency_rs::admin::{Access, Change, Record, RecordState, Stats, Store, redact_url};
 use idempotency_rs::{EngineConfig, Error, HeaderList, StoredResponse};
 use serde_json::{Value, json};
 
@@ -426,9 +426,9 @@ fn config(args: &StoreArgs) -> Result<(EngineConfig, String), Failure> {
                 Error::InvalidConfig { reason } => {
                     Failure::new(format!("cannot open the store: {reason}"))
                 }
-                other => open_failure(&other, &fmt::redact(url)),
+                other => open_failure(&other, &redact_url(url)),
             })?;
-            (config, fmt::redact(url), is_postgres(url))
+            (config, redact_url(url), is_postgres(url))
         }
         // Not UTF-8: only a plain file path can be that.
         None => {
