@@ -310,3 +310,30 @@ fn another_instance_stops_replaying_a_forgotten_record_within_the_max_age() {
     lease.complete(ok("second")).unwrap();
     assert_eq!(replayed(one.claim(request("k")).unwrap()).body, b"second");
 }
+
+/// `check` reads a PostgreSQL table page by page: a bad row past the first page (of 10,000)
+/// is found, and the healthy ones are not reported.
+#[cfg(feature = "postgres")]
+#[test]
+fn check_pages_through_a_large_postgres_table() {
+    let table = pg::fresh_table();
+    let config = EngineConfig::postgres(pg::url()).table(table.clone());
+    Engine::open(config.clone()).unwrap().shutdown().unwrap();
+    pg::execute(&format!(
+        "INSERT INTO {table} (id, scope, key, fingerprint, state, fence, locked_until, expires_at,
+                              created_at, completed_at, status, headers, body, trailers)
+         SELECT sha256(('k' || g)::bytea), 's', 'k' || g, sha256('fp'::bytea), 1, g, 0,
+                9000000000000000, 0, 0, 201, NULL, 'ok'::bytea, NULL
+         FROM generate_series(1, 10050) g;
+         SELECT setval('{table}_fence', 10050);
+         UPDATE {table} SET fingerprint = '\\x00'::bytea WHERE id = (SELECT id FROM {table} ORDER BY id DESC LIMIT 1);"
+    ));
+    let store = Store::open_config(config, Access::ReadOnly).unwrap();
+    let problems = store.check().unwrap();
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert!(
+        problems[0].contains("fingerprint of 1 bytes"),
+        "{problems:?}"
+    );
+    assert_eq!(store.stats().unwrap().completed, 10050);
+}

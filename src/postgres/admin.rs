@@ -20,6 +20,13 @@ use crate::postgres::schema::{Names, SCHEMA_VERSION};
 const COLUMNS: &str = "scope, key, fingerprint, state::int8, fence, locked_until, expires_at,
     created_at, completed_at, status::int8, headers, body, trailers";
 
+/// Records a check reads per statement.
+const CHECK_PAGE: i64 = 10_000;
+
+/// How long an operator's read of the whole table (`stats`, `check`) may take: a table of
+/// millions of records takes far longer than one statement of the hot path.
+const WHOLE_TABLE: Duration = Duration::from_secs(600);
+
 /// Problems a check lists one by one before it only counts them.
 const MAX_PROBLEMS: usize = 50;
 
@@ -111,9 +118,13 @@ impl Conn {
         Ok(reader)
     }
 
-    fn block<T>(&self, f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
-        within(&self.rt, self.deadline, f).map_err(|_| Error::Unavailable {
-            detail: format!("{}: no answer within {:?}", self.shown, self.deadline),
+    fn block<T>(
+        &self,
+        limit: Duration,
+        f: impl std::future::Future<Output = Result<T>>,
+    ) -> Result<T> {
+        within(&self.rt, limit, f).map_err(|_| Error::Unavailable {
+            detail: format!("{}: no answer within {limit:?}", self.shown),
         })?
     }
 
@@ -127,7 +138,7 @@ impl Conn {
                 names.meta.replace('"', "")
             ),
         };
-        self.block(async {
+        self.block(self.deadline, async {
             let sql = format!(
                 "SELECT to_regclass('{}') IS NOT NULL AND to_regclass('{}') IS NOT NULL",
                 names.records.replace('\'', "''"),
@@ -177,7 +188,11 @@ impl Conn {
             });
         }
         let test_now = self.db_clock.as_ref().map(|c| c.now_ms());
-        self.block(async {
+        let limit = match op {
+            Op::Stats | Op::Check => self.deadline.max(WHOLE_TABLE),
+            _ => self.deadline,
+        };
+        self.block(limit, async {
             let pg = |e| pg_error(e, &self.shown);
             // One snapshot for the whole answer, and nothing written.
             self.client
@@ -313,17 +328,33 @@ pub(crate) async fn run(
                     ));
                 }
             }
-            let rows = client
-                .query_typed(&format!("SELECT {COLUMNS} FROM {t}"), &[])
-                .await
-                .map_err(pg)?;
+            // Page by page along the primary key: a table of millions of records is never in
+            // memory at once.
             let mut bad = 0usize;
-            for r in &rows {
-                if let Err(e) = row(r).and_then(|r| r.into_record(now, true)) {
-                    bad += 1;
-                    if bad <= MAX_PROBLEMS {
-                        problems.push(e.to_string());
+            let mut after: Vec<u8> = Vec::new();
+            loop {
+                let rows = client
+                    .query_typed(
+                        &format!(
+                            "SELECT {COLUMNS}, id FROM {t} WHERE id > $1 ORDER BY id LIMIT $2"
+                        ),
+                        &[(&after, Type::BYTEA), (&CHECK_PAGE, Type::INT8)],
+                    )
+                    .await
+                    .map_err(pg)?;
+                for r in &rows {
+                    if let Err(e) = row(r).and_then(|r| r.into_record(now, true)) {
+                        bad += 1;
+                        if bad <= MAX_PROBLEMS {
+                            problems.push(e.to_string());
+                        }
                     }
+                }
+                match rows.last() {
+                    Some(last) if rows.len() as i64 == CHECK_PAGE => {
+                        after = last.try_get(13).map_err(corrupt)?;
+                    }
+                    _ => break,
                 }
             }
             if bad > MAX_PROBLEMS {
