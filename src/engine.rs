@@ -364,7 +364,7 @@ impl Engine {
                 Started::Done(outcome) => return Ok(outcome),
                 Started::Queued(pending, rx) => {
                     timer.waits(true);
-                    let reply = rx.recv().map_err(|_| self.inner.shared.gone())?;
+                    let reply = rx.recv().unwrap_or_else(|_| Err(self.inner.shared.gone()));
                     return self.finish_claim(pending, reply);
                 }
                 #[cfg(feature = "postgres")]
@@ -404,7 +404,7 @@ impl Engine {
                 Started::Done(outcome) => return Ok(outcome),
                 Started::Queued(pending, rx) => {
                     timer.waits(true);
-                    let reply = rx.await.map_err(|_| self.inner.shared.gone())?;
+                    let reply = rx.await.unwrap_or_else(|_| Err(self.inner.shared.gone()));
                     return self.finish_claim(pending, reply);
                 }
                 #[cfg(feature = "postgres")]
@@ -645,8 +645,9 @@ impl Engine {
     }
 
     fn start_claim(&self, req: ClaimRequest) -> Result<Started> {
-        self.check_open()?;
-        validate_scope(&req.scope)?;
+        if let Err(e) = self.check_open().and_then(|()| validate_scope(&req.scope)) {
+            return refused(Some(&req.scope), &req.key, e);
+        }
         let id = record_id(&req.scope, req.key.as_str());
         let cache = self.inner.cache.as_ref();
         if let Some(cache) = cache {
@@ -659,13 +660,17 @@ impl Engine {
         }
         if let Some(readers) = &self.inner.readers {
             let now = self.inner.clock.now_ms();
-            if let Some(decision) = readers.lookup(
+            let found = readers.lookup(
                 &id,
                 &req.fingerprint,
                 now,
                 &self.inner.shared.unsynced,
                 cache,
-            )? {
+            );
+            if let Some(decision) = match found {
+                Ok(found) => found,
+                Err(e) => return refused(Some(&req.scope), &req.key, e),
+            } {
                 self.replayed(&decision, Source::ReadConnection);
                 return Ok(Started::Done(ClaimOutcome::from_decision(decision, now)));
             }
@@ -710,7 +715,9 @@ impl Engine {
                 if let (Some(Ok(None)), Some(gate)) = (&other, gate) {
                     gate.miss();
                 }
-                self.check_open()?;
+                if let Err(e) = self.check_open() {
+                    return refused(Some(&request.scope), &request.key, e);
+                }
                 self.queue_claim(request, id)
             }
         }
@@ -742,22 +749,34 @@ impl Engine {
             Ok(()) => match self.inner.shared.ended() {
                 // The writer ended after `check_open`: its last sweep of the queue may have
                 // missed this claim, which would then never be answered.
-                Some(e) => Err(e),
+                Some(e) => refused(None, &pending.key, e),
                 None => Ok(Started::Queued(pending, rx)),
             },
-            Err(TrySendError::Full(_)) => Err(Error::Overloaded {
-                retry_after: Duration::from_secs(1),
-            }),
-            Err(TrySendError::Disconnected(_)) => Err(self.inner.shared.gone()),
+            Err(TrySendError::Full(cmd)) => refused(
+                Some(&cmd.scope),
+                &pending.key,
+                Error::Overloaded {
+                    retry_after: Duration::from_secs(1),
+                },
+            ),
+            Err(TrySendError::Disconnected(cmd)) => {
+                refused(Some(&cmd.scope), &pending.key, self.inner.shared.gone())
+            }
         }
     }
 
+    /// The writer's answer to a queued claim. (A failed batch is logged here, with the key:
+    /// its scope went to the writer with the claim.)
     fn finish_claim(
         &self,
         pending: PendingClaim,
         reply: Result<ClaimReply>,
     ) -> Result<ClaimOutcome> {
-        match reply? {
+        let reply = match reply {
+            Ok(reply) => reply,
+            Err(e) => return refused(None, &pending.key, e),
+        };
+        match reply {
             ClaimReply::Claimed(won) => {
                 let (fence, locked_until) = won.disarm();
                 self.inner.shared.meters.lease_granted();
@@ -826,17 +845,15 @@ impl Engine {
                     );
                 }
             }
-            Err(e) => {
-                meters.error("claim", e);
-                if let Some(who) = who {
-                    log_error("claim", &who, e);
-                }
-            }
+            // Logged where it failed, with the scope and key at hand there (`refused`).
+            Err(e) => meters.error("claim", e),
         }
     }
 }
 
-/// The scope and key of a claim, kept for its log events only while some are enabled.
+/// The scope and key of a claim, kept for its debug event only while that is enabled: a
+/// copy of both on every claim measured +4% of the instructions of a replay from memory with
+/// a subscriber at `info`. A failed claim is logged where it failed, with what is at hand.
 struct Who {
     scope: String,
     key: IdempotencyKey,
@@ -844,21 +861,27 @@ struct Who {
 
 impl Who {
     fn of(request: &ClaimRequest) -> Option<Who> {
-        tracing::enabled!(tracing::Level::ERROR).then(|| Who {
+        tracing::enabled!(tracing::Level::DEBUG).then(|| Who {
             scope: request.scope.clone(),
             key: request.key.clone(),
         })
     }
 }
 
-/// A failed call, logged with its scope and key: warn when a retry may succeed (overload, a
-/// busy or unreachable store, a lost lease), debug for a closed engine and refused input
-/// (the layers answer those), error when the store is failing.
-fn log_error(op: &'static str, who: &Who, e: &Error) {
+/// Logs a failed claim and returns its error.
+fn refused<T>(scope: Option<&str>, key: &IdempotencyKey, e: Error) -> Result<T> {
+    log_error("claim", scope, key, &e);
+    Err(e)
+}
+
+/// A failed call, logged with its scope (when known) and key: warn when a retry may succeed
+/// (overload, a busy or unreachable store, a lost lease), debug for a closed engine and
+/// refused input (the layers answer those), error when the store is failing.
+fn log_error(op: &'static str, scope: Option<&str>, key: &IdempotencyKey, e: &Error) {
     // As Display, like the claim events: `scope=acme key=order-17`.
     let (scope, key, kind) = (
-        tracing::field::display(&who.scope),
-        tracing::field::display(&who.key),
+        scope.map(tracing::field::display),
+        tracing::field::display(key),
         e.kind(),
     );
     match e {
