@@ -243,7 +243,6 @@ pub(crate) enum Op {
     Check,
     Release { id: [u8; 32], fence: u64 },
     Forget { id: [u8; 32] },
-    Purge,
 }
 
 /// Its answer.
@@ -254,7 +253,6 @@ pub(crate) enum Answer {
     Stats(Stats),
     Problems(Vec<String>),
     Change(Change),
-    Purged(u64),
 }
 
 /// What a backend found for a release or a forget that changed nothing: the record's state

@@ -577,10 +577,10 @@ impl Engine {
     /// # Errors
     /// A storage error, [`Error::Closed`].
     pub fn purge_expired(&self) -> Result<u64> {
-        let n = match self.admin_writer(admin::Op::Purge)? {
-            Answer::Purged(n) => n,
-            other => return Err(admin::unexpected(other)),
-        };
+        self.check_open()?;
+        let (reply, rx) = oneshot::channel();
+        self.send_lease(LeaseCmd::Purge(reply))?;
+        let n = rx.recv().map_err(|_| self.inner.shared.gone())??;
         tracing::info!(
             deleted = n,
             "idempotency: expired records purged by an operator"

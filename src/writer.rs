@@ -228,6 +228,9 @@ pub(crate) enum LeaseCmd {
         op: crate::admin::Op,
         reply: oneshot::Sender<Result<crate::admin::Answer>>,
     },
+    /// An operator's purge of the expired records: the cleanup, run until the backlog is
+    /// gone (answered with how many rows it deleted).
+    Purge(oneshot::Sender<Result<u64>>),
     #[cfg(feature = "fault-injection")]
     Panic,
 }
@@ -404,7 +407,7 @@ struct Writer<B: Backend> {
     /// back short, and paced like it: claims are never held up by it.
     ///
     /// [`Engine::purge_expired`]: crate::Engine::purge_expired
-    purges: Vec<(oneshot::Sender<Result<crate::admin::Answer>>, u64)>,
+    purges: Vec<(oneshot::Sender<Result<u64>>, u64)>,
     /// When the meters' per-thread counts are next added to the recorder's (never without
     /// the `metrics` feature).
     next_flush: Instant,
@@ -450,6 +453,10 @@ impl<B: Backend> Writer<B> {
                 match p {
                     Pending::Lease(LeaseCmd::Shutdown(ack), _) => shutdown = Some(ack),
                     Pending::Lease(LeaseCmd::Admin { op, reply }, _) => admin.push((op, reply)),
+                    Pending::Lease(LeaseCmd::Purge(reply), _) => {
+                        self.purges.push((reply, 0));
+                        self.next_cleanup = Instant::now();
+                    }
                     #[cfg(feature = "fault-injection")]
                     Pending::Lease(LeaseCmd::Panic, _) => {
                         panic!("injected writer panic (fault-injection feature)")
@@ -458,8 +465,10 @@ impl<B: Backend> Writer<B> {
                 }
             }
             if let Some(e) = failure {
-                let purges = self.purges.drain(..).map(|(reply, _)| reply);
-                for reply in admin.into_iter().map(|(_, reply)| reply).chain(purges) {
+                for (_, reply) in admin {
+                    let _ = reply.send(Err(e.clone()));
+                }
+                for (reply, _) in self.purges.drain(..) {
                     let _ = reply.send(Err(e.clone()));
                 }
                 self.fail_all(rest, e);
@@ -482,15 +491,7 @@ impl<B: Backend> Writer<B> {
             // After the batch they came with: an operator's read sees every command sent
             // before it.
             for (op, reply) in admin {
-                match op {
-                    crate::admin::Op::Purge => {
-                        self.purges.push((reply, 0));
-                        self.next_cleanup = Instant::now();
-                    }
-                    op => {
-                        let _ = reply.send(self.backend.admin(&op));
-                    }
-                }
+                let _ = reply.send(self.backend.admin(&op));
             }
             if disconnected && self.requeued.is_empty() {
                 break;
@@ -737,6 +738,9 @@ impl<B: Backend> Writer<B> {
             LeaseCmd::Admin { reply, .. } => {
                 let _ = reply.send(out.and(Err(Error::Closed)));
             }
+            LeaseCmd::Purge(reply) => {
+                let _ = reply.send(out.and(Err(Error::Closed)));
+            }
             #[cfg(feature = "fault-injection")]
             LeaseCmd::Panic => {}
         }
@@ -756,7 +760,7 @@ impl<B: Backend> Writer<B> {
                 }
                 if *n < chunk {
                     for (reply, total) in self.purges.drain(..) {
-                        let _ = reply.send(Ok(crate::admin::Answer::Purged(total)));
+                        let _ = reply.send(Ok(total));
                     }
                 }
             }

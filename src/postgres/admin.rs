@@ -182,7 +182,7 @@ impl Conn {
     }
 
     fn run(&self, op: &Op) -> Result<Answer> {
-        if matches!(op, Op::Release { .. } | Op::Forget { .. } | Op::Purge) {
+        if matches!(op, Op::Release { .. } | Op::Forget { .. }) {
             return Err(Error::Refused {
                 detail: "the store was opened read-only".into(),
             });
@@ -398,10 +398,6 @@ pub(crate) async fn run(
                 _ => Change::Done,
             }))
         }
-        // The writer runs a purge as its cleanup (`writer.rs`), never as one request.
-        Op::Purge => Err(Error::InvalidConfig {
-            reason: "a purge is the writer's cleanup, not a request to the store".into(),
-        }),
     }
 }
 

@@ -67,7 +67,7 @@ impl SqliteReader {
 
     pub(crate) fn run(&self, op: &Op, now: i64) -> Result<Answer> {
         match op {
-            Op::Release { .. } | Op::Forget { .. } | Op::Purge => Err(Error::ReadOnly {
+            Op::Release { .. } | Op::Forget { .. } => Err(Error::ReadOnly {
                 path: self.path.clone(),
             }),
             // One snapshot for the whole answer: a record is never seen half written, and
@@ -240,10 +240,6 @@ fn check(conn: &Connection, now: i64) -> Result<Vec<String>> {
 pub(crate) fn change(conn: &Connection, op: &Op, now: i64) -> Result<Answer> {
     conn.pragma_update(None, "synchronous", "FULL")?;
     let answer = match *op {
-        // The writer runs a purge as its cleanup (`writer.rs`), never as one request.
-        Op::Purge => Err(Error::InvalidConfig {
-            reason: "a purge is the writer's cleanup, not a request to the store".into(),
-        }),
         Op::Release { ref id, fence } => in_transaction(conn, || {
             let fence = i64::try_from(fence).unwrap_or(i64::MAX);
             let n = conn
