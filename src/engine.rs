@@ -1146,7 +1146,7 @@ impl Lease {
         let result = self
             .send_complete(response)
             .and_then(|rx| rx.recv().map_err(|_| self.engine.inner.shared.gone())?);
-        self.observe("complete", timer, result)
+        self.completed(timer, result)
     }
 
     /// [`Lease::complete`] without blocking.
@@ -1159,7 +1159,7 @@ impl Lease {
             Ok(rx) => rx.await.map_err(|_| self.engine.inner.shared.gone())?,
             Err(e) => Err(e),
         };
-        self.observe("complete", timer, result)
+        self.completed(timer, result)
     }
 
     /// Frees the key: the next claim runs the operation again. Blocks until committed.
@@ -1170,7 +1170,7 @@ impl Lease {
         let result = self
             .send_release()
             .and_then(|rx| rx.recv().map_err(|_| self.engine.inner.shared.gone())?);
-        self.observe("release", Timer::start(), result)
+        self.observe("release", result)
     }
 
     /// [`Lease::release`] without blocking.
@@ -1182,7 +1182,7 @@ impl Lease {
             Ok(rx) => rx.await.map_err(|_| self.engine.inner.shared.gone())?,
             Err(e) => Err(e),
         };
-        self.observe("release", Timer::start(), result)
+        self.observe("release", result)
     }
 
     /// Moves the lock timeout to `by` from now, for operations that run longer than the lock
@@ -1195,7 +1195,7 @@ impl Lease {
         let result = self
             .send_extend(by)
             .and_then(|rx| rx.recv().map_err(|_| self.engine.inner.shared.gone())?);
-        self.locked_until = self.observe("extend", Timer::start(), result)?;
+        self.locked_until = self.observe("extend", result)?;
         Ok(())
     }
 
@@ -1208,18 +1208,23 @@ impl Lease {
             Ok(rx) => rx.await.map_err(|_| self.engine.inner.shared.gone())?,
             Err(e) => Err(e),
         };
-        self.locked_until = self.observe("extend", Timer::start(), result)?;
+        self.locked_until = self.observe("extend", result)?;
         Ok(())
     }
 
+    /// [`Lease::observe`] for a completion, and its duration when it was stored.
+    fn completed(&self, timer: Timer, result: Result<()>) -> Result<()> {
+        if result.is_ok() {
+            self.engine.inner.shared.meters.completed(timer);
+        }
+        self.observe("complete", result)
+    }
+
     /// Meters and logs the end of a lease command: debug when done, warn or error when not.
-    fn observe<T>(&self, op: &'static str, timer: Timer, result: Result<T>) -> Result<T> {
+    fn observe<T>(&self, op: &'static str, result: Result<T>) -> Result<T> {
         let meters = &self.engine.inner.shared.meters;
         match &result {
             Ok(_) => {
-                if op == "complete" {
-                    meters.completed(timer);
-                }
                 tracing::debug!(key = %self.key, fence = self.fence, op, "idempotency: lease");
             }
             Err(e) => {

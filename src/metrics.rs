@@ -231,15 +231,20 @@ mod on {
         }
 
         #[inline]
-        pub(crate) fn batch(&self, commands: usize, took: Duration, queued: usize) {
+        pub(crate) fn batch(
+            &self,
+            commands: usize,
+            started: Timer,
+            queued: impl FnOnce() -> usize,
+        ) {
             self.batch_size.record(commands as f64);
-            self.batch_seconds.record(took);
-            self.queue_depth.set(queued as f64);
+            self.batch_seconds.record(started.0.elapsed());
+            self.queue_depth.set(queued() as f64);
         }
 
         #[inline]
-        pub(crate) fn flushed(&self, took: Duration) {
-            self.flush_seconds.record(took);
+        pub(crate) fn flushed(&self, started: Timer) {
+            self.flush_seconds.record(started.0.elapsed());
         }
 
         #[inline]
@@ -288,9 +293,15 @@ mod on {
         #[inline]
         pub(crate) fn error(&self, _op: &'static str, _e: &Error) {}
         #[inline]
-        pub(crate) fn batch(&self, _commands: usize, _took: Duration, _queued: usize) {}
+        pub(crate) fn batch(
+            &self,
+            _commands: usize,
+            _started: Timer,
+            _queued: impl FnOnce() -> usize,
+        ) {
+        }
         #[inline]
-        pub(crate) fn flushed(&self, _took: Duration) {}
+        pub(crate) fn flushed(&self, _started: Timer) {}
         #[inline]
         pub(crate) fn lease_granted(&self) {}
         #[inline]

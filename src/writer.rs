@@ -610,12 +610,12 @@ impl<B: Backend> Writer<B> {
         let results = if work.is_empty() {
             Ok(Vec::new())
         } else {
-            let started = Instant::now();
+            let started = crate::metrics::Timer::start();
             let results = self.backend.run(&work);
-            let queued = self.claims.len() + self.leases.len();
+            let (claims, leases) = (&self.claims, &self.leases);
             self.shared
                 .meters
-                .batch(work.len(), started.elapsed(), queued);
+                .batch(work.len(), started, || claims.len() + leases.len());
             results
         };
         drop(work);

@@ -1,10 +1,3 @@
-#![cfg(all(
-    feature = "client",
-    feature = "tonic-client",
-    feature = "axum-integration",
-    feature = "actix-integration",
-    feature = "tonic-integration"
-))]
 //! Regressions from the second adversarial review of the client half (and of the Axum
 //! example's ledger of orders): each test failed before its fix.
 

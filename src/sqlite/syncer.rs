@@ -209,7 +209,7 @@ fn flush(wal: &File, shared: &Shared) -> Result<()> {
     if let Some(e) = shared.sync_failure() {
         return Err(e);
     }
-    let started = std::time::Instant::now();
+    let started = crate::metrics::Timer::start();
     #[cfg(feature = "fault-injection")]
     let result = match shared.sync_faults.before_flush() {
         true => Err(std::io::Error::other(
@@ -219,7 +219,7 @@ fn flush(wal: &File, shared: &Shared) -> Result<()> {
     };
     #[cfg(not(feature = "fault-injection"))]
     let result = wal.sync_data();
-    shared.meters.flushed(started.elapsed());
+    shared.meters.flushed(started);
     result.map_err(|io| {
         let e = Error::sync_failed(io);
         shared.meters.error("flush", &e);
