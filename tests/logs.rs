@@ -30,7 +30,13 @@ impl Lines {
     }
 }
 
+/// Runs `f` under a subscriber of its own at `level`, one test at a time: `tracing` caches
+/// whether a call site is enabled across every subscriber alive, and a subscriber created on
+/// another test's thread meanwhile makes it recompute that, which can drop an event of this
+/// one (seen once in CI). A process has one subscriber; tests here have several.
 fn logged(level: tracing::Level, f: impl FnOnce()) -> String {
+    static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let lines = Lines::default();
     let writer = lines.clone();
     let subscriber = tracing_subscriber::fmt()
