@@ -30,13 +30,19 @@ impl Lines {
     }
 }
 
-/// Runs `f` under a subscriber of its own at `level`, one test at a time: `tracing` caches
-/// whether a call site is enabled across every subscriber alive, and a subscriber created on
-/// another test's thread meanwhile makes it recompute that, which can drop an event of this
-/// one (seen once in CI). A process has one subscriber; tests here have several.
+/// The tests here run one at a time: `tracing` caches whether a call site is enabled across
+/// every subscriber alive, and a call site first reached on one test's thread (with no
+/// subscriber) while another test's subscriber is being made can stay disabled for that
+/// subscriber, which drops its events (seen in CI, about 1 run in 40). A process has one
+/// subscriber; these tests have several.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Runs `f` under a subscriber of its own at `level`.
 fn logged(level: tracing::Level, f: impl FnOnce()) -> String {
-    static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
-    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let lines = Lines::default();
     let writer = lines.clone();
     let subscriber = tracing_subscriber::fmt()
@@ -51,6 +57,7 @@ fn logged(level: tracing::Level, f: impl FnOnce()) -> String {
 
 #[test]
 fn claims_carry_scope_key_outcome_and_fence() {
+    let _serial = one_at_a_time();
     let engine = Engine::open(EngineConfig::in_memory()).unwrap();
     let mut fence = 0;
     let text = logged(tracing::Level::DEBUG, || {
@@ -93,6 +100,7 @@ fn claims_carry_scope_key_outcome_and_fence() {
 
 #[test]
 fn failures_are_warnings_or_errors_with_their_kind() {
+    let _serial = one_at_a_time();
     let engine = Engine::open(EngineConfig::in_memory()).unwrap();
     let lease = claimed(engine.claim(request("held")).unwrap());
     let fence = lease.fencing_token();
