@@ -1,7 +1,7 @@
 # Every target installs what it needs on a fresh machine (Rust toolchain, gcc, Python 3, git).
 CARGO ?= cargo
 
-.PHONY: test run example lint coverage fuzz bench bench-compare bench-metrics doc ci
+.PHONY: test run example lint coverage fuzz bench bench-compare bench-metrics bench-cpu doc ci
 
 ## The whole suite: unit, integration (Axum, Actix, Tonic), model, crash, fault, fuzz-corpus, doc and PostgreSQL tests; the latter on $IDEMPOTENCY_TEST_PG_URL, or on a throwaway PostgreSQL started (installed if missing) when none answers there (scripts/pg.sh).
 test:
@@ -35,6 +35,10 @@ bench-compare:
 ## What the `metrics` feature costs: each engine case of bench-compare beside the same case with a Prometheus recorder installed.
 bench-metrics:
 	$(CARGO) bench --bench compare --features metrics -- --only engine-full,engine-normal,engine-metrics --skip-growth --no-latest
+
+## Instructions per operation (callgrind over every thread, installed if missing) for fresh claims, replays and the Axum layer, by what they are spent on, and bytes written per operation; BASELINE=bench-results/cpu-X.csv adds ratios to an earlier run.
+bench-cpu:
+	CARGO='$(CARGO)' bash scripts/bench-cpu.sh $(if $(BASELINE),--baseline $(BASELINE))
 
 doc:
 	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --no-deps --all-features
