@@ -2,18 +2,28 @@
 //!
 //! The writer connection runs with `wal_autocheckpoint=0`, so no commit ever stops to copy
 //! pages (with SQLite's automatic checkpoint, one commit in ~500 operations did, with two
-//! `fsync`s, while every other caller waited). After each commit the writer pokes this thread,
-//! which runs a `PASSIVE` checkpoint on its own connection at most once per
-//! [`INTERVAL`]: a passive checkpoint never waits for, nor blocks, the writer or a reader.
-//! Idle engines cost nothing: without a poke the thread sleeps.
+//! `fsync`s, while every other caller waited). The writer's WAL hook records how many frames
+//! the WAL holds after each commit; the writer wakes this thread on the first commit while it
+//! sleeps, and each time the WAL has grown by [`CHECKPOINT_FRAMES`], and the thread then runs a
+//! `PASSIVE` checkpoint on its own connection. Once the WAL has not grown for [`IDLE`], it
+//! copies the tail and sleeps.
+//! A passive checkpoint never waits for, nor blocks, the writer or a reader. Idle engines cost
+//! nothing: without a poke the thread sleeps.
+//!
+//! Why by WAL growth rather than by time (until issue #18 it ran at most every 10 ms): a page
+//! written again before the next checkpoint is copied into the database file once, not once
+//! per commit. The B-tree pages a batch of claims dirties (the record-id index is keyed by a
+//! hash, so its inserts land on random leaves) are rewritten many times over within a few
+//! thousand frames; copying each version cost CPU (sorting the WAL index, checksums) and as
+//! many bytes as the WAL itself (`make bench-cpu`, BENCHMARKS.md).
 //!
 //! A passive checkpoint only copies frames committed before it started, and SQLite rewinds the
 //! WAL to its beginning only when a write transaction starts while every frame has been copied.
 //! Under steady load the writer commits during nearly every checkpoint, so the WAL could grow
 //! without bound; when a checkpoint reports more than [`RESTART_FRAMES`] frames, this thread
-//! asks the writer to run one passive checkpoint itself, between two batches (it only has the
-//! few frames committed since this thread's last one to copy), after which its next transaction
-//! rewinds the WAL.
+//! checkpoints again until only a short tail is left and asks the writer to run one passive
+//! checkpoint itself, between two batches (it only has the few frames committed since this
+//! thread's last one to copy), after which its next transaction rewinds the WAL.
 //!
 //! Errors are not fatal here: a busy checkpoint (another process checkpointing) or an I/O error
 //! leaves the frames in the WAL, and SQLite marks frames as copied only once the database file
@@ -23,21 +33,26 @@
 //! Why a checkpoint may run over WAL frames the syncer has not flushed yet: see
 //! `storage::open_checkpointer`.
 
+use std::cell::Cell;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError, select};
+use crossbeam_channel::{Receiver, Sender, TrySendError, select};
 
 use crate::config::EngineConfig;
 use crate::error::{Error, Result};
 use crate::sqlite::storage;
 use crate::writer::Shared;
 
-/// The shortest time between two checkpoints.
-const INTERVAL: Duration = Duration::from_millis(10);
+/// WAL growth (in frames, ~4 KiB each) that starts a checkpoint: 8 MiB.
+pub(crate) const CHECKPOINT_FRAMES: i64 = 2048;
+
+/// After a checkpoint, a last one copies the tail once the WAL has not grown for this long
+/// (the load paused or stopped), so that the WAL can rewind.
+const IDLE: Duration = Duration::from_millis(100);
 
 /// WAL size (in frames, ~4 KiB each) from which the writer is asked to checkpoint once itself so
 /// that the WAL rewinds: 64 MiB. That checkpoint stalls the writer for two `fsync`s of a busy
@@ -47,11 +62,16 @@ const INTERVAL: Duration = Duration::from_millis(10);
 /// in the load the WAL rewinds by itself, long before this.
 const RESTART_FRAMES: i64 = 16384;
 
+/// Frames left to copy below which the writer is asked to finish the job (see [`checkpoint`]).
+const RESTART_TAIL: i64 = 256;
+
 /// The handle the writer keeps. Dropping it stops and joins the thread.
 pub(crate) struct Checkpointer {
     poke: Sender<()>,
+    watch: Arc<Watch>,
+    /// `watch.frames` when the writer last woke the thread for the WAL's growth.
+    poked_at: Cell<i64>,
     stop: Option<Sender<()>>,
-    restart_wanted: Arc<AtomicBool>,
     handle: Option<JoinHandle<()>>,
 }
 
@@ -65,21 +85,55 @@ impl Checkpointer {
         let conn = storage::open_checkpointer(path, config)?;
         let (poke, poked) = crossbeam_channel::bounded(1);
         let (stop, stopped) = crossbeam_channel::bounded(0);
-        let restart_wanted = Arc::new(AtomicBool::new(false));
-        let wanted = restart_wanted.clone();
+        let watch = Arc::new(Watch {
+            frames: AtomicI64::new(0),
+            asleep: AtomicBool::new(false),
+            restart_wanted: AtomicBool::new(false),
+        });
+        let watched = watch.clone();
         let handle = std::thread::Builder::new()
             .name("idempotency-ckpt".into())
-            .spawn(move || run(&conn, &poked, &stopped, &wanted, &shared))
+            .spawn(move || run(&conn, &poked, &stopped, &watched, &shared))
             .map_err(|e| Error::Storage(Arc::new(e)))?;
         Ok(Checkpointer {
             poke,
+            watch,
+            poked_at: Cell::new(0),
             stop: Some(stop),
-            restart_wanted,
             handle: Some(handle),
         })
     }
 
-    /// Tells the thread that the WAL grew (after a commit). Never blocks.
+    /// Makes `conn` (the writer's) report the WAL's size to this thread after every commit.
+    pub(crate) fn watch(&self, conn: &mut rusqlite::Connection) -> Result<()> {
+        let watch = self.watch.clone();
+        conn.wal_hook(Some(move |_: &mut rusqlite::hooks::Wal, pages: i32| {
+            watch.frames.store(i64::from(pages), Ordering::Relaxed);
+            Ok(())
+        }))?;
+        Ok(())
+    }
+
+    /// After a commit: wakes the thread when it sleeps, and when the WAL has grown by
+    /// [`CHECKPOINT_FRAMES`] since the last such wake-up (or rewound since). Never blocks; a
+    /// commit that adds little to the WAL of an awake thread costs a few loads, not a wake-up
+    /// of another thread.
+    pub(crate) fn committed(&self) {
+        let now = self.watch.frames.load(Ordering::Relaxed);
+        let last = self.poked_at.get();
+        let grown = now < last || now - last >= CHECKPOINT_FRAMES;
+        if grown {
+            self.poked_at.set(now);
+        }
+        if grown
+            || (self.watch.asleep.load(Ordering::Relaxed)
+                && self.watch.asleep.swap(false, Ordering::Relaxed))
+        {
+            self.poke();
+        }
+    }
+
+    /// Wakes the thread for a checkpoint now. Never blocks.
     pub(crate) fn poke(&self) {
         match self.poke.try_send(()) {
             Ok(()) | Err(TrySendError::Full(())) | Err(TrySendError::Disconnected(())) => {}
@@ -88,8 +142,8 @@ impl Checkpointer {
 
     /// True once after the thread saw the WAL pass [`RESTART_FRAMES`].
     pub(crate) fn take_restart_request(&self) -> bool {
-        self.restart_wanted.load(Ordering::Relaxed)
-            && self.restart_wanted.swap(false, Ordering::Relaxed)
+        self.watch.restart_wanted.load(Ordering::Relaxed)
+            && self.watch.restart_wanted.swap(false, Ordering::Relaxed)
     }
 
     /// Stops the thread (a checkpoint in progress finishes first) and waits for it.
@@ -99,6 +153,16 @@ impl Checkpointer {
             let _ = handle.join();
         }
     }
+}
+
+/// What the writer and the thread share.
+struct Watch {
+    /// Frames in the WAL after the writer's last commit (its WAL hook sets it).
+    frames: AtomicI64,
+    /// The thread waits for a poke, with the WAL copied as far as it knows.
+    asleep: AtomicBool,
+    /// See [`Checkpointer::take_restart_request`].
+    restart_wanted: AtomicBool,
 }
 
 impl Drop for Checkpointer {
@@ -111,29 +175,74 @@ fn run(
     conn: &rusqlite::Connection,
     poked: &Receiver<()>,
     stopped: &Receiver<()>,
-    restart_wanted: &AtomicBool,
+    watch: &Watch,
     shared: &Shared,
 ) {
+    // Frames in the WAL when the last checkpoint started.
+    let mut copied = 0i64;
     loop {
+        watch.asleep.store(true, Ordering::Relaxed);
         // Nothing is ever sent on `stopped`: it disconnects when the writer stops us.
         select! {
             recv(poked) -> msg => if msg.is_err() { return },
             recv(stopped) -> _ => return,
         }
-        if shared.sync_failure().is_some() {
-            // A flush of the WAL failed: nothing more may be copied into the database file,
-            // not even when this connection closes (see `storage::no_checkpoint_on_close`).
-            storage::no_checkpoint_on_close(conn);
-            return;
-        }
-        if let Ok(state) = storage::checkpoint_passive(conn)
-            && state.frames >= RESTART_FRAMES
-        {
-            restart_wanted.store(true, Ordering::Relaxed);
-        }
-        match stopped.recv_timeout(INTERVAL) {
-            Err(RecvTimeoutError::Timeout) => {}
-            Ok(()) | Err(RecvTimeoutError::Disconnected) => return,
+        // Awake: checkpoint each time the WAL has grown by CHECKPOINT_FRAMES, and once it has
+        // not grown for IDLE, copy the tail and sleep until the next commit.
+        let mut seen = watch.frames.load(Ordering::Relaxed);
+        loop {
+            if shared.sync_failure().is_some() {
+                // A flush of the WAL failed: nothing more may be copied into the database
+                // file, not even when this connection closes (see
+                // `storage::no_checkpoint_on_close`).
+                storage::no_checkpoint_on_close(conn);
+                return;
+            }
+            let now = watch.frames.load(Ordering::Relaxed);
+            if now < copied {
+                // The WAL rewound: it starts again from its first frame.
+                copied = 0;
+            }
+            if now - copied >= CHECKPOINT_FRAMES {
+                copied = now;
+                checkpoint(conn, &watch.restart_wanted);
+            }
+            select! {
+                recv(poked) -> msg => if msg.is_err() { return } else { continue },
+                recv(stopped) -> _ => return,
+                default(IDLE) => {}
+            }
+            let now = watch.frames.load(Ordering::Relaxed);
+            if now == seen {
+                if now != copied {
+                    copied = now;
+                    checkpoint(conn, &watch.restart_wanted);
+                }
+                break;
+            }
+            seen = now;
         }
     }
+}
+
+/// One passive checkpoint. When the WAL has grown past [`RESTART_FRAMES`], checkpoints again
+/// until only the frames committed meanwhile are left (a few passes at most), then asks the
+/// writer to copy that short tail itself so that its next transaction rewinds the WAL.
+fn checkpoint(conn: &rusqlite::Connection, restart_wanted: &AtomicBool) {
+    let Ok(mut state) = storage::checkpoint_passive(conn) else {
+        return;
+    };
+    if state.frames < RESTART_FRAMES {
+        return;
+    }
+    for _ in 0..8 {
+        if state.frames - state.copied <= RESTART_TAIL {
+            break;
+        }
+        match storage::checkpoint_passive(conn) {
+            Ok(s) => state = s,
+            Err(_) => return,
+        }
+    }
+    restart_wanted.store(true, Ordering::Relaxed);
 }
