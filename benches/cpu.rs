@@ -21,6 +21,12 @@
 //!   `benches/http.rs`, called in process (`tower::ServiceExt::oneshot`, no sockets) bare,
 //!   behind the layer with fresh keys, and behind it with replays, 64 tasks.
 //!
+//! * `raw-64`: the floor for `fresh-64` on this schema, without the engine: one thread of
+//!   plain rusqlite doing what the writer does for batches of 64 fresh claims and their
+//!   completions (`common::raw_claim_complete_batch`: insert 64 in-flight rows in one
+//!   transaction, update them to completed in a second, `synchronous=FULL`; SQLite's own
+//!   automatic checkpoints).
+//!
 //! The run prints one line: `workload=<w> n=<n> written=<bytes>`, where `written` is what the
 //! process passed to `write`-family calls (`wchar`) from after the setup to after the shutdown:
 //! WAL frames, checkpoint copies and the final checkpoint.
@@ -121,7 +127,9 @@ async fn handler(body: Bytes) -> (StatusCode, axum::Json<serde_json::Value>) {
     let total = v["quantity"].as_f64().unwrap_or(0.0) * v["price"].as_f64().unwrap_or(0.0);
     (
         StatusCode::CREATED,
-        axum::Json(serde_json::json!({"order_id": "ord_8f14e45fceea167a5a36dedd4bea2543", "status": "created", "total": total})),
+        axum::Json(
+            serde_json::json!({"order_id": "ord_8f14e45fceea167a5a36dedd4bea2543", "status": "created", "total": total}),
+        ),
     )
 }
 
@@ -145,7 +153,9 @@ async fn call(app: &Router, key: Option<&str>, replayed: bool) {
         replayed,
         "{key:?}"
     );
-    let body = axum::body::to_bytes(res.into_body(), 1 << 20).await.unwrap();
+    let body = axum::body::to_bytes(res.into_body(), 1 << 20)
+        .await
+        .unwrap();
     std::hint::black_box(body);
 }
 
@@ -158,9 +168,11 @@ fn app(engine: Option<&Engine>) -> Router {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
-    let (Some(workload), Some(n)) = (args.first(), args.get(1).and_then(|n| n.parse().ok()))
-    else {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
+    let (Some(workload), Some(n)) = (args.first(), args.get(1).and_then(|n| n.parse().ok())) else {
         // `cargo test --benches` runs this with no arguments: a quick pass over every workload.
         for w in [
             "fresh-1",
@@ -169,6 +181,7 @@ fn main() {
             "axum-bare-64",
             "axum-fresh-64",
             "axum-replay-64",
+            "raw-64",
         ] {
             run(w, 128);
         }
@@ -179,6 +192,9 @@ fn main() {
 
 fn run(workload: &str, n: usize) {
     let dir = tempfile::tempdir().unwrap();
+    if workload == "raw-64" {
+        return raw(dir.path(), n);
+    }
     let engine = open(dir.path());
     let rt = current_thread();
     let fp = common::fingerprint();
@@ -264,4 +280,23 @@ fn run(workload: &str, n: usize) {
         _ => 0,
     };
     println!("workload={workload} n={n} written={written}");
+}
+
+/// The `raw-64` workload: batches of 64 claims and completions in plain rusqlite.
+fn raw(dir: &Path, n: usize) {
+    let path = dir.join("cpu.db");
+    common::create_schema(&path);
+    common::prefill(&path, PREFILL, PREFILL);
+    let conn = common::baseline_connection(&path, "FULL");
+    let before = common::written_bytes();
+    let keys: Vec<String> = (0..n).map(|i| key(Set::Fresh, i)).collect();
+    for (b, chunk) in keys.chunks(64).enumerate() {
+        common::raw_claim_complete_batch(&conn, chunk, 1 + 64 * b as i64);
+    }
+    drop(conn);
+    let written = match (before, common::written_bytes()) {
+        (Some(b), Some(a)) => a - b,
+        _ => 0,
+    };
+    println!("workload=raw-64 n={n} written={written}");
 }

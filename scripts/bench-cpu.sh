@@ -6,7 +6,8 @@
 #
 # Usage: scripts/bench-cpu.sh [--baseline CSV] [--only w1,w2] [--quick]
 #   --baseline CSV  also print each figure as a ratio to that earlier run's CSV
-#   --only          a subset of: fresh-1 fresh-64 replay-1 axum-bare-64 axum-fresh-64 axum-replay-64
+#   --only          a subset of: fresh-1 fresh-64 raw-64 replay-1 axum-bare-64 axum-fresh-64
+#                   axum-replay-64
 #   --quick         fewer operations per run (noisier: ~2%)
 #
 # Writes bench-results/cpu-<date>.{md,csv} and bench-results/cpu-latest.{md,csv}.
@@ -19,7 +20,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 baseline=()
-only="fresh-1,fresh-64,replay-1,axum-bare-64,axum-fresh-64,axum-replay-64"
+only="fresh-1,fresh-64,raw-64,replay-1,axum-bare-64,axum-fresh-64,axum-replay-64"
 scale=1
 while [[ $# -gt 0 ]]; do
     case "$1" in

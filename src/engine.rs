@@ -778,13 +778,14 @@ impl Engine {
         };
         match reply {
             ClaimReply::Claimed(won) => {
-                let (fence, locked_until) = won.disarm();
+                let (fence, locked_until, row) = won.disarm();
                 self.inner.shared.meters.lease_granted();
                 Ok(ClaimOutcome::Claimed(Lease {
                     engine: self.clone(),
                     id: pending.id,
                     key: pending.key,
                     fence,
+                    row,
                     locked_until,
                     lock_ms: pending.lock_ms,
                     retention_ms: pending.retention_ms,
@@ -1098,6 +1099,8 @@ pub struct Lease {
     id: [u8; 32],
     key: IdempotencyKey,
     fence: u64,
+    /// Where the store keeps the record (SQLite's rowid), if it says.
+    row: Option<i64>,
     locked_until: i64,
     lock_ms: i64,
     retention_ms: i64,
@@ -1255,6 +1258,7 @@ impl Lease {
         self.engine.send_lease(LeaseCmd::Complete {
             id: self.id,
             fence: self.fence,
+            row: self.row,
             response,
             retention_ms: self.retention_ms,
             reply: tx,

@@ -71,6 +71,8 @@ pub(crate) enum Work<'a> {
     Complete {
         id: &'a [u8; 32],
         fence: u64,
+        /// Where the claim found the record in the store ([`Done::Won`]), if the store says.
+        row: Option<i64>,
         response: &'a StoredResponse,
         retention_ms: i64,
     },
@@ -92,12 +94,14 @@ impl Work<'_> {
             LeaseCmd::Complete {
                 id,
                 fence,
+                row,
                 response,
                 retention_ms,
                 ..
             } => Some(Work::Complete {
                 id,
                 fence: *fence,
+                row: *row,
                 response,
                 retention_ms: *retention_ms,
             }),
@@ -122,8 +126,14 @@ impl Work<'_> {
 /// What one command found.
 #[derive(Debug)]
 pub(crate) enum Done {
-    /// The claim took the record (times in the engine clock's terms).
-    Won { fence: u64, locked_until: i64 },
+    /// The claim took the record (times in the engine clock's terms). `row`: where the record
+    /// is in the store (SQLite's rowid), for the completion to find it without the id index;
+    /// `None` when the store has no such thing.
+    Won {
+        fence: u64,
+        locked_until: i64,
+        row: Option<i64>,
+    },
     /// The claim could not take it.
     Decided(Decision),
     /// A completed record the claim replays, that the engine may keep in its replay cache.
@@ -170,6 +180,7 @@ pub(crate) enum ClaimReply {
 pub(crate) struct Won {
     pub(crate) fence: u64,
     pub(crate) locked_until: i64,
+    pub(crate) row: Option<i64>,
     id: [u8; 32],
     release: Option<Sender<LeaseCmd>>,
 }
@@ -177,9 +188,9 @@ pub(crate) struct Won {
 impl Won {
     /// The fencing token and lock expiry, for the lease that now owns the record: dropping
     /// this no longer releases it.
-    pub(crate) fn disarm(mut self) -> (u64, i64) {
+    pub(crate) fn disarm(mut self) -> (u64, i64, Option<i64>) {
         self.release = None;
-        (self.fence, self.locked_until)
+        (self.fence, self.locked_until, self.row)
     }
 }
 
@@ -204,6 +215,7 @@ pub(crate) enum LeaseCmd {
     Complete {
         id: [u8; 32],
         fence: u64,
+        row: Option<i64>,
         response: StoredResponse,
         retention_ms: i64,
         reply: oneshot::Sender<Result<()>>,
@@ -630,9 +642,11 @@ impl<B: Backend> Writer<B> {
                         Done::Won {
                             fence,
                             locked_until,
+                            row,
                         } => Ok(ClaimReply::Claimed(Won {
                             fence,
                             locked_until,
+                            row,
                             id: cmd.id,
                             release: cmd.leases.take(),
                         })),
@@ -709,7 +723,7 @@ impl<B: Backend> Writer<B> {
                 if let Err(unsent) = cmd.reply.send(out)
                     && let Ok(ClaimReply::Claimed(won)) = unsent.into_inner()
                 {
-                    let (fence, _) = won.disarm();
+                    let (fence, _, _) = won.disarm();
                     self.requeued.push(LeaseCmd::Release {
                         id: cmd.id,
                         fence,

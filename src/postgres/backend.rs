@@ -723,6 +723,7 @@ impl<'a> Leases<'a> {
                     fence,
                     response,
                     retention_ms,
+                    row: _,
                 } => {
                     l.complete_ids.push(&id[..]);
                     l.complete_fences.push(fence_i64(fence));
@@ -1028,6 +1029,7 @@ impl PgBackend {
                         Ok(Done::Won {
                             fence,
                             locked_until,
+                            row: None,
                         }),
                         Some(ClaimRow::Won {
                             fence: fence_i64(fence),

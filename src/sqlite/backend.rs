@@ -115,11 +115,12 @@ impl SqliteBackend {
                     locked_until,
                     expires_at: locked_until.saturating_add(c.retention_ms),
                 };
-                if stmts.try_claim(&row)? {
+                if let Some(seq) = stmts.try_claim(&row)? {
                     *next_fence = fence;
                     return Ok(Done::Won {
                         fence,
                         locked_until,
+                        row: Some(seq),
                     });
                 }
                 match stmts.inspect(&c.id, &c.fingerprint, now)? {
@@ -132,12 +133,14 @@ impl SqliteBackend {
             Work::Complete {
                 id,
                 fence,
+                row,
                 response,
                 retention_ms,
             } => {
                 let done = stmts.complete(
                     id,
                     fence,
+                    row,
                     response,
                     now,
                     now.saturating_add(retention_ms),
@@ -150,9 +153,7 @@ impl SqliteBackend {
                 }
                 Ok(Done::Owned(done))
             }
-            Work::Release { id, fence } => {
-                Ok(Done::Owned(stmts.release(id, fence)?))
-            }
+            Work::Release { id, fence } => Ok(Done::Owned(stmts.release(id, fence)?)),
             Work::Extend {
                 id,
                 fence,
@@ -160,12 +161,7 @@ impl SqliteBackend {
                 retention_ms,
             } => {
                 let until = now.saturating_add(lock_ms);
-                let owned = stmts.extend(
-                    id,
-                    fence,
-                    until,
-                    until.saturating_add(retention_ms),
-                )?;
+                let owned = stmts.extend(id, fence, until, until.saturating_add(retention_ms))?;
                 Ok(Done::Until(owned.then_some(until)))
             }
         }
