@@ -574,6 +574,12 @@ impl Engine {
     /// backlog is gone. On PostgreSQL, another instance's cleanup may be deleting the same
     /// backlog meanwhile: those rows are not counted here.
     ///
+    /// On SQLite a record completed within its lock timeout stops being replayed exactly one
+    /// retention after its completion, but is deleted from one retention after its lock
+    /// expiry (the bound its claim set, so that the completion does not move its entry in the
+    /// expiry index): it counts as expired in [`Engine::stats`] and [`Engine::record`] from
+    /// the first moment, and is purged from the second, at most one lock timeout later.
+    ///
     /// # Errors
     /// A storage error, [`Error::Closed`].
     pub fn purge_expired(&self) -> Result<u64> {

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
+use idempotency_rs::admin::RecordState;
 use idempotency_rs::{
     ClaimOutcome, ClaimRequest, Engine, EngineConfig, Error, Fingerprint, IdempotencyKey,
     ManualClock, StoredResponse,
@@ -414,12 +415,114 @@ fn a_version_1_database_is_migrated_with_every_record() {
 
     let conn = Connection::open(&path).unwrap();
     let v = user_version(&conn);
-    assert_eq!(v, 2);
+    assert_eq!(v, 3);
     let sql = records_table_sql(&conn);
     assert!(!sql.contains("WITHOUT ROWID"), "{sql}");
     assert_eq!(row_count(&path), 2);
     let leftovers = schema_objects(&conn, "idempotency_records_v1");
     assert_eq!(leftovers, 0);
+}
+
+/// Version 2 had no `replay_until`: its rows are live until `expires_at`. Opening the file
+/// adds the column (NULL everywhere) and nothing else changes: the completed record replays
+/// until its `expires_at`, the in-flight one is still held, and new completions use the column.
+#[test]
+fn a_version_2_database_is_migrated_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("idem.db");
+    let clock = manual();
+    {
+        let engine = Engine::open(file_config(&path, &clock)).unwrap();
+        claimed(engine.claim(req("s", "done", 1)).unwrap())
+            .complete(response("done"))
+            .unwrap();
+        std::mem::forget(claimed(engine.claim(req("s", "held", 1)).unwrap()));
+        engine.shutdown().unwrap();
+    }
+    // Back to version 2: the column gone, and `expires_at` the completion's bound, as
+    // version 2 wrote it.
+    let done_until = T0 + 1000;
+    {
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(&format!(
+            "UPDATE idempotency_records SET expires_at = {done_until} WHERE state = 1;
+             ALTER TABLE idempotency_records DROP COLUMN replay_until;
+             PRAGMA user_version = 2;"
+        ))
+        .unwrap();
+    }
+    let engine = Engine::open(file_config(&path, &clock)).unwrap();
+    assert_eq!(
+        replayed(engine.claim(req("s", "done", 1)).unwrap()),
+        response("done")
+    );
+    in_flight(engine.claim(req("s", "held", 1)).unwrap());
+    claimed(engine.claim(req("s", "new", 1)).unwrap())
+        .complete(response("new"))
+        .unwrap();
+    // Replayed until its `expires_at`, then gone.
+    clock.set_ms(done_until - 1);
+    replayed(engine.claim(req("s", "done", 1)).unwrap());
+    clock.set_ms(done_until);
+    claimed(engine.claim(req("s", "done", 2)).unwrap())
+        .release()
+        .unwrap();
+    engine.shutdown().unwrap();
+    let conn = Connection::open(&path).unwrap();
+    assert_eq!(user_version(&conn), 3);
+    assert!(records_table_sql(&conn).contains("replay_until"));
+}
+
+/// A completion within the lock timeout leaves the record's `expires_at` (its claim's bound,
+/// and its place in the expiry index) where it was, and says until when it is replayed in
+/// `replay_until`; a completion after the lock expired moves `expires_at` itself. Either way
+/// the record is replayed for exactly the retention after its completion, and cleanup
+/// deletes it once `expires_at` has passed.
+#[test]
+fn a_completed_record_is_replayed_for_the_retention_after_its_completion() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("idem.db");
+    let clock = manual();
+    let engine = Engine::open(file_config(&path, &clock)).unwrap();
+    // Lock timeout 100 ms, retention 1000 ms.
+    let early = claimed(engine.claim(req("s", "early", 1)).unwrap());
+    let late = claimed(engine.claim(req("s", "late", 1)).unwrap());
+    clock.advance(Duration::from_millis(40));
+    early.complete(response("early")).unwrap(); // replayed until T0 + 1040
+    clock.advance(Duration::from_millis(110)); // T0 + 150: late's lock expired, not taken
+    late.complete(response("late")).unwrap(); // replayed until T0 + 1150
+    let columns = |key: &str| -> (i64, Option<i64>) {
+        let conn = Connection::open(&path).unwrap();
+        conn.query_row(
+            "SELECT expires_at, replay_until FROM idempotency_records WHERE key = ?1",
+            [key],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap()
+    };
+    assert_eq!(columns("early"), (T0 + 100 + 1000, Some(T0 + 1040)));
+    assert_eq!(columns("late"), (T0 + 1150, None));
+    clock.set_ms(T0 + 1039);
+    replayed(engine.claim(req("s", "early", 1)).unwrap());
+    // From T0 + 1040 `early` is expired for everyone, and deleted from T0 + 1100 (one lock
+    // timeout later at most).
+    clock.set_ms(T0 + 1040);
+    let state = |key: &str| engine.record("s", key).unwrap().map(|r| r.state);
+    assert_eq!(state("early"), Some(RecordState::Expired));
+    let stats = engine.stats().unwrap();
+    assert_eq!((stats.completed, stats.expired), (1, 1));
+    assert_eq!(engine.purge_expired().unwrap(), 0);
+    clock.set_ms(T0 + 1100);
+    assert_eq!(engine.purge_expired().unwrap(), 1);
+    assert_eq!(state("early"), None);
+    clock.set_ms(T0 + 1149);
+    replayed(engine.claim(req("s", "late", 1)).unwrap());
+    clock.set_ms(T0 + 1150);
+    assert_eq!(state("late"), Some(RecordState::Expired));
+    assert_eq!(engine.purge_expired().unwrap(), 1);
+    claimed(engine.claim(req("s", "early", 1)).unwrap())
+        .release()
+        .unwrap();
 }
 
 #[test]

@@ -347,7 +347,7 @@ fn engines_opening_a_new_file_at_once_get_one_winner_and_clear_refusals() {
         assert_eq!(
             schema(&db),
             (
-                2,
+                3,
                 vec![
                     "idempotency_meta".to_string(),
                     "idempotency_records".into(),
@@ -402,7 +402,7 @@ fn processes_starting_at_once_on_a_new_file_take_turns_or_are_refused() {
     fences.sort_unstable();
     fences.dedup();
     assert_eq!(fences.len(), 6, "a fencing token was handed out twice");
-    assert_eq!(schema(&db).0, 2);
+    assert_eq!(schema(&db).0, 3);
     let conn = rusqlite::Connection::open(&db).unwrap();
     let n: i64 = conn
         .query_row(

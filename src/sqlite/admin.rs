@@ -11,9 +11,24 @@ use crate::config::EngineConfig;
 use crate::error::{Error, Result};
 use crate::sqlite::storage::{self, column_error, open_error, open_error_any};
 
-/// Every column of a record, in the order [`row`] reads them.
-const COLUMNS: &str = "scope, key, fingerprint, state, fence, locked_until, expires_at, created_at,
-    completed_at, status, headers, body, trailers";
+/// Every column of a record, in the order [`row`] reads them, with `{live}` for until when
+/// the record is live ([`live_until`]).
+fn columns(live: &str) -> String {
+    format!(
+        "scope, key, fingerprint, state, fence, locked_until, {live}, created_at,
+    completed_at, status, headers, body, trailers"
+    )
+}
+
+/// The SQL of until when a record is live, for the file's schema version: a store of version
+/// 2 (a service not upgraded yet, read by a newer tool) has no `replay_until`.
+fn live_until(conn: &Connection) -> Result<&'static str> {
+    Ok(if storage::schema_version(conn)? >= 3 {
+        storage::LIVE_UNTIL
+    } else {
+        "expires_at"
+    })
+}
 
 /// Problems a check lists one by one before it only counts them.
 const MAX_PROBLEMS: usize = 50;
@@ -84,11 +99,13 @@ impl SqliteReader {
 
 /// A read, on any connection (a snapshot of its own, or the writer's between batches).
 pub(crate) fn read(conn: &Connection, op: &Op, now: i64, path: Option<&Path>) -> Result<Answer> {
+    let live = live_until(conn)?;
+    let columns = columns(live);
     match *op {
         Op::Record { ref id } => {
             let row = conn
                 .prepare_cached(&format!(
-                    "SELECT {COLUMNS} FROM idempotency_records WHERE id = ?1"
+                    "SELECT {columns} FROM idempotency_records WHERE id = ?1"
                 ))?
                 .query_row(params![&id[..]], row)
                 .optional()
@@ -102,7 +119,7 @@ pub(crate) fn read(conn: &Connection, op: &Op, now: i64, path: Option<&Path>) ->
             limit,
         } => {
             let mut stmt = conn.prepare_cached(&format!(
-                "SELECT {COLUMNS} FROM idempotency_records
+                "SELECT {columns} FROM idempotency_records
                  WHERE state = 0 AND expires_at > ?1 AND created_at <= ?2
                  ORDER BY created_at LIMIT ?3"
             ))?;
@@ -123,8 +140,8 @@ pub(crate) fn read(conn: &Connection, op: &Op, now: i64, path: Option<&Path>) ->
                 .collect::<Result<Vec<_>>>()?;
             Ok(Answer::Records(records))
         }
-        Op::Stats => stats(conn, now, path).map(Answer::Stats),
-        Op::Check => check(conn, now).map(Answer::Problems),
+        Op::Stats => stats(conn, live, now, path).map(Answer::Stats),
+        Op::Check => check(conn, &columns, now).map(Answer::Problems),
         _ => Err(Error::InvalidConfig {
             reason: "not a read".into(),
         }),
@@ -149,14 +166,16 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
     })
 }
 
-fn stats(conn: &Connection, now: i64, path: Option<&Path>) -> Result<Stats> {
+fn stats(conn: &Connection, live: &str, now: i64, path: Option<&Path>) -> Result<Stats> {
     let (in_flight, completed, expired, oldest, timed_out) = conn.query_row(
-        "SELECT count(*) FILTER (WHERE state = 0 AND expires_at > ?1),
-                count(*) FILTER (WHERE state = 1 AND expires_at > ?1),
-                count(*) FILTER (WHERE expires_at <= ?1),
+        &format!(
+            "SELECT count(*) FILTER (WHERE state = 0 AND expires_at > ?1),
+                count(*) FILTER (WHERE state = 1 AND {live} > ?1),
+                count(*) FILTER (WHERE {live} <= ?1),
                 min(created_at) FILTER (WHERE state = 0 AND expires_at > ?1),
                 count(*) FILTER (WHERE state = 0 AND expires_at > ?1 AND locked_until <= ?1)
-         FROM idempotency_records",
+         FROM idempotency_records"
+        ),
         [now],
         |r| {
             Ok((
@@ -188,7 +207,7 @@ fn stats(conn: &Connection, now: i64, path: Option<&Path>) -> Result<Stats> {
 
 /// SQLite's integrity check, the fencing counter against the records, then every record
 /// decoded as a claim would decode it.
-fn check(conn: &Connection, now: i64) -> Result<Vec<String>> {
+fn check(conn: &Connection, columns: &str, now: i64) -> Result<Vec<String>> {
     let mut problems: Vec<String> = conn
         .prepare("PRAGMA integrity_check")?
         .query_map([], |r| r.get::<_, String>(0))?
@@ -209,7 +228,7 @@ fn check(conn: &Connection, now: i64) -> Result<Vec<String>> {
             "the fencing counter ({counter}) is behind a record's token ({highest}): a new lease could repeat a token"
         ));
     }
-    let mut stmt = conn.prepare(&format!("SELECT {COLUMNS}, seq FROM idempotency_records"))?;
+    let mut stmt = conn.prepare(&format!("SELECT {columns}, seq FROM idempotency_records"))?;
     let mut rows = stmt.query([])?;
     let mut bad = 0usize;
     while let Some(r) = rows.next()? {
@@ -276,7 +295,8 @@ pub(crate) fn change(conn: &Connection, op: &Op, now: i64) -> Result<Answer> {
 /// The state and fence of the live record `id`.
 fn found(conn: &Connection, id: &[u8; 32], now: i64) -> Result<Option<(i64, i64)>> {
     conn.prepare_cached(
-        "SELECT state, fence FROM idempotency_records WHERE id = ?1 AND expires_at > ?2",
+        "SELECT state, fence FROM idempotency_records
+         WHERE id = ?1 AND coalesce(replay_until, expires_at) > ?2",
     )?
     .query_row(params![&id[..], now], |r| Ok((r.get(0)?, r.get(1)?)))
     .optional()

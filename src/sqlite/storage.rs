@@ -22,9 +22,19 @@ use crate::response::{StoredResponse, encode_headers};
 ///   completions update those same pages; only the small index entries land on random pages.
 ///   Measured on the raw ceiling: 1.6x-1.9x the rows/s and half the bytes written per row
 ///   (BENCHMARKS.md). Version 1 files are migrated when opened.
-pub(crate) const SCHEMA_VERSION: i64 = 2;
+/// * 3: a `replay_until` column. A completion stores when its record stops being replayed
+///   there, and leaves `expires_at` (indexed) at the bound its claim set, which is later in
+///   the usual case of a completion within the lock timeout: the completion no longer deletes
+///   and re-inserts an entry of the expiry index (issue #18: 7% of the instructions of a claim
+///   and its completion). Version 2 files get the column when opened (no row is rewritten);
+///   their rows, with `replay_until` NULL, are live until `expires_at` as before.
+pub(crate) const SCHEMA_VERSION: i64 = 3;
 
-/// The records table and its expiry index (version 2).
+/// Until when a record answers claims: the SQL of it, for every statement that asks whether a
+/// record is live. `expires_at` is when the record may be deleted, and never earlier than this.
+pub(crate) const LIVE_UNTIL: &str = "coalesce(replay_until, expires_at)";
+
+/// The records table and its expiry index (version 3).
 const RECORDS_TABLE: &str = "
 CREATE TABLE idempotency_records (
     seq          INTEGER PRIMARY KEY,          -- rowid: rows are appended in claim order
@@ -35,13 +45,15 @@ CREATE TABLE idempotency_records (
     state        INTEGER NOT NULL,             -- 0 in flight, 1 completed
     fence        INTEGER NOT NULL,             -- fencing token of the current lease
     locked_until INTEGER NOT NULL,             -- ms since epoch; in flight only
-    expires_at   INTEGER NOT NULL,             -- ms since epoch; the record is absent from then on
+    expires_at   INTEGER NOT NULL,             -- ms since epoch; absent from then on, may be deleted
     created_at   INTEGER NOT NULL,
     completed_at INTEGER,
     status       INTEGER,
     headers      BLOB,                         -- postcard-encoded [(name, value)]
     body         BLOB,
-    trailers     BLOB                          -- NULL: no trailers
+    trailers     BLOB,                         -- NULL: no trailers
+    replay_until INTEGER                       -- completed: replayed until then (<= expires_at);
+                                               -- NULL: live until expires_at
 );
 CREATE INDEX idempotency_records_expiry ON idempotency_records (expires_at);
 ";
@@ -55,7 +67,10 @@ CREATE TABLE idempotency_meta (
 INSERT INTO idempotency_meta (name, value) VALUES ('fence', 0);
 ";
 
-/// Version 1 to 2, run in the transaction that sets the new version (a crash leaves version 1
+/// Version 2 to 3: the new column, NULL in every row (SQLite adds it without rewriting them).
+const MIGRATE_2_TO_3: &str = "ALTER TABLE idempotency_records ADD COLUMN replay_until INTEGER;";
+
+/// Version 1 to 3, run in the transaction that sets the new version (a crash leaves version 1
 /// intact): the old table is renamed, [`RECORDS_TABLE`] created, and every row copied over in
 /// the order the records were created, then the old table dropped.
 const MIGRATE_1_TO_2_BEFORE: &str = "
@@ -263,6 +278,7 @@ fn migrate(conn: &Connection) -> Result<()> {
                 conn.execute_batch(RECORDS_TABLE)?;
                 conn.execute_batch(MIGRATE_1_TO_2_AFTER)?;
             }
+            2 => conn.execute_batch(MIGRATE_2_TO_3)?,
             v => {
                 return Err(Error::Corrupt {
                     detail: format!("unknown schema version {v}"),
@@ -517,25 +533,32 @@ const CLAIM: &str = "INSERT INTO idempotency_records
      scope = excluded.scope, key = excluded.key, fingerprint = excluded.fingerprint,
      state = 0, fence = excluded.fence, locked_until = excluded.locked_until,
      expires_at = excluded.expires_at, created_at = excluded.created_at,
-     completed_at = NULL, status = NULL, headers = NULL, body = NULL, trailers = NULL
- WHERE idempotency_records.expires_at <= excluded.created_at
+     completed_at = NULL, status = NULL, headers = NULL, body = NULL, trailers = NULL,
+     replay_until = NULL
+ WHERE coalesce(idempotency_records.replay_until, idempotency_records.expires_at)
+           <= excluded.created_at
     OR (idempotency_records.state = 0
         AND idempotency_records.locked_until <= excluded.created_at
         AND idempotency_records.fingerprint = excluded.fingerprint)";
 
 const INSPECT: &str = "SELECT fingerprint, state, locked_until, status, headers, body, trailers
- FROM idempotency_records WHERE id = ?1 AND expires_at > ?2";
+ FROM idempotency_records WHERE id = ?1 AND coalesce(replay_until, expires_at) > ?2";
 
+/// A completion that moves `expires_at` (and so the record's expiry index entry): the record
+/// is live until `?8` exactly.
 const COMPLETE: &str = "UPDATE idempotency_records
  SET state = 1, status = ?3, headers = ?4, body = ?5, trailers = ?6,
-     completed_at = ?7, expires_at = ?8, locked_until = 0
+     completed_at = ?7, expires_at = ?8, locked_until = 0, replay_until = NULL
  WHERE id = ?1 AND fence = ?2 AND state = 0";
 
-/// [`COMPLETE`] for a row whose rowid the claim reported.
+/// The usual completion, of the row whose rowid the claim reported, when the bound its claim
+/// set (`expires_at`, lock expiry + retention) is not before the new one (`?8`, now +
+/// retention), as it is not for a completion within the lock timeout: `replay_until` says
+/// until when it is replayed, and `expires_at` stays, with its index entry.
 const COMPLETE_ROW: &str = "UPDATE idempotency_records
  SET state = 1, status = ?3, headers = ?4, body = ?5, trailers = ?6,
-     completed_at = ?7, expires_at = ?8, locked_until = 0
- WHERE seq = ?9 AND id = ?1 AND fence = ?2 AND state = 0";
+     completed_at = ?7, replay_until = ?8, locked_until = 0
+ WHERE seq = ?9 AND id = ?1 AND fence = ?2 AND state = 0 AND expires_at >= ?8";
 
 const SEQ_OF: &str = "SELECT seq FROM idempotency_records WHERE id = ?1";
 
@@ -611,7 +634,9 @@ impl<'c> Statements<'c> {
     ///
     /// With the rowid its claim found (`row`), the row is reached through the table's own
     /// B-tree, whose pages the claim's batch has just written, instead of a search of the id
-    /// index, whose leaves are spread at random; the id and fence are checked all the same.
+    /// index, whose leaves are spread at random; the id and fence are checked all the same
+    /// ([`COMPLETE_ROW`]). When that changes nothing ([`COMPLETE`] then decides): no rowid, a
+    /// completion after the lock expired, or a lease that lost its record.
     pub(crate) fn complete(
         &mut self,
         id: &[u8; 32],
@@ -633,17 +658,17 @@ impl<'c> Statements<'c> {
             now,
             expires_at,
         ];
-        let n = match row {
-            Some(seq) => {
-                let stmt = prepared(self.conn, &mut self.complete_row, COMPLETE_ROW)?;
-                stmt.raw_bind_parameter(9, seq)?;
-                for (i, v) in fields.iter().enumerate() {
-                    stmt.raw_bind_parameter(i + 1, v)?;
-                }
-                stmt.raw_execute()?
+        if let Some(seq) = row {
+            let stmt = prepared(self.conn, &mut self.complete_row, COMPLETE_ROW)?;
+            stmt.raw_bind_parameter(9, seq)?;
+            for (i, v) in fields.iter().enumerate() {
+                stmt.raw_bind_parameter(i + 1, v)?;
             }
-            None => prepared(self.conn, &mut self.complete, COMPLETE)?.execute(fields)?,
-        };
+            if stmt.raw_execute()? == 1 {
+                return Ok(true);
+            }
+        }
+        let n = prepared(self.conn, &mut self.complete, COMPLETE)?.execute(fields)?;
         Ok(n == 1)
     }
 
@@ -708,8 +733,10 @@ pub(crate) fn read_completed(
     now: i64,
 ) -> Result<Option<Read>> {
     let mut stmt = conn.prepare_cached(
-        "SELECT fingerprint, state, locked_until, status, headers, body, trailers, expires_at
-         FROM idempotency_records WHERE id = ?1 AND expires_at > ?2 AND state = 1",
+        "SELECT fingerprint, state, locked_until, status, headers, body, trailers,
+                coalesce(replay_until, expires_at)
+         FROM idempotency_records
+         WHERE id = ?1 AND coalesce(replay_until, expires_at) > ?2 AND state = 1",
     )?;
     let raw = stmt
         .query_row(params![&id[..], now], |r| {
@@ -732,7 +759,9 @@ pub(crate) fn read_completed(
     })))
 }
 
-/// Deletes up to `limit` expired records; returns how many.
+/// Deletes up to `limit` records whose `expires_at` has passed; returns how many. (A completed
+/// record stops being replayed at its `replay_until`, and is deleted from its `expires_at`, at
+/// most one lock timeout later.)
 pub(crate) fn delete_expired(conn: &Connection, now: i64, limit: usize) -> Result<usize> {
     let n = conn
         .prepare_cached(
