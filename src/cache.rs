@@ -23,7 +23,9 @@
 //! evicts in insertion order (the oldest replay first); a response larger than a quarter of a
 //! shard's budget is never cached.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use crate::key::IdMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -75,14 +77,14 @@ pub(crate) struct ReplayCache {
 
 #[derive(Default)]
 struct Shard {
-    map: HashMap<[u8; 32], Entry>,
+    map: IdMap<Entry>,
     /// Insertion order, with the sequence number of the insertion: an id whose entry was
     /// replaced or removed since is skipped when it comes up.
     order: VecDeque<([u8; 32], u64)>,
     bytes: usize,
     next_seq: u64,
     /// Records forgotten recently, with when their tombstone ends: not cached until then.
-    tombstones: HashMap<[u8; 32], Instant>,
+    tombstones: IdMap<Instant>,
 }
 
 struct Entry {

@@ -6,6 +6,11 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
 
+/// A map keyed by record ids. The ids are SHA-256 outputs, so a fast seeded hash does
+/// (foldhash, seeded per process): std's SipHash was ~1.5% of a claim and its completion, which
+/// look ids up in the replay cache and the syncer's set (`make bench-cpu`).
+pub(crate) type IdMap<V> = std::collections::HashMap<[u8; 32], V, foldhash::fast::RandomState>;
+
 /// The longest key accepted, in bytes (the IETF draft and Stripe both stop at 255).
 pub const MAX_KEY_LEN: usize = 255;
 /// The longest scope accepted, in bytes.

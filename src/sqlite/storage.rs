@@ -12,7 +12,7 @@ use crate::config::{EngineConfig, Location};
 use crate::error::{Error, Result};
 use crate::fingerprint::Fingerprint;
 use crate::record::{Decision, RawRecord, Read};
-use crate::response::{StoredResponse, encode_headers};
+use crate::response::{StoredResponse, encode_headers_into};
 
 /// The schema version this build writes (`PRAGMA user_version`).
 ///
@@ -509,6 +509,9 @@ pub(crate) struct Statements<'c> {
     complete_row: Option<CachedStatement<'c>>,
     release: Option<CachedStatement<'c>>,
     extend: Option<CachedStatement<'c>>,
+    /// Encoded header and trailer lists of the completion being stored, reused.
+    headers: Vec<u8>,
+    trailers: Vec<u8>,
 }
 
 /// The statement in `slot`, prepared (from the connection's cache) on first use.
@@ -579,6 +582,8 @@ impl<'c> Statements<'c> {
             complete_row: None,
             release: None,
             extend: None,
+            headers: Vec::new(),
+            trailers: Vec::new(),
         }
     }
 
@@ -646,13 +651,19 @@ impl<'c> Statements<'c> {
         now: i64,
         expires_at: i64,
     ) -> Result<bool> {
-        let headers = encode_headers(&response.headers);
-        let trailers = response.trailers.as_ref().map(encode_headers);
+        encode_headers_into(&response.headers, &mut self.headers);
+        let trailers = match &response.trailers {
+            Some(list) => {
+                encode_headers_into(list, &mut self.trailers);
+                Some(&self.trailers[..])
+            }
+            None => None,
+        };
         let fields = params![
             &id[..],
             fence as i64,
             response.status,
-            headers,
+            &self.headers[..],
             &response.body,
             trailers,
             now,

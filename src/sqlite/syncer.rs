@@ -27,7 +27,6 @@
 //! records stay registered, so this engine never replays them. Reopening the engine lets
 //! SQLite recover whatever did reach the disk.
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::path::Path;
 use std::sync::Arc;
@@ -38,6 +37,7 @@ use crossbeam_channel::{Receiver, Sender};
 use parking_lot::Mutex;
 
 use crate::error::{Error, Result};
+use crate::key::IdMap;
 use crate::sqlite::storage;
 use crate::writer::{ClaimReply, Shared};
 
@@ -49,7 +49,7 @@ pub(crate) struct Unsynced {
     count: AtomicUsize,
     /// Record id -> how many of its completions are waiting (more than one only if a record
     /// expired, was claimed again and completed again before the first flush).
-    ids: Mutex<HashMap<[u8; 32], u32>>,
+    ids: Mutex<IdMap<u32>>,
 }
 
 impl Unsynced {
