@@ -161,12 +161,15 @@ async fn call(app: &Router, key: Option<&str>, replayed: bool) {
     std::hint::black_box(body);
 }
 
+/// The router, finalized as `axum::serve` finalizes it (`with_state`): its layers applied to
+/// each route once, not again for every request.
 fn app(engine: Option<&Engine>) -> Router {
     let app = Router::new().route("/orders", post(handler));
-    match engine {
+    let app = match engine {
         Some(e) => app.layer(IdempotencyLayer::new(e).scope_header("x-user-id")),
         None => app,
-    }
+    };
+    app.with_state(())
 }
 
 fn main() {

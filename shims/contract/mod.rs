@@ -175,36 +175,52 @@ pub fn store_all_4xx(status: u16) -> bool {
 /// handler that writes to its own database can fence the write with the token (a write tagged
 /// with an older token comes from a holder whose lease was taken over). Replays and rejections
 /// never reach the handler; a request without a key (key optional) carries none.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ClaimedKey {
+///
+/// Cheap to clone (it is shared, not copied: the layers hand it to the request, and the
+/// extractors clone it out).
+#[derive(Clone, PartialEq, Eq)]
+pub struct ClaimedKey(Arc<Claimed>);
+
+#[derive(PartialEq, Eq)]
+struct Claimed {
     key: IdempotencyKey,
     scope: String,
     fencing_token: u64,
 }
 
+impl fmt::Debug for ClaimedKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClaimedKey")
+            .field("key", &self.0.key)
+            .field("scope", &self.0.scope)
+            .field("fencing_token", &self.0.fencing_token)
+            .finish()
+    }
+}
+
 impl ClaimedKey {
     pub(crate) fn of(lease: &Lease, scope: String) -> Self {
-        ClaimedKey {
+        ClaimedKey(Arc::new(Claimed {
             key: lease.key().clone(),
             scope,
             fencing_token: lease.fencing_token(),
-        }
+        }))
     }
 
     /// The key, normalised.
     pub fn key(&self) -> &IdempotencyKey {
-        &self.key
+        &self.0.key
     }
 
     /// The scope (tenant or user) the key belongs to; empty for the shared scope.
     pub fn scope(&self) -> &str {
-        &self.scope
+        &self.0.scope
     }
 
     /// The fencing token of this request's lease: greater than that of every earlier lease of
     /// the store.
     pub fn fencing_token(&self) -> u64 {
-        self.fencing_token
+        self.0.fencing_token
     }
 }
 
