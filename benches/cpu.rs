@@ -27,6 +27,9 @@
 //!   transaction, update them to completed in a second, `synchronous=FULL`; SQLite's own
 //!   automatic checkpoints).
 //!
+//! `CPU_BENCH_PAGE_SIZE=BYTES` creates the engine's database with that page size
+//! ([`EngineConfig::page_size`]).
+//!
 //! The run prints one line: `workload=<w> n=<n> written=<bytes>`, where `written` is what the
 //! process passed to `write`-family calls (`wchar`) from after the setup to after the shutdown:
 //! WAL frames, checkpoint copies and the final checkpoint.
@@ -61,9 +64,16 @@ const PREFILL: u64 = 10_000;
 /// (as the 10k row of `make bench-compare`'s growth table), `Durability::Full`.
 fn open(dir: &Path) -> Engine {
     let path = dir.join("cpu.db");
-    common::create_schema(&path);
+    let config = || {
+        let config = EngineConfig::new(&path).durability(Durability::Full);
+        match std::env::var("CPU_BENCH_PAGE_SIZE") {
+            Ok(size) => config.page_size(size.parse().expect("CPU_BENCH_PAGE_SIZE: bytes")),
+            Err(_) => config,
+        }
+    };
+    Engine::open(config()).unwrap().shutdown().unwrap();
     common::prefill(&path, PREFILL, PREFILL);
-    Engine::open(EngineConfig::new(path).durability(Durability::Full)).unwrap()
+    Engine::open(config()).unwrap()
 }
 
 /// A claim of `key` with the bench's fingerprint, computed once: the engine workloads count

@@ -9,6 +9,7 @@
 #   --only          a subset of: fresh-1 fresh-64 raw-64 replay-1 axum-bare-64 axum-fresh-64
 #                   axum-replay-64
 #   --quick         fewer operations per run (noisier: ~2%)
+#   --page-size N   the engine's database created with N-byte pages (EngineConfig::page_size)
 #
 # Writes bench-results/cpu-<date>.{md,csv} and bench-results/cpu-latest.{md,csv}.
 #
@@ -19,6 +20,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+command="scripts/bench-cpu.sh${*:+ $*}"
 baseline=()
 only="fresh-1,fresh-64,raw-64,replay-1,axum-bare-64,axum-fresh-64,axum-replay-64"
 scale=1
@@ -27,6 +29,7 @@ while [[ $# -gt 0 ]]; do
         --baseline) baseline=(--baseline "$2"); shift 2 ;;
         --only) only="$2"; shift 2 ;;
         --quick) scale=0; shift ;;
+        --page-size) export CPU_BENCH_PAGE_SIZE="$2"; shift 2 ;;
         *) echo "unknown option $1" >&2; exit 2 ;;
     esac
 done
@@ -89,8 +92,8 @@ stamp=$(date -u +%Y-%m-%dT%H%M%SZ)
 {
     echo "# make bench-cpu, $stamp"
     echo
-    echo "- command: scripts/bench-cpu.sh${*:+ $*}; code: $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet 2>/dev/null || echo ' (modified)')"
-    echo "- $(valgrind --version); machine: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')"
+    echo "- command: $command; code: $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet 2>/dev/null || echo ' (modified)')"
+    echo "- page size: ${CPU_BENCH_PAGE_SIZE:-4096 (default)}; $(valgrind --version); machine: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')"
     echo
 } >"$work/head.md"
 python3 scripts/callgrind_table.py "$work/table.md" "bench-results/cpu-$stamp.csv" "${baseline[@]}" "${runs[@]}" >/dev/null

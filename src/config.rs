@@ -73,6 +73,7 @@ pub struct EngineConfig {
     pub(crate) cache_size_kib: i64,
     pub(crate) busy_timeout: Duration,
     pub(crate) max_page_count: Option<u32>,
+    pub(crate) page_size: Option<u32>,
     pub(crate) open_timeout: Duration,
     pub(crate) clock: Arc<dyn Clock>,
     #[cfg(feature = "postgres")]
@@ -250,6 +251,7 @@ impl EngineConfig {
             cache_size_kib: 16 * 1024,
             busy_timeout: Duration::from_secs(5),
             max_page_count: None,
+            page_size: None,
             open_timeout: Duration::ZERO,
             clock: Arc::new(SystemClock),
             #[cfg(feature = "postgres")]
@@ -358,7 +360,22 @@ impl EngineConfig {
         self
     }
 
-    /// Caps the database file at this many pages (SQLite's `max_page_count`; pages are 4 KiB).
+    /// The page size of a database file this engine creates, in bytes: a power of two from 512
+    /// to 65536. Default SQLite's, 4096. An existing file keeps the size it was created with.
+    ///
+    /// Each claim writes one leaf of the record-id index, at a random place in it (the ids are
+    /// hashes), so the page size sets most of what a claim writes: 2048 writes about 30% fewer
+    /// bytes per claim and completion than 4096 (4.7 against 6.8 KB at 64 callers, WAL and
+    /// checkpoints, `make bench-cpu`), for ~2% more instructions and the same throughput on a
+    /// local SSD; worth it where writes are scarce or billed (cloud block storage, flash wear).
+    /// Responses over about half a page spill into overflow pages.
+    pub fn page_size(mut self, bytes: u32) -> Self {
+        self.page_size = Some(bytes);
+        self
+    }
+
+    /// Caps the database file at this many pages (SQLite's `max_page_count`; pages are 4 KiB
+    /// unless [`Self::page_size`] says otherwise).
     /// When the cap is reached, writes fail with [`Error::DiskFull`] exactly as on a full disk,
     /// and nothing of the failed batch is applied. Default: no cap.
     pub fn max_page_count(mut self, pages: u32) -> Self {
@@ -415,6 +432,11 @@ impl EngineConfig {
         }
         if self.retention.is_zero() {
             return bad("retention must be longer than zero");
+        }
+        if let Some(size) = self.page_size
+            && !(size.is_power_of_two() && (512..=65536).contains(&size))
+        {
+            return bad("page_size must be a power of two from 512 to 65536");
         }
         if self.cleanup_interval.is_zero() {
             return bad("the cleanup interval must be longer than zero");

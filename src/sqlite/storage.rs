@@ -129,6 +129,14 @@ pub(crate) fn open_writer(config: &EngineConfig) -> Result<Connection> {
     // Refuse a newer schema (and a file that is not a database) before anything is changed: the
     // journal mode switch below would already write to the file.
     schema_version(&conn).map_err(|e| open_error_any(e, path))?;
+    if let Some(size) = config.page_size {
+        // Only a database without a page yet takes it (SQLite ignores it afterwards; in WAL
+        // mode it cannot change at all): before the switch to WAL writes the header.
+        let pages: i64 = conn.pragma_query_value(None, "page_count", |r| r.get(0))?;
+        if pages == 0 {
+            conn.pragma_update(None, "page_size", size)?;
+        }
+    }
     let mode: String = conn
         .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))
         .map_err(|e| open_error(e, path))?;
