@@ -823,7 +823,7 @@ fn raw_case(args: &Args, dir: &Path, engine_shaped: bool, v1: bool) -> Outcome {
             let batch: Vec<String> = (0..64).map(|_| keys.next()).collect();
             let fence = n as i64 * 64;
             if engine_shaped {
-                common::raw_claim_complete_batch(&conn, &batch, fence);
+                common::raw_claim_complete_batch(&conn, &batch, fence, v1);
             } else {
                 common::raw_insert_batch(&conn, &batch, fence);
             }

@@ -306,7 +306,7 @@ fn raw(dir: &Path, n: usize) {
     let before = common::written_bytes();
     let keys: Vec<String> = (0..n).map(|i| key(Set::Fresh, i)).collect();
     for (b, chunk) in keys.chunks(64).enumerate() {
-        common::raw_claim_complete_batch(&conn, chunk, 1 + 64 * b as i64);
+        common::raw_claim_complete_batch(&conn, chunk, 1 + 64 * b as i64, false);
     }
     drop(conn);
     let written = match (before, common::written_bytes()) {

@@ -228,7 +228,7 @@ fn throughput(c: &mut Criterion, dir: &Path) {
                     let n = left.min(RAW_BATCH as u64);
                     let batch: Vec<String> = (0..n).map(|_| keys.next()).collect();
                     if engine_shaped {
-                        common::raw_claim_complete_batch(&conn, &batch, fence);
+                        common::raw_claim_complete_batch(&conn, &batch, fence, false);
                     } else {
                         common::raw_insert_batch(&conn, &batch, fence);
                     }

@@ -58,6 +58,7 @@ struct Wire<'a>(#[serde(borrow)] Vec<(&'a str, &'a [u8])>);
 
 /// Encodes a header list for its column: postcard (a documented, maintained, compact format)
 /// over a sequence of (name, value) pairs.
+#[cfg(any(feature = "postgres", test))]
 pub(crate) fn encode_headers(list: &HeaderList) -> Vec<u8> {
     let mut out = Vec::new();
     encode_headers_into(list, &mut out);

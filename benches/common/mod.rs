@@ -175,10 +175,19 @@ const INSERT_IN_FLIGHT: &str = "INSERT INTO idempotency_records
      (id, scope, key, fingerprint, state, fence, locked_until, expires_at, created_at)
      VALUES (?1, ?2, ?3, ?4, 0, ?5, ?6, ?7, ?8)";
 
-const UPDATE_COMPLETED: &str = "UPDATE idempotency_records
+/// What an application without the engine writes at completion (the naive baseline), and
+/// what the engine wrote before schema 3 (the raw baseline on schema 1).
+const UPDATE_COMPLETED_BY_ID: &str = "UPDATE idempotency_records
      SET state = 1, status = ?3, headers = ?4, body = ?5, trailers = NULL,
          completed_at = ?6, expires_at = ?7, locked_until = 0
      WHERE id = ?1 AND fence = ?2 AND state = 0";
+
+/// The engine's usual completion (schema 3): the row by the rowid its insert got, checked
+/// against id and fence; `replay_until` set, `expires_at` (and its index entry) left alone.
+const UPDATE_COMPLETED: &str = "UPDATE idempotency_records
+     SET state = 1, status = ?3, headers = ?4, body = ?5, trailers = NULL,
+         completed_at = ?6, replay_until = ?7, locked_until = 0
+     WHERE seq = ?8 AND id = ?1 AND fence = ?2 AND state = 0 AND expires_at >= ?7";
 
 const INSERT_COMPLETED: &str = "INSERT INTO idempotency_records
      (id, scope, key, fingerprint, state, fence, locked_until, expires_at, created_at,
@@ -234,15 +243,16 @@ pub(crate) fn naive_op(conn: &Connection, key: &str, fence: i64) -> u64 {
     let headers = headers_blob();
     let done = now_ms();
     let n = retry_busy(&mut retries, || {
-        conn.prepare_cached(UPDATE_COMPLETED)?.execute(params![
-            &id[..],
-            fence,
-            201,
-            &headers,
-            BODY,
-            done,
-            done + DAY_MS,
-        ])
+        conn.prepare_cached(UPDATE_COMPLETED_BY_ID)?
+            .execute(params![
+                &id[..],
+                fence,
+                201,
+                &headers,
+                BODY,
+                done,
+                done + DAY_MS,
+            ])
     });
     assert_eq!(n, 1, "naive baseline: the completion matched no row");
     retries
@@ -280,12 +290,16 @@ pub(crate) fn raw_insert_batch(conn: &Connection, keys: &[String], fence: i64) {
 /// their completions, minus the engine. One transaction inserts the in-flight rows with
 /// `synchronous=NORMAL` (no fsync), a second updates them to completed with
 /// `synchronous=FULL` (fsync).
-pub(crate) fn raw_claim_complete_batch(conn: &Connection, keys: &[String], fence: i64) {
+///
+/// `v1`: the table is schema 1's (`create_v1_schema`): no rowid to find a row by and no
+/// `replay_until`, so the completion is the one the engine ran then, by id.
+pub(crate) fn raw_claim_complete_batch(conn: &Connection, keys: &[String], fence: i64, v1: bool) {
     let fp = fingerprint();
     let headers = headers_blob();
     let now = now_ms();
     let ids: Vec<[u8; 32]> = keys.iter().map(|k| record_id(SCOPE, k)).collect();
     conn.pragma_update(None, "synchronous", "NORMAL").unwrap();
+    let mut rows = Vec::with_capacity(keys.len());
     let tx = conn.unchecked_transaction().unwrap();
     {
         let mut stmt = tx.prepare_cached(INSERT_IN_FLIGHT).unwrap();
@@ -301,6 +315,7 @@ pub(crate) fn raw_claim_complete_batch(conn: &Connection, keys: &[String], fence
                 now,
             ])
             .unwrap();
+            rows.push(tx.last_insert_rowid());
         }
     }
     tx.commit().unwrap();
@@ -308,19 +323,30 @@ pub(crate) fn raw_claim_complete_batch(conn: &Connection, keys: &[String], fence
     let done = now_ms();
     let tx = conn.unchecked_transaction().unwrap();
     {
-        let mut stmt = tx.prepare_cached(UPDATE_COMPLETED).unwrap();
-        for (i, id) in ids.iter().enumerate() {
-            let n = stmt
-                .execute(params![
+        let mut stmt = tx
+            .prepare_cached(if v1 {
+                UPDATE_COMPLETED_BY_ID
+            } else {
+                UPDATE_COMPLETED
+            })
+            .unwrap();
+        for (i, (id, row)) in ids.iter().zip(&rows).enumerate() {
+            let (fence, expires) = (fence + i as i64, done + DAY_MS);
+            let n = if v1 {
+                stmt.execute(params![&id[..], fence, 201, &headers, BODY, done, expires])
+            } else {
+                stmt.execute(params![
                     &id[..],
-                    fence + i as i64,
+                    fence,
                     201,
                     &headers,
                     BODY,
                     done,
-                    done + DAY_MS,
+                    expires,
+                    row
                 ])
-                .unwrap();
+            }
+            .unwrap();
             assert_eq!(n, 1);
         }
     }
