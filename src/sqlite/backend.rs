@@ -1,6 +1,7 @@
 //! The writer's SQLite side: a batch is a sequence of statements in one `BEGIN IMMEDIATE`
-//! transaction on the writer connection, fencing tokens are a counter persisted with each
-//! batch, and with `Durability::Full` the syncer acknowledges completions after its flush.
+//! transaction on the writer connection, fencing tokens are a counter reserved on disk ahead
+//! of the tokens handed out ([`FENCE_BLOCK`] at a time), and with `Durability::Full` the
+//! syncer acknowledges completions after its flush.
 
 use std::sync::Arc;
 use std::time::Duration;
