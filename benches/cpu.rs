@@ -83,7 +83,7 @@ fn request(fingerprint: &Fingerprint, key: &str) -> ClaimRequest {
     ClaimRequest::new(
         common::SCOPE,
         IdempotencyKey::new(key).unwrap(),
-        fingerprint.clone(),
+        *fingerprint,
     )
 }
 
@@ -245,7 +245,6 @@ fn run(workload: &str, n: usize) {
             let e = engine.clone();
             on_tasks(&rt, n, move |i| {
                 let e = e.clone();
-                let fp = fp.clone();
                 let keys = fresh_keys.clone();
                 async move {
                     match e.claim_async(request(&fp, &keys[i])).await.unwrap() {

@@ -36,7 +36,7 @@
 use std::cell::Cell;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -62,7 +62,7 @@ const IDLE: Duration = Duration::from_millis(100);
 /// in the load the WAL rewinds by itself, long before this.
 const RESTART_FRAMES: i64 = 16384;
 
-/// Frames left to copy below which the writer is asked to finish the job (see [`checkpoint`]).
+/// Frames left to copy below which the writer is asked to finish the job (see [`checkpoint_passive`]).
 const RESTART_TAIL: i64 = 256;
 
 /// The handle the writer keeps. Dropping it stops and joins the thread.
@@ -87,6 +87,7 @@ impl Checkpointer {
         let (stop, stopped) = crossbeam_channel::bounded(0);
         let watch = Arc::new(Watch {
             frames: AtomicI64::new(0),
+            commits: AtomicU64::new(0),
             asleep: AtomicBool::new(false),
             restart_wanted: AtomicBool::new(false),
         });
@@ -109,6 +110,7 @@ impl Checkpointer {
         let watch = self.watch.clone();
         conn.wal_hook(Some(move |_: &mut rusqlite::hooks::Wal, pages: i32| {
             watch.frames.store(i64::from(pages), Ordering::Relaxed);
+            watch.commits.fetch_add(1, Ordering::SeqCst);
             Ok(())
         }))?;
         Ok(())
@@ -126,8 +128,8 @@ impl Checkpointer {
             self.poked_at.set(now);
         }
         if grown
-            || (self.watch.asleep.load(Ordering::Relaxed)
-                && self.watch.asleep.swap(false, Ordering::Relaxed))
+            || (self.watch.asleep.load(Ordering::SeqCst)
+                && self.watch.asleep.swap(false, Ordering::SeqCst))
         {
             self.poke();
         }
@@ -159,6 +161,8 @@ impl Checkpointer {
 struct Watch {
     /// Frames in the WAL after the writer's last commit (its WAL hook sets it).
     frames: AtomicI64,
+    /// Commits so far (its WAL hook counts them).
+    commits: AtomicU64,
     /// The thread waits for a poke, with the WAL copied as far as it knows.
     asleep: AtomicBool,
     /// See [`Checkpointer::take_restart_request`].
@@ -178,45 +182,46 @@ fn run(
     watch: &Watch,
     shared: &Shared,
 ) {
-    // Frames in the WAL when the last checkpoint started.
-    let mut copied = 0i64;
+    // What the WAL held when the last checkpoint started: its size (to see it grow) and the
+    // writer's commit count (monotonic, unlike the size, which falls back when the WAL rewinds
+    // and may grow back to the very same count).
+    let mut last = Copied::default();
     loop {
-        watch.asleep.store(true, Ordering::Relaxed);
-        // Nothing is ever sent on `stopped`: it disconnects when the writer stops us.
-        select! {
-            recv(poked) -> msg => if msg.is_err() { return },
-            recv(stopped) -> _ => return,
+        // Announce the sleep first, then look: a commit after the look finds the flag set and
+        // pokes; one before it is seen here (SeqCst on both sides, see `committed`).
+        watch.asleep.store(true, Ordering::SeqCst);
+        if watch.commits.load(Ordering::SeqCst) == last.commits {
+            // Nothing is ever sent on `stopped`: it disconnects when the writer stops us.
+            select! {
+                recv(poked) -> msg => if msg.is_err() { return },
+                recv(stopped) -> _ => return,
+            }
+        } else {
+            watch.asleep.store(false, Ordering::SeqCst);
         }
-        // Awake: checkpoint each time the WAL has grown by CHECKPOINT_FRAMES, and once it has
-        // not grown for IDLE, copy the tail and sleep until the next commit.
-        let mut seen = watch.frames.load(Ordering::Relaxed);
+        // Awake: checkpoint each time the WAL has grown by CHECKPOINT_FRAMES, and once nothing
+        // was committed for IDLE, copy the tail and sleep until the next commit.
+        let mut seen = watch.commits.load(Ordering::SeqCst);
         loop {
-            if shared.sync_failure().is_some() {
-                // A flush of the WAL failed: nothing more may be copied into the database
-                // file, not even when this connection closes (see
-                // `storage::no_checkpoint_on_close`).
-                storage::no_checkpoint_on_close(conn);
-                return;
-            }
-            let now = watch.frames.load(Ordering::Relaxed);
-            if now < copied {
+            let frames = watch.frames.load(Ordering::Relaxed);
+            if frames < last.frames {
                 // The WAL rewound: it starts again from its first frame.
-                copied = 0;
+                last.frames = 0;
             }
-            if now - copied >= CHECKPOINT_FRAMES {
-                copied = now;
-                checkpoint(conn, &watch.restart_wanted);
+            if frames - last.frames >= CHECKPOINT_FRAMES
+                && !checkpoint(conn, watch, shared, &mut last)
+            {
+                return;
             }
             select! {
                 recv(poked) -> msg => if msg.is_err() { return } else { continue },
                 recv(stopped) -> _ => return,
                 default(IDLE) => {}
             }
-            let now = watch.frames.load(Ordering::Relaxed);
+            let now = watch.commits.load(Ordering::SeqCst);
             if now == seen {
-                if now != copied {
-                    copied = now;
-                    checkpoint(conn, &watch.restart_wanted);
+                if now != last.commits && !checkpoint(conn, watch, shared, &mut last) {
+                    return;
                 }
                 break;
             }
@@ -225,10 +230,38 @@ fn run(
     }
 }
 
+/// The WAL as the last checkpoint found it when it started.
+#[derive(Default)]
+struct Copied {
+    frames: i64,
+    commits: u64,
+}
+
+/// Records what the WAL holds, then checkpoints (see [`checkpoint_passive`]). False once a
+/// flush of the WAL has failed: nothing more may be copied into the database file, not even
+/// when this connection closes (see `storage::no_checkpoint_on_close`), and the thread stops.
+/// The failure is looked at right before each checkpoint, not only when the thread wakes: a
+/// tail checkpoint runs after a wait.
+fn checkpoint(
+    conn: &rusqlite::Connection,
+    watch: &Watch,
+    shared: &Shared,
+    last: &mut Copied,
+) -> bool {
+    if shared.sync_failure().is_some() {
+        storage::no_checkpoint_on_close(conn);
+        return false;
+    }
+    last.commits = watch.commits.load(Ordering::SeqCst);
+    last.frames = watch.frames.load(Ordering::Relaxed);
+    checkpoint_passive(conn, &watch.restart_wanted);
+    true
+}
+
 /// One passive checkpoint. When the WAL has grown past [`RESTART_FRAMES`], checkpoints again
 /// until only the frames committed meanwhile are left (a few passes at most), then asks the
 /// writer to copy that short tail itself so that its next transaction rewinds the WAL.
-fn checkpoint(conn: &rusqlite::Connection, restart_wanted: &AtomicBool) {
+fn checkpoint_passive(conn: &rusqlite::Connection, restart_wanted: &AtomicBool) {
     let Ok(mut state) = storage::checkpoint_passive(conn) else {
         return;
     };
