@@ -4,34 +4,17 @@
 //! replacement of an expired record (both update the row in place, so SQLite's
 //! `last_insert_rowid` does not move), and a completion of a lease that lost its record.
 
+mod support;
+
 use std::sync::Arc;
 use std::time::Duration;
 
-use idempotency_rs::{
-    ClaimOutcome, ClaimRequest, Engine, EngineConfig, Error, Fingerprint, IdempotencyKey, Lease,
-    ManualClock, StoredResponse,
-};
+use idempotency_rs::{Engine, EngineConfig, Error, ManualClock, StoredResponse};
+use support::{claimed, request};
 
-fn request(key: &str) -> ClaimRequest {
-    ClaimRequest::new(
-        "s",
-        IdempotencyKey::new(key).unwrap(),
-        Fingerprint::of_request("POST", "/orders", b"{}"),
-    )
-}
-
-fn claimed(outcome: ClaimOutcome) -> Lease {
-    match outcome {
-        ClaimOutcome::Claimed(lease) => lease,
-        other => panic!("expected Claimed, got {other:?}"),
-    }
-}
-
-fn replayed(outcome: ClaimOutcome) -> Vec<u8> {
-    match outcome {
-        ClaimOutcome::Replay(r) => r.body,
-        other => panic!("expected a replay, got {other:?}"),
-    }
+/// The body of the response a claim replays.
+fn replayed(outcome: idempotency_rs::ClaimOutcome) -> Vec<u8> {
+    support::replayed(outcome).body
 }
 
 fn body(s: &str) -> StoredResponse {

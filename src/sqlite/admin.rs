@@ -294,10 +294,11 @@ pub(crate) fn change(conn: &Connection, op: &Op, now: i64) -> Result<Answer> {
 
 /// The state and fence of the live record `id`.
 fn found(conn: &Connection, id: &[u8; 32], now: i64) -> Result<Option<(i64, i64)>> {
-    conn.prepare_cached(
-        "SELECT state, fence FROM idempotency_records
-         WHERE id = ?1 AND coalesce(replay_until, expires_at) > ?2",
-    )?
+    conn.prepare_cached(concat!(
+        "SELECT state, fence FROM idempotency_records WHERE id = ?1 AND ",
+        storage::live_until!(),
+        " > ?2"
+    ))?
     .query_row(params![&id[..], now], |r| Ok((r.get(0)?, r.get(1)?)))
     .optional()
     .map_err(column_error)

@@ -62,7 +62,8 @@ const IDLE: Duration = Duration::from_millis(100);
 /// in the load the WAL rewinds by itself, long before this.
 const RESTART_FRAMES: i64 = 16384;
 
-/// Frames left to copy below which the writer is asked to finish the job (see [`checkpoint_passive`]).
+/// Frames left to copy below which the writer is asked to finish the job (see
+/// [`checkpoint_passive`]).
 const RESTART_TAIL: i64 = 256;
 
 /// The handle the writer keeps. Dropping it stops and joins the thread.

@@ -31,8 +31,17 @@ use crate::response::{StoredResponse, encode_headers_into};
 pub(crate) const SCHEMA_VERSION: i64 = 3;
 
 /// Until when a record answers claims: the SQL of it, for every statement that asks whether a
-/// record is live. `expires_at` is when the record may be deleted, and never earlier than this.
-pub(crate) const LIVE_UNTIL: &str = "coalesce(replay_until, expires_at)";
+/// record is live (`concat!` takes it into the statements' literals). `expires_at` is when the
+/// record may be deleted, and never earlier than this.
+macro_rules! live_until {
+    () => {
+        "coalesce(replay_until, expires_at)"
+    };
+}
+pub(crate) use live_until;
+
+/// [`live_until!`] as a value, for SQL built at run time.
+pub(crate) const LIVE_UNTIL: &str = live_until!();
 
 /// The records table and its expiry index (version 3).
 const RECORDS_TABLE: &str = "
@@ -552,8 +561,12 @@ const CLAIM: &str = "INSERT INTO idempotency_records
         AND idempotency_records.locked_until <= excluded.created_at
         AND idempotency_records.fingerprint = excluded.fingerprint)";
 
-const INSPECT: &str = "SELECT fingerprint, state, locked_until, status, headers, body, trailers
- FROM idempotency_records WHERE id = ?1 AND coalesce(replay_until, expires_at) > ?2";
+const INSPECT: &str = concat!(
+    "SELECT fingerprint, state, locked_until, status, headers, body, trailers
+ FROM idempotency_records WHERE id = ?1 AND ",
+    live_until!(),
+    " > ?2"
+);
 
 /// A completion that moves `expires_at` (and so the record's expiry index entry): the record
 /// is live until `?8` exactly.
@@ -751,12 +764,13 @@ pub(crate) fn read_completed(
     wanted: &Fingerprint,
     now: i64,
 ) -> Result<Option<Read>> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT fingerprint, state, locked_until, status, headers, body, trailers,
-                coalesce(replay_until, expires_at)
-         FROM idempotency_records
-         WHERE id = ?1 AND coalesce(replay_until, expires_at) > ?2 AND state = 1",
-    )?;
+    let mut stmt = conn.prepare_cached(concat!(
+        "SELECT fingerprint, state, locked_until, status, headers, body, trailers, ",
+        live_until!(),
+        " FROM idempotency_records WHERE id = ?1 AND ",
+        live_until!(),
+        " > ?2 AND state = 1"
+    ))?;
     let raw = stmt
         .query_row(params![&id[..], now], |r| {
             Ok((raw_record(r)?, r.get::<_, i64>(7)?))
