@@ -246,12 +246,7 @@ where
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok());
     let found = contract.key_and_scope(
-        |name| {
-            req.headers()
-                .get_all(name)
-                .map(HeaderValue::as_bytes)
-                .collect()
-        },
+        |name| req.headers().get_all(name).map(HeaderValue::as_bytes),
         scope_fn.as_ref().map(|f| || f(req.request())),
     );
     let (key, scope) = match (found, mode) {
@@ -332,7 +327,7 @@ where
     let headers = header_list(head.headers());
     let body = match buffer(body, contract.config().response_limit()).await {
         Buffered::Whole(body) => {
-            let outcome = pending.finish(status, &headers, &body).await;
+            let outcome = pending.finish_owned(status, headers, body.to_vec()).await;
             mark_unstored(head.headers_mut(), &outcome);
             BoxBody::new(body)
         }

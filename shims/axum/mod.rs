@@ -265,7 +265,6 @@ where
                 .get_all(name)
                 .iter()
                 .map(HeaderValue::as_bytes)
-                .collect()
         },
         scope_fn.as_ref().map(|f| || f(&parts)),
     );
@@ -367,7 +366,7 @@ where
     let limit = contract.config().response_limit();
     match collect(Box::pin(rbody), Some(limit)).await {
         Collected::Whole { data, .. } => {
-            let outcome = pending.finish(status, &headers, &data).await;
+            let outcome = pending.finish_owned(status, headers, data.to_vec()).await;
             mark(&mut rparts.headers, &outcome);
             Ok(Response::from_parts(rparts, Body::from(data)))
         }

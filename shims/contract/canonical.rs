@@ -43,6 +43,8 @@ pub fn canonical_json(bytes: &[u8]) -> Option<Vec<u8>> {
         bytes,
         at: 0,
         depth: 0,
+        members: Vec::new(),
+        scratch: Vec::new(),
     };
     let mut out = Vec::with_capacity(bytes.len());
     reader.value(&mut out)?;
@@ -70,6 +72,37 @@ struct Reader<'a> {
     at: usize,
     /// Arrays and objects open at the cursor.
     depth: usize,
+    /// The members of the objects open at the cursor, each object's above its parent's (one
+    /// allocation for the whole document, not one per member).
+    members: Vec<Member>,
+    /// Where an object whose members are out of order is copied to be written back sorted.
+    scratch: Vec<u8>,
+}
+
+/// A member of an object, written in document order at `start..end` of the output: its key
+/// token, `:` and its canonical value.
+struct Member {
+    key: Key,
+    start: usize,
+    end: usize,
+}
+
+/// What a member is sorted by: its key's UTF-8 bytes.
+enum Key {
+    /// A key token without escapes: the bytes between its quotes (`at..end` of the document)
+    /// are the key, and the token is already in serde_json's escaping.
+    Plain(usize, usize),
+    /// A key with escapes, decoded.
+    Decoded(String),
+}
+
+impl Key {
+    fn bytes<'k>(&'k self, doc: &'k [u8]) -> &'k [u8] {
+        match self {
+            Key::Plain(at, end) => &doc[*at..*end],
+            Key::Decoded(key) => key.as_bytes(),
+        }
+    }
 }
 
 impl<'a> Reader<'a> {
@@ -147,45 +180,84 @@ impl<'a> Reader<'a> {
         }
     }
 
+    /// Writes the object's members in document order, then, if their keys are not already in
+    /// order, sorts them in place: stably, so that members with one key keep their order.
     fn object(&mut self, out: &mut Vec<u8>) -> Option<()> {
         self.expect(b'{')?;
-        // (decoded key, canonical "key":value)
-        let mut members: Vec<(String, Vec<u8>)> = Vec::new();
+        out.push(b'{');
+        let base = self.members.len();
+        let result = self.read_members(out, base);
+        if result.is_some() {
+            self.sort_members(out, base);
+        }
+        self.members.truncate(base);
+        out.push(b'}');
+        result
+    }
+
+    fn read_members(&mut self, out: &mut Vec<u8>, base: usize) -> Option<()> {
         if self.peek()? == b'}' {
             self.at += 1;
-        } else {
-            loop {
-                if self.peek()? != b'"' {
-                    return None;
-                }
-                let key = decode_string(self.string_token()?)?;
-                self.expect(b':')?;
+            return Some(());
+        }
+        loop {
+            if self.peek()? != b'"' {
+                return None;
+            }
+            if self.members.len() > base {
+                out.push(b',');
+            }
+            let start = out.len();
+            let token = self.string_token()?;
+            let key = if token.contains(&b'\\') {
+                let key = decode_string(token)?;
                 // serde_json's escaping of the decoded key: what `write_string` gives its token.
-                let mut member = serde_json::to_vec(&key).ok()?;
-                member.push(b':');
-                self.value(&mut member)?;
-                members.push((key, member));
-                match self.peek()? {
-                    b',' => self.at += 1,
-                    b'}' => {
-                        self.at += 1;
-                        break;
-                    }
-                    _ => return None,
+                serde_json::to_writer(&mut *out, &key).ok()?;
+                Key::Decoded(key)
+            } else {
+                out.extend_from_slice(token);
+                Key::Plain(self.at - token.len() + 1, self.at - 1)
+            };
+            self.expect(b':')?;
+            out.push(b':');
+            self.value(out)?;
+            let end = out.len();
+            self.members.push(Member { key, start, end });
+            match self.peek()? {
+                b',' => self.at += 1,
+                b'}' => {
+                    self.at += 1;
+                    return Some(());
                 }
+                _ => return None,
             }
         }
+    }
+
+    /// Rewrites the members above `base`, written in document order, in the order of their keys.
+    fn sort_members(&mut self, out: &mut Vec<u8>, base: usize) {
+        let doc = self.bytes;
+        let members = &mut self.members[base..];
+        if members
+            .windows(2)
+            .all(|w| w[0].key.bytes(doc) <= w[1].key.bytes(doc))
+        {
+            return;
+        }
+        let Some(first) = members.first().map(|m| m.start) else {
+            return;
+        };
+        self.scratch.clear();
+        self.scratch.extend_from_slice(&out[first..]);
+        out.truncate(first);
         // Stable: members with one key keep their order.
-        members.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
-        out.push(b'{');
-        for (i, (_, member)) in members.iter().enumerate() {
+        members.sort_by(|a, b| a.key.bytes(doc).cmp(b.key.bytes(doc)));
+        for (i, m) in members.iter().enumerate() {
             if i > 0 {
                 out.push(b',');
             }
-            out.extend_from_slice(member);
+            out.extend_from_slice(&self.scratch[m.start - first..m.end - first]);
         }
-        out.push(b'}');
-        Some(())
     }
 
     /// The string token at the cursor, quotes included.
@@ -229,6 +301,252 @@ fn write_string(raw: &[u8], out: &mut Vec<u8>) -> Option<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use proptest::prelude::*;
+
+    /// The implementation before issue #18 (a `String` and a `Vec` per object member), kept
+    /// as the oracle: the fingerprints of requests stored by earlier versions were taken
+    /// over its bytes, so a retry after an upgrade must canonicalise to the same bytes.
+    mod reference {
+        use super::super::decode_string;
+        use serde::de::IgnoredAny;
+
+        const MAX_DEPTH: usize = 128;
+
+        pub(super) fn canonical_json(bytes: &[u8]) -> Option<Vec<u8>> {
+            // JSON is UTF-8 text (serde_json's `IgnoredAny` does not look inside strings), and
+            // serde_json decides the grammar; the writer below then only meets valid documents, and
+            // still answers `None` rather than panic if it did not. A number beyond f64's range
+            // (`1e400`) is valid JSON: it is kept as written, where `serde_json::Value` refuses it.
+            let text = std::str::from_utf8(bytes).ok()?;
+            serde_json::from_str::<IgnoredAny>(text).ok()?;
+            let mut reader = Reader {
+                bytes,
+                at: 0,
+                depth: 0,
+            };
+            let mut out = Vec::with_capacity(bytes.len());
+            reader.value(&mut out)?;
+            reader.skip_ws();
+            (reader.at == bytes.len()).then_some(out)
+        }
+
+        /// A cursor over a document serde_json has accepted.
+        struct Reader<'a> {
+            bytes: &'a [u8],
+            at: usize,
+            /// Arrays and objects open at the cursor.
+            depth: usize,
+        }
+
+        impl<'a> Reader<'a> {
+            fn skip_ws(&mut self) {
+                while let Some(b' ' | b'\t' | b'\n' | b'\r') = self.bytes.get(self.at) {
+                    self.at += 1;
+                }
+            }
+
+            fn peek(&mut self) -> Option<u8> {
+                self.skip_ws();
+                self.bytes.get(self.at).copied()
+            }
+
+            fn expect(&mut self, byte: u8) -> Option<()> {
+                (self.peek()? == byte).then(|| self.at += 1)
+            }
+
+            /// Writes the canonical form of the value at the cursor.
+            fn value(&mut self, out: &mut Vec<u8>) -> Option<()> {
+                match self.peek()? {
+                    b'{' | b'[' => {
+                        self.depth += 1;
+                        if self.depth >= MAX_DEPTH {
+                            return None;
+                        }
+                        let done = if self.bytes[self.at] == b'{' {
+                            self.object(out)
+                        } else {
+                            self.array(out)
+                        };
+                        self.depth -= 1;
+                        done
+                    }
+                    b'"' => {
+                        let raw = self.string_token()?;
+                        write_string(raw, out)
+                    }
+                    // A number or a literal: copied as written.
+                    _ => {
+                        let start = self.at;
+                        while let Some(b) = self.bytes.get(self.at) {
+                            if !matches!(b, b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E' | b'a'..=b'z')
+                            {
+                                break;
+                            }
+                            self.at += 1;
+                        }
+                        (self.at > start)
+                            .then(|| out.extend_from_slice(&self.bytes[start..self.at]))
+                    }
+                }
+            }
+
+            fn array(&mut self, out: &mut Vec<u8>) -> Option<()> {
+                self.expect(b'[')?;
+                out.push(b'[');
+                if self.peek()? == b']' {
+                    self.at += 1;
+                    out.push(b']');
+                    return Some(());
+                }
+                loop {
+                    self.value(out)?;
+                    match self.peek()? {
+                        b',' => {
+                            self.at += 1;
+                            out.push(b',');
+                        }
+                        b']' => {
+                            self.at += 1;
+                            out.push(b']');
+                            return Some(());
+                        }
+                        _ => return None,
+                    }
+                }
+            }
+
+            fn object(&mut self, out: &mut Vec<u8>) -> Option<()> {
+                self.expect(b'{')?;
+                // (decoded key, canonical "key":value)
+                let mut members: Vec<(String, Vec<u8>)> = Vec::new();
+                if self.peek()? == b'}' {
+                    self.at += 1;
+                } else {
+                    loop {
+                        if self.peek()? != b'"' {
+                            return None;
+                        }
+                        let key = decode_string(self.string_token()?)?;
+                        self.expect(b':')?;
+                        // serde_json's escaping of the decoded key: what `write_string` gives its token.
+                        let mut member = serde_json::to_vec(&key).ok()?;
+                        member.push(b':');
+                        self.value(&mut member)?;
+                        members.push((key, member));
+                        match self.peek()? {
+                            b',' => self.at += 1,
+                            b'}' => {
+                                self.at += 1;
+                                break;
+                            }
+                            _ => return None,
+                        }
+                    }
+                }
+                // Stable: members with one key keep their order.
+                members.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+                out.push(b'{');
+                for (i, (_, member)) in members.iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    out.extend_from_slice(member);
+                }
+                out.push(b'}');
+                Some(())
+            }
+
+            /// The string token at the cursor, quotes included.
+            fn string_token(&mut self) -> Option<&'a [u8]> {
+                let start = self.at;
+                self.at += 1;
+                loop {
+                    match *self.bytes.get(self.at)? {
+                        b'"' => {
+                            self.at += 1;
+                            let bytes: &'a [u8] = self.bytes;
+                            return Some(&bytes[start..self.at]);
+                        }
+                        b'\\' => self.at += 2,
+                        _ => self.at += 1,
+                    }
+                }
+            }
+        }
+
+        /// A string token in serde_json's escaping: `"` and `\` escaped, control characters as `\n`,
+        /// `\t`, ... or `\u00XX`, everything else (non-ASCII included) as UTF-8. A token without a
+        /// backslash is already in that form (a valid one holds no `"` nor control character).
+        fn write_string(raw: &[u8], out: &mut Vec<u8>) -> Option<()> {
+            if !raw.contains(&b'\\') {
+                out.extend_from_slice(raw);
+                return Some(());
+            }
+            serde_json::to_writer(&mut *out, &decode_string(raw)?).ok()
+        }
+    }
+
+    /// Documents with what canonicalisation has to get right: members out of order, repeated
+    /// keys, keys that differ only by an escape, nesting, numbers in several spellings, and
+    /// white space anywhere.
+    fn document() -> impl Strategy<Value = String> {
+        let ws = prop::sample::select(vec!["", "", " ", "\n\t", "  "]);
+        let key = prop::sample::select(vec![
+            "a", "b", "ab", "", "\\u0061", "\\n", "é", "\\u00e9", "z\\\"q", "B", "aa", "😀",
+        ]);
+        let leaf = prop_oneof![
+            prop::sample::select(vec![
+                "1",
+                "-0",
+                "1.0",
+                "1e400",
+                "18446744073709551617",
+                "true",
+                "false",
+                "null",
+                "\"x\"",
+                "\"\\u0041\\/\"",
+                "\"é\\t\"",
+                "[]",
+                "{}",
+            ])
+            .prop_map(str::to_owned),
+        ];
+        leaf.prop_recursive(5, 48, 6, move |inner| {
+            prop_oneof![
+                (prop::collection::vec((inner.clone(), ws.clone()), 0..6)).prop_map(|items| {
+                    let items: Vec<String> = items
+                        .into_iter()
+                        .map(|(v, w)| format!("{w}{v}{w}"))
+                        .collect();
+                    format!("[{}]", items.join(","))
+                }),
+                (prop::collection::vec((key.clone(), inner, ws.clone()), 0..7)).prop_map(
+                    |members| {
+                        let members: Vec<String> = members
+                            .into_iter()
+                            .map(|(k, v, w)| format!("{w}\"{k}\"{w}:{w}{v}"))
+                            .collect();
+                        format!("{{{}}}", members.join(","))
+                    }
+                ),
+            ]
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn the_bytes_of_earlier_versions(doc in document(), tail in prop::sample::select(vec!["", " ", "\n", "x", ","])) {
+            let doc = format!("{doc}{tail}");
+            prop_assert_eq!(canonical_json(doc.as_bytes()), reference::canonical_json(doc.as_bytes()), "{}", doc);
+        }
+
+        #[test]
+        fn arbitrary_bytes_as_before(bytes in prop::collection::vec(any::<u8>(), 0..64)) {
+            prop_assert_eq!(canonical_json(&bytes), reference::canonical_json(&bytes));
+        }
+    }
 
     fn canon(s: &str) -> String {
         String::from_utf8(canonical_json(s.as_bytes()).unwrap()).unwrap()

@@ -89,6 +89,7 @@ mod problem;
 mod routes;
 mod setters;
 
+use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -496,23 +497,25 @@ impl Contract {
     /// function over the request, asked only when the request has a key. Without one, the
     /// scope comes from [`Config::scope_header`], or is the shared empty scope.
     #[cfg(any(feature = "axum-integration", feature = "actix-integration"))]
-    pub(crate) fn key_and_scope<'a>(
+    pub(crate) fn key_and_scope<'a, I>(
         &self,
-        header: impl Fn(&str) -> Vec<&'a [u8]>,
+        header: impl Fn(&str) -> I,
         scope_fn: Option<impl FnOnce() -> Option<String>>,
-    ) -> Result<Option<(IdempotencyKey, String)>, Problem> {
-        let Some(key) = self.parse_key(&header(KEY_HEADER))? else {
+    ) -> Result<Option<(IdempotencyKey, String)>, Problem>
+    where
+        I: Iterator<Item = &'a [u8]>,
+    {
+        let Some(key) = self.parse_key(AtMostTwo::of(header(KEY_HEADER)).values())? else {
             return Ok(None);
         };
         let scope = match scope_fn {
             Some(f) => self.scope_from_fn(f())?,
             None => {
-                let values = self
-                    .config
-                    .scope_header
-                    .as_deref()
-                    .map_or_else(Vec::new, &header);
-                self.scope_from_header(&values)?.unwrap_or_default()
+                let values = match self.config.scope_header.as_deref() {
+                    Some(name) => AtMostTwo::of(header(name)),
+                    None => AtMostTwo::default(),
+                };
+                self.scope_from_header(values.values())?.unwrap_or_default()
             }
         };
         Ok(Some((key, scope)))
@@ -574,7 +577,11 @@ impl Contract {
         content_type: Option<&[u8]>,
         body: &[u8],
     ) -> Fingerprint {
-        let method = method.to_ascii_uppercase();
+        let method = if method.bytes().any(|b| b.is_ascii_lowercase()) {
+            Cow::Owned(method.to_ascii_uppercase())
+        } else {
+            Cow::Borrowed(method)
+        };
         if self.config.canonicalize_json
             && content_type.is_some_and(is_json)
             && let Some(canon) = canonical_json(body)
@@ -764,18 +771,17 @@ pub fn parse_key_value(raw: &[u8], policy: KeyPolicy) -> Result<IdempotencyKey, 
     };
     let v = trim_ows(raw);
     let text = if v.first() == Some(&b'"') {
-        unquote(v).ok_or_else(|| invalid("is a malformed quoted string"))?
+        Cow::Owned(unquote(v).ok_or_else(|| invalid("is a malformed quoted string"))?)
     } else {
         if v.contains(&b',') {
             // A comma in a bare value is two header lines folded into one.
             return Err(repeated());
         }
-        std::str::from_utf8(v)
-            .map_err(|_| invalid("is not printable ASCII"))?
-            .to_owned()
+        Cow::Borrowed(std::str::from_utf8(v).map_err(|_| invalid("is not printable ASCII"))?)
     };
+    // One allocation for the key, made here: the UUID check reads the borrowed header text.
     let text = match policy {
-        KeyPolicy::Opaque => text,
+        KeyPolicy::Opaque => text.into_owned(),
         KeyPolicy::Uuid => {
             let ok = text.len() == 36
                 && uuid::Uuid::try_parse(&text).is_ok()
@@ -793,6 +799,31 @@ pub fn parse_key_value(raw: &[u8], policy: KeyPolicy) -> Result<IdempotencyKey, 
         Error::InvalidKey { reason } => invalid(reason.trim_start_matches("the key ")),
         _ => invalid("is invalid"),
     })
+}
+
+/// The first two values of a header, without collecting them: the checks only tell none, one
+/// and more than one apart.
+#[cfg(any(feature = "axum-integration", feature = "actix-integration"))]
+#[derive(Default)]
+struct AtMostTwo<'a> {
+    values: [&'a [u8]; 2],
+    len: usize,
+}
+
+#[cfg(any(feature = "axum-integration", feature = "actix-integration"))]
+impl<'a> AtMostTwo<'a> {
+    fn of(values: impl Iterator<Item = &'a [u8]>) -> Self {
+        let mut two = AtMostTwo::default();
+        for v in values.take(2) {
+            two.values[two.len] = v;
+            two.len += 1;
+        }
+        two
+    }
+
+    fn values(&self) -> &[&'a [u8]] {
+        &self.values[..self.len]
+    }
 }
 
 fn trim_ows(v: &[u8]) -> &[u8] {
@@ -917,6 +948,39 @@ impl Pending {
     /// Records the handler's response: stores it (minus hop-by-hop headers) if the storage
     /// rule says so, otherwise releases the key. Call it before the response is sent.
     pub async fn finish(self, status: u16, headers: &HeaderList, body: &[u8]) -> Finished {
+        self.finish_with(status, || {
+            let headers = headers
+                .iter()
+                .filter(|(n, _)| is_stored_header(n))
+                .cloned()
+                .collect();
+            (headers, body.to_vec())
+        })
+        .await
+    }
+
+    /// [`Pending::finish`] for a shim that hands the response's header list and a copy of its
+    /// body over: the list is filtered in place, not copied again.
+    #[cfg(any(feature = "axum-integration", feature = "actix-integration"))]
+    pub(crate) async fn finish_owned(
+        self,
+        status: u16,
+        mut headers: HeaderList,
+        body: Vec<u8>,
+    ) -> Finished {
+        self.finish_with(status, move || {
+            headers.retain(|(n, _)| is_stored_header(n));
+            (headers, body)
+        })
+        .await
+    }
+
+    /// `response`: the headers to store and the body, asked for only when the status is stored.
+    async fn finish_with(
+        self,
+        status: u16,
+        response: impl FnOnce() -> (HeaderList, Vec<u8>),
+    ) -> Finished {
         self.ran();
         if !self.stores(status) {
             return match self.lease.release_async().await {
@@ -924,14 +988,11 @@ impl Pending {
                 Err(e) => Finished::Failed(e),
             };
         }
+        let (headers, body) = response();
         let stored = StoredResponse {
             status,
-            headers: headers
-                .iter()
-                .filter(|(n, _)| is_stored_header(n))
-                .cloned()
-                .collect(),
-            body: body.to_vec(),
+            headers,
+            body,
             trailers: None,
         };
         if stored.size() > self.config.max_response_bytes {
