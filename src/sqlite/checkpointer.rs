@@ -4,7 +4,7 @@
 //! pages (with SQLite's automatic checkpoint, one commit in ~500 operations did, with two
 //! `fsync`s, while every other caller waited). The writer's WAL hook records how many frames
 //! the WAL holds after each commit; the writer wakes this thread on the first commit while it
-//! sleeps, and each time the WAL has grown by [`CHECKPOINT_FRAMES`], and the thread then runs a
+//! sleeps, and each time the WAL has grown by [`CHECKPOINT_BYTES`], and the thread then runs a
 //! `PASSIVE` checkpoint on its own connection. Once the WAL has not grown for [`IDLE`], it
 //! copies the tail and sleeps.
 //! A passive checkpoint never waits for, nor blocks, the writer or a reader. Idle engines cost
@@ -20,7 +20,7 @@
 //! A passive checkpoint only copies frames committed before it started, and SQLite rewinds the
 //! WAL to its beginning only when a write transaction starts while every frame has been copied.
 //! Under steady load the writer commits during nearly every checkpoint, so the WAL could grow
-//! without bound; when a checkpoint reports more than [`RESTART_FRAMES`] frames, this thread
+//! without bound; when a checkpoint reports more than [`RESTART_BYTES`] of frames, this thread
 //! checkpoints again until only a short tail is left and asks the writer to run one passive
 //! checkpoint itself, between two batches (it only has the few frames committed since this
 //! thread's last one to copy), after which its next transaction rewinds the WAL.
@@ -47,29 +47,52 @@ use crate::error::{Error, Result};
 use crate::sqlite::storage;
 use crate::writer::Shared;
 
-/// WAL growth (in frames, ~4 KiB each) that starts a checkpoint: 8 MiB.
-pub(crate) const CHECKPOINT_FRAMES: i64 = 2048;
+/// WAL growth that starts a checkpoint: 8 MiB (2048 frames of 4 KiB pages).
+const CHECKPOINT_BYTES: i64 = 8 << 20;
 
 /// After a checkpoint, a last one copies the tail once the WAL has not grown for this long
 /// (the load paused or stopped), so that the WAL can rewind.
 const IDLE: Duration = Duration::from_millis(100);
 
-/// WAL size (in frames, ~4 KiB each) from which the writer is asked to checkpoint once itself so
-/// that the WAL rewinds: 64 MiB. That checkpoint stalls the writer for two `fsync`s of a busy
+/// WAL size from which the writer is asked to checkpoint once itself so that the WAL rewinds:
+/// 64 MiB (16384 frames of 4 KiB pages). That checkpoint stalls the writer for two `fsync`s of a busy
 /// disk whatever is left to copy (measured: 10-15 ms under a saturating load, even with a tail
 /// of a few dozen frames), so the threshold trades WAL size for how often that happens; at
 /// 16 MiB it cost a fifth of the writer's time at saturation and doubled p99. With any pause
 /// in the load the WAL rewinds by itself, long before this.
-const RESTART_FRAMES: i64 = 16384;
+const RESTART_BYTES: i64 = 64 << 20;
 
-/// Frames left to copy below which the writer is asked to finish the job (see
-/// [`checkpoint_passive`]).
-const RESTART_TAIL: i64 = 256;
+/// What is left to copy below which the writer is asked to finish the job (see
+/// [`checkpoint_passive`]): 1 MiB (256 frames of 4 KiB pages).
+const RESTART_TAIL_BYTES: i64 = 1 << 20;
+
+/// The thresholds above in frames of the file's page size: the WAL hook and checkpoints count
+/// frames, and a frame is one page (512 bytes to 64 KiB, `EngineConfig::page_size`). Counted
+/// as a fixed number of frames, a file of 64 KiB pages grew its WAL to a gigabyte before the
+/// writer made it rewind (tests/crash_points.rs).
+#[derive(Clone, Copy, Debug)]
+struct Frames {
+    checkpoint: i64,
+    restart: i64,
+    restart_tail: i64,
+}
+
+impl Frames {
+    fn of_page_size(page_size: i64) -> Frames {
+        let frames = |bytes: i64| (bytes / page_size.max(1)).max(1);
+        Frames {
+            checkpoint: frames(CHECKPOINT_BYTES),
+            restart: frames(RESTART_BYTES),
+            restart_tail: frames(RESTART_TAIL_BYTES),
+        }
+    }
+}
 
 /// The handle the writer keeps. Dropping it stops and joins the thread.
 pub(crate) struct Checkpointer {
     poke: Sender<()>,
     watch: Arc<Watch>,
+    frames: Frames,
     /// `watch.frames` when the writer last woke the thread for the WAL's growth.
     poked_at: Cell<i64>,
     stop: Option<Sender<()>>,
@@ -84,6 +107,10 @@ impl Checkpointer {
         shared: Arc<Shared>,
     ) -> Result<Checkpointer> {
         let conn = storage::open_checkpointer(path, config)?;
+        let page_size: i64 = conn
+            .pragma_query_value(None, "page_size", |r| r.get(0))
+            .map_err(|e| storage::open_error(e, path))?;
+        let frames = Frames::of_page_size(page_size);
         let (poke, poked) = crossbeam_channel::bounded(1);
         let (stop, stopped) = crossbeam_channel::bounded(0);
         let watch = Arc::new(Watch {
@@ -95,11 +122,12 @@ impl Checkpointer {
         let watched = watch.clone();
         let handle = std::thread::Builder::new()
             .name("idempotency-ckpt".into())
-            .spawn(move || run(&conn, &poked, &stopped, &watched, &shared))
+            .spawn(move || run(&conn, frames, &poked, &stopped, &watched, &shared))
             .map_err(|e| Error::Storage(Arc::new(e)))?;
         Ok(Checkpointer {
             poke,
             watch,
+            frames,
             poked_at: Cell::new(0),
             stop: Some(stop),
             handle: Some(handle),
@@ -118,13 +146,13 @@ impl Checkpointer {
     }
 
     /// After a commit: wakes the thread when it sleeps, and when the WAL has grown by
-    /// [`CHECKPOINT_FRAMES`] since the last such wake-up (or rewound since). Never blocks; a
+    /// [`CHECKPOINT_BYTES`] since the last such wake-up (or rewound since). Never blocks; a
     /// commit that adds little to the WAL of an awake thread costs a few loads, not a wake-up
     /// of another thread.
     pub(crate) fn committed(&self) {
         let now = self.watch.frames.load(Ordering::Relaxed);
         let last = self.poked_at.get();
-        let grown = now < last || now - last >= CHECKPOINT_FRAMES;
+        let grown = now < last || now - last >= self.frames.checkpoint;
         if grown {
             self.poked_at.set(now);
         }
@@ -143,7 +171,7 @@ impl Checkpointer {
         }
     }
 
-    /// True once after the thread saw the WAL pass [`RESTART_FRAMES`].
+    /// True once after the thread saw the WAL pass [`RESTART_BYTES`].
     pub(crate) fn take_restart_request(&self) -> bool {
         self.watch.restart_wanted.load(Ordering::Relaxed)
             && self.watch.restart_wanted.swap(false, Ordering::Relaxed)
@@ -178,6 +206,7 @@ impl Drop for Checkpointer {
 
 fn run(
     conn: &rusqlite::Connection,
+    limits: Frames,
     poked: &Receiver<()>,
     stopped: &Receiver<()>,
     watch: &Watch,
@@ -200,7 +229,7 @@ fn run(
         } else {
             watch.asleep.store(false, Ordering::SeqCst);
         }
-        // Awake: checkpoint each time the WAL has grown by CHECKPOINT_FRAMES, and once nothing
+        // Awake: checkpoint each time the WAL has grown by CHECKPOINT_BYTES, and once nothing
         // was committed for IDLE, copy the tail and sleep until the next commit.
         let mut seen = watch.commits.load(Ordering::SeqCst);
         loop {
@@ -209,8 +238,8 @@ fn run(
                 // The WAL rewound: it starts again from its first frame.
                 last.frames = 0;
             }
-            if frames - last.frames >= CHECKPOINT_FRAMES
-                && !checkpoint(conn, watch, shared, &mut last)
+            if frames - last.frames >= limits.checkpoint
+                && !checkpoint(conn, limits, watch, shared, &mut last)
             {
                 return;
             }
@@ -221,7 +250,7 @@ fn run(
             }
             let now = watch.commits.load(Ordering::SeqCst);
             if now == seen {
-                if now != last.commits && !checkpoint(conn, watch, shared, &mut last) {
+                if now != last.commits && !checkpoint(conn, limits, watch, shared, &mut last) {
                     return;
                 }
                 break;
@@ -245,6 +274,7 @@ struct Copied {
 /// tail checkpoint runs after a wait.
 fn checkpoint(
     conn: &rusqlite::Connection,
+    limits: Frames,
     watch: &Watch,
     shared: &Shared,
     last: &mut Copied,
@@ -255,22 +285,22 @@ fn checkpoint(
     }
     last.commits = watch.commits.load(Ordering::SeqCst);
     last.frames = watch.frames.load(Ordering::Relaxed);
-    checkpoint_passive(conn, &watch.restart_wanted);
+    checkpoint_passive(conn, limits, &watch.restart_wanted);
     true
 }
 
-/// One passive checkpoint. When the WAL has grown past [`RESTART_FRAMES`], checkpoints again
+/// One passive checkpoint. When the WAL has grown past [`RESTART_BYTES`], checkpoints again
 /// until only the frames committed meanwhile are left (a few passes at most), then asks the
 /// writer to copy that short tail itself so that its next transaction rewinds the WAL.
-fn checkpoint_passive(conn: &rusqlite::Connection, restart_wanted: &AtomicBool) {
+fn checkpoint_passive(conn: &rusqlite::Connection, limits: Frames, restart_wanted: &AtomicBool) {
     let Ok(mut state) = storage::checkpoint_passive(conn) else {
         return;
     };
-    if state.frames < RESTART_FRAMES {
+    if state.frames < limits.restart {
         return;
     }
     for _ in 0..8 {
-        if state.frames - state.copied <= RESTART_TAIL {
+        if state.frames - state.copied <= limits.restart_tail {
             break;
         }
         match storage::checkpoint_passive(conn) {
