@@ -116,12 +116,12 @@ impl SqliteBackend {
                     locked_until,
                     expires_at: locked_until.saturating_add(c.retention_ms),
                 };
-                if let Some(seq) = stmts.try_claim(&row)? {
+                if let Some(row) = stmts.try_claim(&row)? {
                     *next_fence = fence;
                     return Ok(Done::Won {
                         fence,
                         locked_until,
-                        row: Some(seq),
+                        row,
                     });
                 }
                 match stmts.inspect(&c.id, &c.fingerprint, now)? {

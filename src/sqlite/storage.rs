@@ -608,14 +608,21 @@ impl<'c> Statements<'c> {
         }
     }
 
-    /// Tries to take the record ([`CLAIM`]). Returns the record's rowid when it took it.
+    /// Tries to take the record ([`CLAIM`]). `Some` when it took it, with the record's rowid
+    /// when it is known.
     ///
     /// A fresh key is inserted, which sets `last_insert_rowid`; a takeover or the replacement
     /// of an expired record updates the row in place and leaves it as it was, so a rowid that
     /// did not change (also when a deleted last row's rowid was handed out again) is looked up
     /// by id instead: always right, and one statement fewer for the common case than
     /// `RETURNING`.
-    pub(crate) fn try_claim(&mut self, c: &ClaimRow<'_>) -> Result<Option<i64>> {
+    ///
+    /// Nothing may fail once the record is taken: the batch goes on after a command's error,
+    /// and a claim reported failed with its record written would leave the key held by no one
+    /// until its lock expired, and its token handed out again to the next claim of the batch.
+    /// So a lookup of the rowid that fails leaves it unknown (the completion then finds the
+    /// record by id), unless it took the transaction down with it.
+    pub(crate) fn try_claim(&mut self, c: &ClaimRow<'_>) -> Result<Option<Option<i64>>> {
         let before = self.conn.last_insert_rowid();
         let n = prepared(self.conn, &mut self.claim, CLAIM)?.execute(params![
             &c.id[..],
@@ -632,11 +639,16 @@ impl<'c> Statements<'c> {
         }
         let after = self.conn.last_insert_rowid();
         if after != before {
-            return Ok(Some(after));
+            return Ok(Some(Some(after)));
         }
-        let seq =
-            prepared(self.conn, &mut self.seq_of, SEQ_OF)?.query_row([&c.id[..]], |r| r.get(0))?;
-        Ok(Some(seq))
+        let seq = prepared(self.conn, &mut self.seq_of, SEQ_OF)
+            .and_then(|s| Ok(s.query_row([&c.id[..]], |r| r.get(0))?));
+        match seq {
+            Ok(seq) => Ok(Some(Some(seq))),
+            // SQLite rolled the transaction back: the batch fails, this claim with it.
+            Err(e) if self.conn.is_autocommit() => Err(e),
+            Err(_) => Ok(Some(None)),
+        }
     }
 
     /// Reads a live record and decides what a claim that could not take it gets. Mismatch is
