@@ -36,7 +36,7 @@ bench-compare:
 bench-metrics:
 	$(CARGO) bench --bench compare --features metrics -- --only engine-full,engine-normal,engine-metrics --skip-growth --no-latest
 
-## Instructions per operation (callgrind over every thread, installed if missing) for fresh claims, replays and the Axum layer, by what they are spent on, and bytes written per operation; BASELINE=bench-results/cpu-X.csv adds ratios to an earlier run.
+## Instructions per operation (callgrind over every thread, installed if missing) for fresh claims, replays and the Axum layer, by what they are spent on, and bytes written per operation; then native user and kernel CPU time and context switches per operation; BASELINE=bench-results/cpu-X.csv adds ratios to an earlier run.
 bench-cpu:
 	CARGO='$(CARGO)' bash scripts/bench-cpu.sh $(if $(BASELINE),--baseline $(BASELINE))
 

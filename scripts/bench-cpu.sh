@@ -4,14 +4,19 @@
 # bytes written per operation. Deterministic where wall-clock ratios on a shared machine are
 # not: the same code gives the same counts within ~1%.
 #
-# Usage: scripts/bench-cpu.sh [--baseline CSV] [--only w1,w2] [--quick]
+# Usage: scripts/bench-cpu.sh [--baseline CSV] [--only w1,w2] [--quick] [--native-reps N]
 #   --baseline CSV  also print each figure as a ratio to that earlier run's CSV
 #   --only          a subset of: fresh-1 fresh-64 raw-64 replay-1 axum-bare-64 axum-fresh-64
 #                   axum-replay-64
 #   --quick         fewer operations per run (noisier: ~2%)
 #   --page-size N   the engine's database created with N-byte pages (EngineConfig::page_size)
+#   --native-reps N pairs of native runs for the CPU-time table (default 5; 0: none)
 #
 # Writes bench-results/cpu-<date>.{md,csv} and bench-results/cpu-latest.{md,csv}.
+#
+# Then each workload runs natively too (scripts/native_cpu.py): user and kernel CPU time and
+# context switches per operation, from the process's rusage, medians of --native-reps pairs.
+# Natively most of a durable claim's CPU is in the kernel, which the instruction counts miss.
 #
 # What callgrind cannot see: time in the kernel (fdatasync, pwrite, futex waits, loopback TCP)
 # and what valgrind hides from the program: its CPUID reports no SHA extensions, so SHA-256 runs
@@ -24,12 +29,14 @@ command="scripts/bench-cpu.sh${*:+ $*}"
 baseline=()
 only="fresh-1,fresh-64,raw-64,replay-1,axum-bare-64,axum-fresh-64,axum-replay-64"
 scale=1
+native_reps=5
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --baseline) baseline=(--baseline "$2"); shift 2 ;;
         --only) only="$2"; shift 2 ;;
         --quick) scale=0; shift ;;
         --page-size) export CPU_BENCH_PAGE_SIZE="$2"; shift 2 ;;
+        --native-reps) native_reps="$2"; shift 2 ;;
         *) echo "unknown option $1" >&2; exit 2 ;;
     esac
 done
@@ -87,6 +94,14 @@ for w in "${list[@]}"; do
     runs+=("$spec")
 done
 
+# Native operations per run: (n1, n2), more than under valgrind (~50x faster).
+native_ops() {
+    case "$1" in
+        fresh-1) echo "1000 5000" ;;
+        *) echo "8000 40000" ;;
+    esac
+}
+
 mkdir -p bench-results
 stamp=$(date -u +%Y-%m-%dT%H%M%SZ)
 {
@@ -97,7 +112,20 @@ stamp=$(date -u +%Y-%m-%dT%H%M%SZ)
     echo
 } >"$work/head.md"
 python3 scripts/callgrind_table.py "$work/table.md" "bench-results/cpu-$stamp.csv" "${baseline[@]}" "${runs[@]}" >/dev/null
-cat "$work/head.md" "$work/table.md" >"bench-results/cpu-$stamp.md"
+parts=("$work/head.md" "$work/table.md")
+if [[ $native_reps -gt 0 ]]; then
+    specs=()
+    for w in "${list[@]}"; do
+        read -r n1 n2 < <(native_ops "$w")
+        if [[ $scale == 0 ]]; then n1=$((n1 / 2)); n2=$((n2 / 2)); fi
+        specs+=("$w:$n1:$n2")
+    done
+    python3 scripts/native_cpu.py "$bin" "$work/native.md" "bench-results/cpu-$stamp.csv" \
+        "$native_reps" "${specs[@]}"
+    printf '\n' >"$work/gap.md"
+    parts+=("$work/gap.md" "$work/native.md")
+fi
+cat "${parts[@]}" >"bench-results/cpu-$stamp.md"
 cp "bench-results/cpu-$stamp.md" bench-results/cpu-latest.md
 cp "bench-results/cpu-$stamp.csv" bench-results/cpu-latest.csv
 cat bench-results/cpu-latest.md
