@@ -14,7 +14,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use idempotency_rs::{
     ClaimOutcome, ClaimRequest, Engine, EngineConfig, Fingerprint, IdempotencyKey, ManualClock,
@@ -315,33 +315,6 @@ fn integrity_ok(db: &Path) {
     assert_eq!(result, "ok");
 }
 
-/// A seeded splitmix64 stream for kill points.
-struct Rng(u64);
-
-impl Rng {
-    fn from_env() -> Rng {
-        let seed = std::env::var("IDEM_CRASH_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| {
-                SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .unwrap()
-                    .as_nanos() as u64
-            });
-        eprintln!("IDEM_CRASH_SEED={seed}");
-        Rng(seed)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut x = self.0;
-        x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        (x ^ (x >> 31)) % n
-    }
-}
-
 /// The parent's checks after a kill, at the child's clock. Returns the keys left in flight,
 /// which the parent then takes over once their lock has timed out.
 fn check_after_kill(
@@ -422,7 +395,7 @@ fn take_over(
 
 #[test]
 fn orphaned_claims_are_in_flight_until_their_lock_times_out() {
-    let mut rng = Rng::from_env();
+    let mut rng = support::Rng::from_env("IDEM_CRASH_SEED");
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("crash.db");
     let acks = run_child(
@@ -446,7 +419,7 @@ fn orphaned_claims_are_in_flight_until_their_lock_times_out() {
 
 #[test]
 fn acknowledged_completions_survive_a_kill() {
-    let mut rng = Rng::from_env();
+    let mut rng = support::Rng::from_env("IDEM_CRASH_SEED");
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("crash.db");
     let acks = run_child(
@@ -487,7 +460,7 @@ fn acknowledged_completions_survive_a_kill() {
 #[test]
 fn repeated_kills_during_concurrent_claims_and_completions() {
     const ITERATIONS: usize = 10;
-    let mut rng = Rng::from_env();
+    let mut rng = support::Rng::from_env("IDEM_CRASH_SEED");
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("crash.db");
     let clock = Arc::new(ManualClock::new(T0));

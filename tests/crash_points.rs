@@ -4,7 +4,7 @@
 //! with SIGKILL at awkward moments; the parent reopens the file through the public API and
 //! checks what the child acknowledged. rusqlite only builds version 2 files and reads headers.
 //!
-//! Set `IDEM_REVIEW_SEED` to replay the kill points of a failed run (the seed is printed).
+//! Set `IDEM_POINTS_SEED` to replay the kill points of a failed run (the seed is printed).
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -13,6 +13,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+mod support;
 
 use idempotency_rs::{
     ClaimOutcome, ClaimRequest, Clock, Durability, Engine, EngineConfig, Fingerprint,
@@ -23,15 +25,15 @@ const T0: i64 = 1_700_000_000_000;
 const LOCK: Duration = Duration::from_secs(10);
 const RETENTION: Duration = Duration::from_secs(3600);
 
-const ENV_MODE: &str = "IDEM_REVIEW_CHILD";
-const ENV_DB: &str = "IDEM_REVIEW_DB";
-const ENV_CLOCK: &str = "IDEM_REVIEW_CLOCK_MS";
-const ENV_PREFIX: &str = "IDEM_REVIEW_PREFIX";
-const ENV_PAGE: &str = "IDEM_REVIEW_PAGE_SIZE";
-const ENV_NORMAL: &str = "IDEM_REVIEW_NORMAL";
-const ENV_READERS: &str = "IDEM_REVIEW_READERS";
-const ENV_LOCK: &str = "IDEM_REVIEW_LOCK_MS";
-const ENV_N: &str = "IDEM_REVIEW_N";
+const ENV_MODE: &str = "IDEM_POINTS_CHILD";
+const ENV_DB: &str = "IDEM_POINTS_DB";
+const ENV_CLOCK: &str = "IDEM_POINTS_CLOCK_MS";
+const ENV_PREFIX: &str = "IDEM_POINTS_PREFIX";
+const ENV_PAGE: &str = "IDEM_POINTS_PAGE_SIZE";
+const ENV_NORMAL: &str = "IDEM_POINTS_NORMAL";
+const ENV_READERS: &str = "IDEM_POINTS_READERS";
+const ENV_LOCK: &str = "IDEM_POINTS_LOCK_MS";
+const ENV_N: &str = "IDEM_POINTS_N";
 
 fn config(path: &Path, clock: &Arc<ManualClock>) -> EngineConfig {
     EngineConfig::new(path)
@@ -417,32 +419,6 @@ fn page_size_of(db: &Path) -> i64 {
         .unwrap()
 }
 
-struct Rng(u64);
-
-impl Rng {
-    fn from_env() -> Rng {
-        let seed = std::env::var("IDEM_REVIEW_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| {
-                SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .unwrap()
-                    .as_nanos() as u64
-            });
-        eprintln!("IDEM_REVIEW_SEED={seed}");
-        Rng(seed)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut x = self.0;
-        x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        (x ^ (x >> 31)) % n
-    }
-}
-
 /// After a kill, at the child's clock: every acknowledged completion replays byte for byte;
 /// every acknowledged claim not completed is in flight until the lock it was acknowledged with
 /// (`held` says which keys the child certainly left open; others may have completed
@@ -566,7 +542,7 @@ fn take_over(
 /// acknowledged or handed out before, and the parent's own tokens too.
 #[test]
 fn fencing_tokens_rise_across_repeated_kills_and_reserved_blocks() {
-    let mut rng = Rng::from_env();
+    let mut rng = support::Rng::from_env("IDEM_POINTS_SEED");
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("fence.db");
     let clock = Arc::new(ManualClock::new(T0));
@@ -665,7 +641,7 @@ fn fencing_tokens_rise_across_repeated_kills_and_reserved_blocks() {
 /// Six rounds on one file, alternately reopened by the parent and by the next child directly.
 #[test]
 fn a_kill_around_the_idle_tail_checkpoint_loses_nothing() {
-    let mut rng = Rng::from_env();
+    let mut rng = support::Rng::from_env("IDEM_POINTS_SEED");
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("tail.db");
     let clock = Arc::new(ManualClock::new(T0));
@@ -775,7 +751,7 @@ fn an_extended_lease_of_a_killed_process_stays_locked_until_its_extension() {
 /// then a second child (no page size) on the same file, killed too.
 #[test]
 fn page_sizes_survive_kills_mid_burst_and_reopening_with_another_page_size() {
-    let mut rng = Rng::from_env();
+    let mut rng = support::Rng::from_env("IDEM_POINTS_SEED");
     for (size, other) in [(512u32, 8192u32), (1024, 512), (65536, 4096)] {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join(format!("page-{size}.db"));
@@ -829,7 +805,7 @@ fn page_sizes_survive_kills_mid_burst_and_reopening_with_another_page_size() {
 /// another configured page size, works, and replays what it acknowledged.
 #[test]
 fn a_kill_while_creating_a_file_with_a_page_size_leaves_an_openable_file() {
-    let mut rng = Rng::from_env();
+    let mut rng = support::Rng::from_env("IDEM_POINTS_SEED");
     let dir = tempfile::tempdir().unwrap();
     let env = [(ENV_PAGE, "512".to_string()), (ENV_N, "50".to_string())];
     let ready_after = time_to_ready(None, &dir.path().join("cal.db"), &env);
@@ -1027,7 +1003,7 @@ fn check_v2(engine: &Engine, v2: &V2, now: i64, what: &str) {
 /// version 2 completion stops replaying at its version 2 expiry.
 #[test]
 fn a_version_2_file_migrated_by_a_process_killed_mid_burst_reopens_intact() {
-    let mut rng = Rng::from_env();
+    let mut rng = support::Rng::from_env("IDEM_POINTS_SEED");
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("v2.db");
     let v2 = make_version_2(dir.path(), &db, 300);
@@ -1092,7 +1068,7 @@ fn a_version_2_file_migrated_by_a_process_killed_mid_burst_reopens_intact() {
 /// version 2 records and whatever the child acknowledged.
 #[test]
 fn kills_during_the_migration_of_a_version_2_file_leave_it_usable() {
-    let mut rng = Rng::from_env();
+    let mut rng = support::Rng::from_env("IDEM_POINTS_SEED");
     let dir = tempfile::tempdir().unwrap();
     let template = dir.path().join("template.db");
     let v2 = make_version_2(dir.path(), &template, 1500);
@@ -1135,7 +1111,7 @@ fn wal_len(db: &Path) -> u64 {
 /// that steady load, twice on the same file.
 #[test]
 fn a_kill_under_steady_load_on_small_pages_loses_nothing() {
-    let mut rng = Rng::from_env();
+    let mut rng = support::Rng::from_env("IDEM_POINTS_SEED");
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("small.db");
     let clock = Arc::new(ManualClock::new(T0));
@@ -1193,7 +1169,7 @@ fn db_file_state(db: &Path) -> (u64, Option<SystemTime>) {
 /// more with the next child opening the half-checkpointed file directly.
 #[test]
 fn a_kill_inside_the_tail_checkpoint_loses_nothing() {
-    let mut rng = Rng::from_env();
+    let mut rng = support::Rng::from_env("IDEM_POINTS_SEED");
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("inside.db");
     let clock = Arc::new(ManualClock::new(T0));
@@ -1256,7 +1232,7 @@ fn a_kill_inside_the_tail_checkpoint_loses_nothing() {
 /// acknowledged completion (no delay at all), five times on one file.
 #[test]
 fn a_kill_right_after_an_acknowledged_completion_loses_nothing() {
-    let mut rng = Rng::from_env();
+    let mut rng = support::Rng::from_env("IDEM_POINTS_SEED");
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("acked.db");
     let clock = Arc::new(ManualClock::new(T0));

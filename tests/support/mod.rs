@@ -58,3 +58,33 @@ pub fn wait_until_committed(db: &Path, key: &str) {
         std::thread::sleep(Duration::from_millis(2));
     }
 }
+
+/// A seeded splitmix64 stream, for kill points and other random choices of the crash tests.
+/// The seed comes from the environment variable `var` when set (to replay a failed run), from
+/// the clock otherwise; it is printed either way.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn from_env(var: &str) -> Rng {
+        let seed = std::env::var(var)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_nanos() as u64
+            });
+        eprintln!("{var}={seed}");
+        Rng(seed)
+    }
+
+    /// A number in `0..n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut x = self.0;
+        x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        (x ^ (x >> 31)) % n
+    }
+}
