@@ -458,8 +458,14 @@ impl Contract {
     /// The scope from the configured header. `Ok(None)` when no scope header is configured
     /// (the shim then uses its scope function, or the shared empty scope).
     ///
+    /// Only the header's optional white space (spaces and tabs around the value, which are not
+    /// part of it in HTTP) is trimmed: any other character is part of the scope, so that two
+    /// values that differ are two scopes (`alice` and `alice` followed by a no-break space are
+    /// two users as far as this layer can tell).
+    ///
     /// # Errors
-    /// 400 `scope-missing` when the header is configured but absent, repeated or blank;
+    /// 400 `scope-missing` when the header is configured but absent, repeated or blank (white
+    /// space only, Unicode's included);
     /// 400 `scope-invalid` when its value cannot be a scope (not UTF-8, over 1024 bytes).
     pub fn scope_from_header(&self, values: &[&[u8]]) -> Result<Option<String>, Problem> {
         let Some(name) = &self.config.scope_header else {
@@ -468,11 +474,10 @@ impl Contract {
         let [one] = values else {
             return Err(self.scope_missing_named(name));
         };
-        let Ok(text) = std::str::from_utf8(one) else {
+        let Ok(text) = std::str::from_utf8(trim_ows(one)) else {
             return Err(self.scope_invalid());
         };
-        let text = text.trim();
-        if text.is_empty() {
+        if text.trim().is_empty() {
             return Err(self.scope_missing_named(name));
         }
         self.scope_checked(text.to_owned()).map(Some)
