@@ -14,6 +14,10 @@
 //! set it so that a client that gives up releases its key at once instead of after the
 //! handler has finished (and stored a response nobody read).
 //!
+//! A replayed response has the stored headers with each name's values in order; the order
+//! between different names is Actix-Web's `HeaderMap`'s, which has none (HTTP gives it no
+//! meaning).
+//!
 //! ```no_run
 //! use actix_web::{App, HttpResponse, HttpServer, web};
 //! use idempotency_rs::{SqliteIdempotencyStore, actix_integration::Idempotency};

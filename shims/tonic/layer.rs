@@ -8,7 +8,7 @@ use tower::Layer;
 
 use super::service::IdempotencyService;
 use crate::Engine;
-use crate::contract::{Config, Contract, Timings, config_setters};
+use crate::contract::{Config, Contract, ProblemKind, Timings, config_setters};
 
 /// Decides from a response's `grpc-status` whether it is stored for replay.
 pub(crate) type StorePredicate = Arc<dyn Fn(Code) -> bool + Send + Sync>;
@@ -63,36 +63,71 @@ pub(crate) enum Scope {
 }
 
 impl Scope {
-    pub(crate) fn extract(&self, parts: &http::request::Parts) -> Result<String, Status> {
+    /// The call's scope, or the refusal: `ScopeMissing` (absent, repeated or blank) or
+    /// `ScopeInvalid` (a value that cannot be a scope), with the status to answer.
+    pub(crate) fn extract(
+        &self,
+        parts: &http::request::Parts,
+    ) -> Result<String, (ProblemKind, Status)> {
         match self {
             Scope::Global => Ok(String::new()),
             Scope::Metadata(name) => {
                 let mut values = parts.headers.get_all(name.as_str()).iter();
-                match (values.next(), values.next()) {
-                    (Some(value), None) => match value.to_str().map(str::trim) {
-                        Ok(s) if !s.is_empty() && crate::validate_scope(s).is_ok() => {
-                            Ok(s.to_owned())
-                        }
-                        _ => Err(scope_metadata_missing(name)),
-                    },
-                    _ => Err(scope_metadata_missing(name)),
+                let (Some(value), None) = (values.next(), values.next()) else {
+                    return Err((ProblemKind::ScopeMissing, scope_metadata_missing(name)));
+                };
+                let scope = if name.ends_with("-bin") {
+                    binary_scope(value).ok_or_else(|| scope_metadata_invalid(name))?
+                } else {
+                    // Only spaces and tabs are trimmed (and HTTP/2 has none around a value);
+                    // anything else printable is part of the scope.
+                    let Ok(text) = value.to_str() else {
+                        return Err(scope_metadata_invalid(name));
+                    };
+                    text.trim_matches([' ', '\t']).to_owned()
+                };
+                if scope.is_empty() {
+                    return Err((ProblemKind::ScopeMissing, scope_metadata_missing(name)));
+                }
+                match crate::validate_scope(&scope) {
+                    Ok(()) => Ok(scope),
+                    Err(_) => Err(scope_metadata_invalid(name)),
                 }
             }
             // A blank scope (an empty user id) would share the scope of calls that have none:
             // it is no scope.
             Scope::Function(f) => match f(parts).filter(|s| !s.trim().is_empty()) {
                 Some(scope) if crate::validate_scope(&scope).is_ok() => Ok(scope),
-                Some(_) => Err(Status::invalid_argument(
-                    "the tenant or user id of this call is too long (over 1024 bytes) or holds a \
-                     NUL byte, so its idempotency-key cannot be checked",
+                Some(_) => Err((
+                    ProblemKind::ScopeInvalid,
+                    Status::invalid_argument(
+                        "the tenant or user id of this call is too long (over 1024 bytes) or \
+                         holds a NUL byte, so its idempotency-key cannot be checked",
+                    ),
                 )),
-                None => Err(Status::unauthenticated(
-                    "the call does not say which user or tenant it belongs to, so its \
-                     idempotency-key cannot be checked; authenticate the call and retry",
+                None => Err((
+                    ProblemKind::ScopeMissing,
+                    Status::unauthenticated(
+                        "the call does not say which user or tenant it belongs to, so its \
+                         idempotency-key cannot be checked; authenticate the call and retry",
+                    ),
                 )),
             },
         }
     }
+}
+
+/// The scope of a binary (`-bin`) metadata entry: its decoded bytes, written in the one
+/// encoding tonic sends (base64 without padding). The text as received would make `YWxpY2U`
+/// and `YWxpY2U=`, the same bytes (gRPC accepts both), two scopes, and run a retry again.
+/// `None` for a value that is not base64.
+fn binary_scope(value: &http::HeaderValue) -> Option<String> {
+    let mut headers = http::HeaderMap::with_capacity(1);
+    headers.insert("x-scope-bin", value.clone());
+    let map = tonic::metadata::MetadataMap::from_headers(headers);
+    let bytes = map.get_bin("x-scope-bin")?.to_bytes().ok()?;
+    let canonical = tonic::metadata::BinaryMetadataValue::from_bytes(&bytes);
+    String::from_utf8(canonical.as_encoded_bytes().to_vec()).ok()
 }
 
 impl fmt::Debug for Scope {
@@ -103,6 +138,23 @@ impl fmt::Debug for Scope {
             Scope::Function(_) => f.write_str("Function"),
         }
     }
+}
+
+fn scope_metadata_invalid(name: &str) -> (ProblemKind, Status) {
+    let what = match name.ends_with("-bin") {
+        true => "is not base64, or is over 1024 bytes once encoded",
+        false => {
+            "is not printable ASCII (send other bytes in a `-bin` entry), is over 1024 bytes, \
+             or holds a NUL byte"
+        }
+    };
+    (
+        ProblemKind::ScopeInvalid,
+        Status::invalid_argument(format!(
+            "the `{name}` metadata entry naming the user or tenant {what}, so this call's \
+             idempotency-key cannot be checked; retrying it unchanged will not help"
+        )),
+    )
 }
 
 fn scope_metadata_missing(name: &str) -> Status {
@@ -224,8 +276,11 @@ impl IdempotencyLayer {
     }
 
     /// Takes the scope from this metadata entry (such as `x-tenant-id`). A covered call without
-    /// exactly one such entry gets `INVALID_ARGUMENT`. Without a scope entry or function, all
-    /// calls share one scope.
+    /// exactly one such entry, or with one that cannot be a scope (not printable ASCII, over
+    /// 1024 bytes), gets `INVALID_ARGUMENT`. Spaces and tabs around the value are not part of
+    /// it. A binary entry (a name ending in `-bin`) is read as the bytes it encodes, so that
+    /// padded and unpadded base64 of the same bytes are one scope. Without a scope entry or
+    /// function, all calls share one scope.
     ///
     /// A scope taken from client metadata is only as trustworthy as the client: behind real
     /// authentication, use [`IdempotencyLayer::scope_fn`] on what the authentication layer put

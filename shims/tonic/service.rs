@@ -106,11 +106,7 @@ where
     };
     let scope = match settings.scope.extract(&parts) {
         Ok(scope) => scope,
-        Err(status) => {
-            let kind = match status.message().contains("too long") {
-                true => ProblemKind::ScopeInvalid,
-                false => ProblemKind::ScopeMissing,
-            };
+        Err((kind, status)) => {
             settings.contract.rejected(kind, None, None);
             return Ok(reject(status));
         }
