@@ -103,7 +103,7 @@ fn ms(t: SystemTime) -> i64 {
 
 /// Run by the parent with `--ignored --exact`; never returns by itself (it is killed).
 #[test]
-#[ignore = "run by the crash review tests in a child process"]
+#[ignore = "run by the other tests of this file in a child process"]
 fn crash_points_child() {
     let Ok(mode) = std::env::var(ENV_MODE) else {
         return;
