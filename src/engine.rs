@@ -558,9 +558,10 @@ impl Engine {
     pub fn forget(&self, scope: &str, key: &str) -> Result<Change> {
         let id = admin::id_of(scope, key)?;
         let change = self.admin_change(admin::Op::Forget { id })?;
-        if change == Change::Done
-            && let Some(cache) = &self.inner.cache
-        {
+        // Whatever the store answered, it holds no completed record for this key now that this
+        // engine may keep replaying: `NotFound` when another instance deleted it first (its
+        // entry here would otherwise replay until the cache's max age).
+        if let Some(cache) = &self.inner.cache {
             cache.forget(&id);
         }
         tracing::warn!(scope, key, outcome = %change, "idempotency: a record forgotten by an operator");
