@@ -112,7 +112,9 @@ impl RetryMiddleware {
     }
 
     /// The longest one attempt may take, to the end of its answer's body; past it the attempt
-    /// counts as lost and is retried. Default: none of the middleware's own, so the client's
+    /// counts as lost and is retried (a body over [`RetryMiddleware::max_response_bytes`],
+    /// handed over unread, is read by the caller, outside it). Default: none of the
+    /// middleware's own, so the client's
     /// (`reqwest::ClientBuilder::timeout`) or the request's (`.timeout(..)`) applies, and
     /// without either an attempt may wait as long as the server keeps the connection open.
     /// [`RetryPolicy::max_elapsed`] bounds when attempts *start*, not how long each takes.
@@ -169,9 +171,14 @@ impl Middleware for RetryMiddleware {
                 return Err(fail(ClientError::BodyNotReplayable { key, method, url }));
             };
             tracing::debug!(%key, attempt = attempts, %method, %url, "idempotent request: sending");
+            // One deadline for the whole attempt: the answer's head, then its body (`settle`
+            // reads it), which a server or a proxy may stall after the head.
+            let deadline = self
+                .attempt_timeout
+                .map(|limit| (tokio::time::Instant::now() + limit, limit));
             let sent = next.clone().run(attempt, extensions);
-            let sent = match self.attempt_timeout {
-                Some(limit) => tokio::time::timeout(limit, sent).await.map_err(|_| limit),
+            let sent = match deadline {
+                Some((at, limit)) => tokio::time::timeout_at(at, sent).await.map_err(|_| limit),
                 None => Ok(sent.await),
             };
             let failure = match sent {
@@ -192,10 +199,19 @@ impl Middleware for RetryMiddleware {
                         source: Box::new(e),
                     }));
                 }
-                Ok(Ok(response)) => match self.settle(response, &key, attempts, started).await {
-                    Settled::Done(result) => return result,
-                    Settled::Retry(failure) => failure,
-                },
+                Ok(Ok(response)) => {
+                    let settled = self.settle(response, &key, attempts, started);
+                    let settled = match deadline {
+                        Some((at, limit)) => tokio::time::timeout_at(at, settled)
+                            .await
+                            .unwrap_or(Settled::Retry(LastFailure::TimedOut(limit))),
+                        None => settled.await,
+                    };
+                    match settled {
+                        Settled::Done(result) => return result,
+                        Settled::Retry(failure) => failure,
+                    }
+                }
             };
             let floor = failure.retry_after();
             match self.policy.next_delay(attempts, floor, started, None) {
