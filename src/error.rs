@@ -124,7 +124,9 @@ pub enum Error {
     /// restarting, shutting down, a statement timeout). Nothing was done, or, for a batch whose
     /// `COMMIT` got no answer, whether it was done is unknown: a claim that gets this error
     /// never runs its operation, and a record such a claim did write stays in flight until its
-    /// lock timeout. The engine reconnects by itself (with a backoff); retry later.
+    /// lock timeout. (A completion of such a batch is run again on a new connection first, and
+    /// gets this error only if that fails too.) The engine reconnects by itself (with a
+    /// backoff); retry later.
     Unavailable {
         /// What failed, with the server's address (never its password).
         detail: String,

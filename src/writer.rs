@@ -66,6 +66,7 @@ pub(crate) trait Backend: Send + 'static {
 }
 
 /// One command of a batch, as a backend sees it.
+#[derive(Clone, Copy)]
 pub(crate) enum Work<'a> {
     Claim(&'a ClaimCmd),
     Complete {

@@ -593,6 +593,17 @@ fn backends_terminated_under_load_lose_no_acknowledged_completion() {
         failed.len(),
         failed.iter().map(|(_, e)| e.kind()).collect::<HashSet<_>>()
     );
+    // A batch cut off without an answer runs its lease commands again on a new connection and
+    // looks at their records (`PgBackend::after_unknown`); before, every completion of such a
+    // batch failed with an unknown outcome (155 of 578 here), its key held until the lock
+    // timed out and its operation then run again. Now only one whose second run is cut off
+    // too may fail.
+    assert!(
+        failed.len() * 20 <= claims.len(),
+        "{} of {} completions failed with an unknown outcome",
+        failed.len(),
+        claims.len()
+    );
     for key in &acked {
         for (name, e) in [("fresh", &fresh), ("steady", &steady), ("victim", &victim)] {
             let mut tries = 0;

@@ -43,6 +43,9 @@ struct Sql {
     extend: Stmt,
     claim: Stmt,
     cleanup: Stmt,
+    /// Which of these records are completed under these fencing tokens (see
+    /// [`PgBackend::after_unknown`]).
+    completed_by: Stmt,
 }
 
 /// A statement of the hot path: its text (with the configured table's names in it) and its
@@ -104,6 +107,15 @@ impl Sql {
             lock: Stmt::new(
                 format!("SELECT 1 FROM {t} WHERE id = ANY($1::bytea[]) ORDER BY id FOR UPDATE"),
                 &[T::BYTEA_ARRAY],
+            ),
+            completed_by: Stmt::new(
+                format!(
+                    "SELECT r.id, r.fence FROM {t} AS r
+                     JOIN unnest($1::bytea[], $2::int8[]) AS i(id, fence)
+                       ON r.id = i.id AND r.fence = i.fence
+                     WHERE r.state = 1"
+                ),
+                &[T::BYTEA_ARRAY, T::INT8_ARRAY],
             ),
             complete: Stmt::new(
                 format!(
@@ -575,6 +587,22 @@ impl Backend for PgBackend {
         loop {
             let client = self.link.take_client()?;
             let out = self.exchange(&client, work);
+            // No answer, or not one that says what happened: whether the batch committed is
+            // unknown. Its claims fail with that (their callers have not started anything);
+            // its lease commands are run again on a new connection and their records looked
+            // at, rather than leaving completions whose operation ran "unknown", their keys
+            // held until the lock times out and the operation then run again.
+            if matches!(out, Err(Fail::Pg(_) | Fail::Timeout(_)))
+                && work.iter().any(|w| !matches!(w, Work::Claim(_)))
+            {
+                drop(client);
+                self.poisoned.take();
+                let Err(fail) = out else {
+                    unreachable!("matched as an error just above")
+                };
+                let error = self.link.fail_error(fail);
+                return Ok(self.after_unknown(work, &error));
+            }
             match &out {
                 // Rolled back, and worth running again: a deadlock or serialization failure
                 // (PostgreSQL chose this batch as the victim), or a connection the server had
@@ -936,6 +964,90 @@ impl PgBackend {
         // synchronous standby can be cancelled after it was written locally): unknown.
         commit.map_err(Fail::Pg)?;
         Ok(answers)
+    }
+
+    /// The batch `work` ended without an answer saying whether it committed (`error`): its
+    /// claims get `error`; its lease commands run again, in a transaction of their own on a
+    /// new connection. They are fenced, so running one twice changes nothing the first run did
+    /// not: a release or an extension that did commit the first time finds its record as it
+    /// left it, and a completion that did commit finds its record completed under its own
+    /// fencing token, which only its lease can have written, and is done. If the first
+    /// transaction is still running on the server (a pooler lost the connection, not the
+    /// server), the new one waits for its row locks and then sees what it did. Whatever cannot
+    /// be settled this way (no connection, no answer again) keeps `error`.
+    fn after_unknown(&mut self, work: &[Work<'_>], error: &Error) -> Vec<Result<Done>> {
+        let leases: Vec<Work<'_>> = work
+            .iter()
+            .copied()
+            .filter(|w| !matches!(w, Work::Claim(_)))
+            .collect();
+        let settled = self.link.take_client().and_then(|client| {
+            let out = self.exchange(&client, &leases).and_then(|mut results| {
+                self.done_before(&client, &leases, &mut results)?;
+                Ok(results)
+            });
+            if self.poisoned.take() {
+                drop(client);
+                return self.link.give_back_none(out);
+            }
+            self.link.give_back(client, out)
+        });
+        tracing::warn!(
+            error = %error,
+            settled = settled.is_ok(),
+            "idempotency: a batch's outcome was unknown; its lease commands were run again"
+        );
+        let mut settled = match settled {
+            Ok(results) => results.into_iter(),
+            Err(_) => Vec::new().into_iter(),
+        };
+        work.iter()
+            .map(|w| match w {
+                Work::Claim(_) => Err(error.clone()),
+                _ => settled.next().unwrap_or_else(|| Err(error.clone())),
+            })
+            .collect()
+    }
+
+    /// After running `leases` again: a completion that found its record no longer in flight
+    /// is done if the record is completed under its fencing token (the first run committed).
+    fn done_before(
+        &self,
+        client: &Client,
+        leases: &[Work<'_>],
+        results: &mut [Result<Done>],
+    ) -> Result<(), Fail> {
+        let mut ids: Vec<&[u8]> = Vec::new();
+        let mut fences: Vec<i64> = Vec::new();
+        for (w, r) in leases.iter().zip(results.iter()) {
+            if let (Work::Complete { id, fence, .. }, Ok(Done::Owned(false))) = (w, r) {
+                ids.push(&id[..]);
+                fences.push(fence_i64(*fence));
+            }
+        }
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let rows = within(
+            &self.link.rt,
+            self.link.deadline,
+            query(
+                client,
+                &self.sql.completed_by,
+                &[(&ids, Type::BYTEA_ARRAY), (&fences, Type::INT8_ARRAY)],
+            ),
+        )
+        .map_err(|_| Fail::Timeout("a check of completions"))?
+        .map_err(Fail::Pg)?;
+        let done = fenced(&rows)?;
+        for (w, r) in leases.iter().zip(results.iter_mut()) {
+            if let Work::Complete { id, fence, .. } = w
+                && done.contains_key(&(**id, fence_i64(*fence)))
+            {
+                *r = Ok(Done::Owned(true));
+            }
+        }
+        Ok(())
     }
 
     /// One batch: one transaction, one round trip (and a transaction of their own for
