@@ -6,13 +6,15 @@
 //! Run with
 //! `cargo test --features axum-integration,actix-integration,tonic-integration --test shim_parity`.
 
+mod http_client;
+use http_client::{client, key, outcome, raw, raw_post, send, send_body};
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use idempotency_rs::contract::{KeyPolicy, is_stored_header};
 use idempotency_rs::{Engine, EngineConfig};
-use reqwest::header::HeaderValue;
 use serde_json::{Value, json};
 
 const U: &str = "0b6f5a3e-9a7c-4c1e-8f2a-2d8b4f1e6c3a";
@@ -291,94 +293,6 @@ async fn both() -> [Srv; 2] {
 // ---------------------------------------------------------------------------------------------
 // The client side
 // ---------------------------------------------------------------------------------------------
-
-fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .pool_max_idle_per_host(0)
-        .build()
-        .unwrap()
-}
-
-fn key() -> String {
-    uuid::Uuid::new_v4().to_string()
-}
-
-async fn send(c: &reqwest::Client, url: &str, headers: &[(&str, &[u8])]) -> reqwest::Response {
-    send_body(c, url, headers, b"{\"a\":1}").await
-}
-
-async fn send_body(
-    c: &reqwest::Client,
-    url: &str,
-    headers: &[(&str, &[u8])],
-    body: &[u8],
-) -> reqwest::Response {
-    let mut r = c
-        .post(url)
-        .header("content-type", "application/json")
-        .body(body.to_vec());
-    for (n, v) in headers {
-        r = r.header(*n, HeaderValue::from_bytes(v).unwrap());
-    }
-    r.send().await.unwrap()
-}
-
-/// `"<status> <problem slug>"` for the layer's own answers, else
-/// `"<status>[ replayed] <body>"`.
-async fn outcome(r: reqwest::Response) -> String {
-    let status = r.status().as_u16();
-    let replayed = r.headers().contains_key("idempotent-replayed");
-    let ct = r
-        .headers()
-        .get("content-type")
-        .map(|v| v.to_str().unwrap_or("").to_owned());
-    let body = r.bytes().await.unwrap();
-    if ct.as_deref() == Some("application/problem+json") {
-        let v: Value = serde_json::from_slice(&body).unwrap();
-        let slug = v["type"]
-            .as_str()
-            .unwrap_or("?")
-            .trim_start_matches("urn:idempotency-rs:problem:")
-            .to_owned();
-        return format!("{status} {slug}");
-    }
-    format!(
-        "{status}{} {}",
-        if replayed { " replayed" } else { "" },
-        String::from_utf8_lossy(&body)
-    )
-}
-
-/// Raw request bytes on a new connection: the status and body.
-async fn raw(addr: SocketAddr, request: &[u8]) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(request).await.unwrap();
-    let mut buf = Vec::new();
-    tokio::time::timeout(std::time::Duration::from_secs(5), s.read_to_end(&mut buf))
-        .await
-        .expect("the server did not close the connection")
-        .unwrap();
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let status = text.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
-}
-
-fn raw_post(path: &str, header_lines: &[u8], body: &str) -> Vec<u8> {
-    let mut r = format!(
-        "POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
-        body.len()
-    )
-    .into_bytes();
-    r.extend_from_slice(header_lines);
-    r.extend_from_slice(b"\r\n");
-    r.extend_from_slice(body.as_bytes());
-    r
-}
 
 /// The short form of a raw answer: `"<status> <slug or body>"`.
 fn raw_outcome((status, body): (u16, String)) -> String {
