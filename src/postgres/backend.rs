@@ -43,9 +43,8 @@ struct Sql {
     extend: Stmt,
     claim: Stmt,
     cleanup: Stmt,
-    /// Which of these records are completed under these fencing tokens (see
-    /// [`PgBackend::after_unknown`]).
-    completed_by: Stmt,
+    /// The fencing token and state of these records (see [`PgBackend::after_unknown`]).
+    records_of: Stmt,
 }
 
 /// A statement of the hot path: its text (with the configured table's names in it) and its
@@ -108,14 +107,9 @@ impl Sql {
                 format!("SELECT 1 FROM {t} WHERE id = ANY($1::bytea[]) ORDER BY id FOR UPDATE"),
                 &[T::BYTEA_ARRAY],
             ),
-            completed_by: Stmt::new(
-                format!(
-                    "SELECT r.id, r.fence FROM {t} AS r
-                     JOIN unnest($1::bytea[], $2::int8[]) AS i(id, fence)
-                       ON r.id = i.id AND r.fence = i.fence
-                     WHERE r.state = 1"
-                ),
-                &[T::BYTEA_ARRAY, T::INT8_ARRAY],
+            records_of: Stmt::new(
+                format!("SELECT id, fence, state FROM {t} WHERE id = ANY($1::bytea[])"),
+                &[T::BYTEA_ARRAY],
             ),
             complete: Stmt::new(
                 format!(
@@ -969,12 +963,13 @@ impl PgBackend {
     /// The batch `work` ended without an answer saying whether it committed (`error`): its
     /// claims get `error`; its lease commands run again, in a transaction of their own on a
     /// new connection. They are fenced, so running one twice changes nothing the first run did
-    /// not: a release or an extension that did commit the first time finds its record as it
-    /// left it, and a completion that did commit finds its record completed under its own
-    /// fencing token, which only its lease can have written, and is done. If the first
-    /// transaction is still running on the server (a pooler lost the connection, not the
-    /// server), the new one waits for its row locks and then sees what it did. Whatever cannot
-    /// be settled this way (no connection, no answer again) keeps `error`.
+    /// not. One that finds its record no longer in flight under its token is then looked at
+    /// ([`PgBackend::settle_again`]): a completion whose record is completed under its own
+    /// fencing token, which only its lease can have written, is done; a release whose record
+    /// is gone is done. If the first transaction is still running on the server (a pooler lost
+    /// the connection, not the server), the new one waits for its row locks and then sees what
+    /// it did. Whatever cannot be settled this way (no connection, no answer again, a release
+    /// whose record another claim has taken since) keeps `error`.
     fn after_unknown(&mut self, work: &[Work<'_>], error: &Error) -> Vec<Result<Done>> {
         let leases: Vec<Work<'_>> = work
             .iter()
@@ -983,7 +978,7 @@ impl PgBackend {
             .collect();
         let settled = self.link.take_client().and_then(|client| {
             let out = self.exchange(&client, &leases).and_then(|mut results| {
-                self.done_before(&client, &leases, &mut results)?;
+                self.settle_again(&client, &leases, &mut results, error)?;
                 Ok(results)
             });
             if self.poisoned.take() {
@@ -1009,42 +1004,63 @@ impl PgBackend {
             .collect()
     }
 
-    /// After running `leases` again: a completion that found its record no longer in flight
-    /// is done if the record is completed under its fencing token (the first run committed).
-    fn done_before(
+    /// After running `leases` again, those that found their record no longer in flight under
+    /// their token: a completion is done if the record is completed under its token (the first
+    /// run committed), otherwise its lease was lost; a release is done if the record is gone,
+    /// and otherwise unknown (`error`): the first run may have deleted it and a claim created
+    /// it anew since, or the lease may have been taken over; an extension's lease was lost.
+    fn settle_again(
         &self,
         client: &Client,
         leases: &[Work<'_>],
         results: &mut [Result<Done>],
+        error: &Error,
     ) -> Result<(), Fail> {
-        let mut ids: Vec<&[u8]> = Vec::new();
-        let mut fences: Vec<i64> = Vec::new();
-        for (w, r) in leases.iter().zip(results.iter()) {
-            if let (Work::Complete { id, fence, .. }, Ok(Done::Owned(false))) = (w, r) {
-                ids.push(&id[..]);
-                fences.push(fence_i64(*fence));
-            }
-        }
+        let ids: Vec<&[u8]> = leases
+            .iter()
+            .zip(results.iter())
+            .filter_map(|(w, r)| match (w, r) {
+                (Work::Complete { id, .. } | Work::Release { id, .. }, Ok(Done::Owned(false))) => {
+                    Some(&id[..])
+                }
+                _ => None,
+            })
+            .collect();
         if ids.is_empty() {
             return Ok(());
         }
         let rows = within(
             &self.link.rt,
             self.link.deadline,
-            query(
-                client,
-                &self.sql.completed_by,
-                &[(&ids, Type::BYTEA_ARRAY), (&fences, Type::INT8_ARRAY)],
-            ),
+            query(client, &self.sql.records_of, &[(&ids, Type::BYTEA_ARRAY)]),
         )
-        .map_err(|_| Fail::Timeout("a check of completions"))?
+        .map_err(|_| Fail::Timeout("a look at the records of a batch run again"))?
         .map_err(Fail::Pg)?;
-        let done = fenced(&rows)?;
+        let mut found: HashMap<[u8; 32], (i64, i16)> = HashMap::with_capacity(rows.len());
+        for row in &rows {
+            let id: &[u8] = row.try_get(0).map_err(corrupt)?;
+            let id: [u8; 32] = id.try_into().map_err(corrupt)?;
+            let fence: i64 = row.try_get(1).map_err(corrupt)?;
+            let state: i16 = row.try_get(2).map_err(corrupt)?;
+            found.insert(id, (fence, state));
+        }
         for (w, r) in leases.iter().zip(results.iter_mut()) {
-            if let Work::Complete { id, fence, .. } = w
-                && done.contains_key(&(**id, fence_i64(*fence)))
-            {
-                *r = Ok(Done::Owned(true));
+            if !matches!(r, Ok(Done::Owned(false))) {
+                continue;
+            }
+            match w {
+                Work::Complete { id, fence, .. }
+                    if found.get(*id) == Some(&(fence_i64(*fence), 1)) =>
+                {
+                    *r = Ok(Done::Owned(true));
+                }
+                Work::Release { id, .. } => {
+                    *r = match found.contains_key(*id) {
+                        false => Ok(Done::Owned(true)),
+                        true => Err(error.clone()),
+                    };
+                }
+                _ => {}
             }
         }
         Ok(())
