@@ -7,24 +7,18 @@
 //! trimmed of Unicode white space (`scope_header_values_that_differ_are_different_scopes`).
 
 mod http_client;
-use http_client::{client, key, outcome, raw, raw_post, send, send_body};
+use http_client::{
+    RESPONSE_HEADERS, axum_side, client, key, outcome, raw, raw_post, send, send_body,
+};
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 
-use axum::Router;
-use axum::body::Bytes;
-use axum::extract::State;
-use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
-use axum::response::{IntoResponse, Response};
-use axum::routing::post;
-use idempotency_rs::axum_integration::{ClaimedKey, IdempotencyLayer};
 use idempotency_rs::contract::{
     Begin, Config, Contract, Incoming, KeyPolicy, ProblemKind, canonical_json, is_stored_header,
     parse_key_value,
 };
 use idempotency_rs::{Engine, EngineConfig, Fingerprint};
-use serde_json::{Value, json};
+use serde_json::Value;
 
 // ---------------------------------------------------------------------------------------------
 // canonical_json before 5a3fef0 (shims/contract/canonical.rs), verbatim.
@@ -907,122 +901,9 @@ async fn finish_stores_only_stored_headers_in_order() {
 // A real Axum server over TCP
 // ---------------------------------------------------------------------------------------------
 
-struct Srv {
-    base: String,
-    addr: std::net::SocketAddr,
-    runs: Arc<AtomicUsize>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-}
-
-impl Drop for Srv {
-    fn drop(&mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-    }
-}
-
-/// The headers `/headers` answers with, in this order: stored ones with duplicates, and
-/// the ones that must not be stored.
-const RESPONSE_HEADERS: &[(&str, &str)] = &[
-    ("x-a", "1"),
-    ("set-cookie", "s=1; Path=/"),
-    ("proxy-authenticate", "Basic realm=\"r\""),
-    ("x-a", "2"),
-    ("keep-alive", "timeout=5"),
-    ("set-cookie", "s=2; Path=/"),
-    ("date", "Mon, 01 Jan 2001 00:00:00 GMT"),
-    ("te", "trailers"),
-    ("location", "/orders/1"),
-    ("trailer", "x-t"),
-    ("proxy-connection", "keep-alive"),
-    ("x-a", "3"),
-    ("content-type", "application/json"),
-];
-
-fn routes(runs: Arc<AtomicUsize>) -> Router {
-    Router::new()
-        .route(
-            "/echo",
-            post(
-                |State(runs): State<Arc<AtomicUsize>>, claimed: Option<ClaimedKey>, _b: Bytes| async move {
-                    let n = runs.fetch_add(1, Ordering::SeqCst) + 1;
-                    let v = match claimed {
-                        Some(c) => json!({"key": c.key().as_str(), "scope": c.scope(), "run": n}),
-                        None => json!({"key": null, "run": n}),
-                    };
-                    (StatusCode::CREATED, axum::Json(v))
-                },
-            ),
-        )
-        .route(
-            "/headers",
-            post(|State(runs): State<Arc<AtomicUsize>>| async move {
-                let n = runs.fetch_add(1, Ordering::SeqCst) + 1;
-                let mut h = HeaderMap::new();
-                for (name, value) in RESPONSE_HEADERS {
-                    h.append(
-                        HeaderName::from_static(name),
-                        HeaderValue::from_static(value),
-                    );
-                }
-                h.append("x-run", HeaderValue::from(n));
-                let mut r = Response::new(axum::body::Body::from(format!("{{\"run\":{n}}}")));
-                *r.headers_mut() = h;
-                r.into_response()
-            }),
-        )
-        .with_state(runs)
-}
-
-async fn start() -> Srv {
-    let engine = Engine::open(EngineConfig::in_memory()).unwrap();
-    let runs = Arc::new(AtomicUsize::new(0));
-    let base_layer = || IdempotencyLayer::new(&engine).scope_header("X-User-ID");
-    let app = Router::new()
-        .merge(routes(runs.clone()).layer(base_layer()))
-        .nest(
-            "/opaque",
-            routes(runs.clone()).layer(base_layer().key_policy(KeyPolicy::Opaque)),
-        )
-        .nest(
-            "/strict",
-            routes(runs.clone()).layer(base_layer().require_key(true)),
-        )
-        .nest(
-            "/shared",
-            routes(runs.clone()).layer(IdempotencyLayer::new(&engine)),
-        )
-        .nest(
-            "/small",
-            routes(runs.clone()).layer(base_layer().max_response_bytes(200)),
-        )
-        .nest(
-            "/tiny",
-            routes(runs.clone()).layer(base_layer().max_response_bytes(100)),
-        );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async {
-                let _ = rx.await;
-            })
-            .await
-            .unwrap();
-    });
-    Srv {
-        base: format!("http://{addr}"),
-        addr,
-        runs,
-        stop: Some(tx),
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn key_header_counts() {
-    let s = start().await;
+    let s = axum_side::start().await;
     let c = client();
     let url = format!("{}/echo", s.base);
     let user: (&str, &[u8]) = ("x-user-id", b"u1");
@@ -1099,7 +980,7 @@ async fn key_header_counts() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn key_forms_uuid_case_quotes_whitespace() {
-    let s = start().await;
+    let s = axum_side::start().await;
     let c = client();
     let url = format!("{}/echo", s.base);
     let user: (&str, &[u8]) = ("x-user-id", b"u1");
@@ -1182,7 +1063,7 @@ async fn key_forms_uuid_case_quotes_whitespace() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_key_bytes_are_key_invalid() {
-    let s = start().await;
+    let s = axum_side::start().await;
     let c = client();
     let user: (&str, &[u8]) = ("x-user-id", b"u1");
     for path in ["/echo", "/opaque/echo"] {
@@ -1246,7 +1127,7 @@ async fn bad_key_bytes_are_key_invalid() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scope_header_rules() {
-    let s = start().await;
+    let s = axum_side::start().await;
     let c = client();
     let url = format!("{}/echo", s.base);
     let k = key();
@@ -1332,7 +1213,7 @@ async fn scope_header_rules() {
 /// tests/middleware.rs): a lower-case `post` is covered and fingerprinted as `POST`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lower_case_method() {
-    let s = start().await;
+    let s = axum_side::start().await;
     let c = client();
     let url = format!("{}/echo", s.base);
     let k = key();
@@ -1373,7 +1254,7 @@ async fn lower_case_method() {
 /// differently (key order, white space, escapes) replays.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_bodies_replay_or_mismatch() {
-    let s = start().await;
+    let s = axum_side::start().await;
     let c = client();
     let url = format!("{}/echo", s.base);
     let k = key();
@@ -1415,7 +1296,7 @@ fn header_pairs(h: &reqwest::header::HeaderMap) -> Vec<(String, String)> {
 /// `is_stored_header` refuses are not stored, so the replay does not carry them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stored_headers_replay_in_order_and_the_others_do_not() {
-    let s = start().await;
+    let s = axum_side::start().await;
     let c = client();
     let url = format!("{}/headers", s.base);
     let k = key();
@@ -1502,7 +1383,7 @@ async fn stored_headers_replay_in_order_and_the_others_do_not() {
 /// `response-not-stored` marker and the handler does not run again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn response_limit_counts_stored_headers_only() {
-    let s = start().await;
+    let s = axum_side::start().await;
     let c = client();
     let url = format!("{}/small/headers", s.base);
     let k = key();
@@ -1539,7 +1420,7 @@ async fn response_limit_counts_stored_headers_only() {
 /// scope, and one tenant is replayed the other's response.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scope_header_values_that_differ_are_different_scopes() {
-    let s = start().await;
+    let s = axum_side::start().await;
     let c = client();
     let url = format!("{}/echo", s.base);
     let k = key();

@@ -7,168 +7,23 @@
 //! `cargo test --features axum-integration,actix-integration,tonic-integration --test shim_parity`.
 
 mod http_client;
-use http_client::{client, key, outcome, raw, raw_post, send, send_body};
+use http_client::{
+    REQUEST_LIMIT, RESPONSE_HEADERS, Srv, axum_side, client, echo, key, outcome, raw, raw_post,
+    send, send_body,
+};
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use idempotency_rs::contract::{KeyPolicy, is_stored_header};
 use idempotency_rs::{Engine, EngineConfig};
-use serde_json::{Value, json};
+use serde_json::Value;
 
 const U: &str = "0b6f5a3e-9a7c-4c1e-8f2a-2d8b4f1e6c3a";
-
-/// The headers `/headers` answers with, in this order: stored ones with duplicates, and the
-/// ones that must not be stored (as in tests/layer_inputs.rs).
-const RESPONSE_HEADERS: &[(&str, &str)] = &[
-    ("x-a", "1"),
-    ("set-cookie", "s=1; Path=/"),
-    ("proxy-authenticate", "Basic realm=\"r\""),
-    ("x-a", "2"),
-    ("keep-alive", "timeout=5"),
-    ("set-cookie", "s=2; Path=/"),
-    ("date", "Mon, 01 Jan 2001 00:00:00 GMT"),
-    ("te", "trailers"),
-    ("location", "/orders/1"),
-    ("trailer", "x-t"),
-    ("proxy-connection", "keep-alive"),
-    ("x-a", "3"),
-    ("content-type", "application/json"),
-];
-
-/// The request body limit of the `/limited` mount.
-const REQUEST_LIMIT: usize = 64;
 
 // ---------------------------------------------------------------------------------------------
 // Servers: the same routes and layer settings on Axum and on Actix-Web
 // ---------------------------------------------------------------------------------------------
-
-/// One running server.
-struct Srv {
-    name: &'static str,
-    base: String,
-    addr: SocketAddr,
-    runs: Arc<AtomicUsize>,
-    stop: Option<Box<dyn FnOnce() + Send>>,
-}
-
-impl Srv {
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-    fn runs(&self) -> usize {
-        self.runs.load(Ordering::SeqCst)
-    }
-}
-
-impl Drop for Srv {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            stop();
-        }
-    }
-}
-
-/// The mounts, each with its layer settings (the same on both frameworks):
-/// `""`: UUID keys, scope header `X-User-ID`; `/opaque`: opaque keys; `/strict`: key
-/// required; `/shared`: no scope header; `/small`, `/tiny`: 200- and 100-byte response
-/// limits; `/limited`: a 64-byte request limit.
-mod axum_side {
-    use super::*;
-    use axum::Router;
-    use axum::body::Bytes;
-    use axum::extract::State;
-    use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
-    use axum::response::{IntoResponse, Response};
-    use axum::routing::post;
-    use idempotency_rs::axum_integration::{ClaimedKey, IdempotencyLayer};
-
-    fn routes(runs: Arc<AtomicUsize>) -> Router {
-        Router::new()
-            .route(
-                "/echo",
-                post(
-                    |State(runs): State<Arc<AtomicUsize>>,
-                     claimed: Option<ClaimedKey>,
-                     _b: Bytes| async move {
-                        let n = runs.fetch_add(1, Ordering::SeqCst) + 1;
-                        (StatusCode::CREATED, axum::Json(echo(claimed.as_ref(), n)))
-                    },
-                ),
-            )
-            .route(
-                "/headers",
-                post(|State(runs): State<Arc<AtomicUsize>>| async move {
-                    let n = runs.fetch_add(1, Ordering::SeqCst) + 1;
-                    let mut h = HeaderMap::new();
-                    for (name, value) in RESPONSE_HEADERS {
-                        h.append(
-                            HeaderName::from_static(name),
-                            HeaderValue::from_static(value),
-                        );
-                    }
-                    h.append("x-run", HeaderValue::from(n));
-                    let mut r = Response::new(axum::body::Body::from(format!("{{\"run\":{n}}}")));
-                    *r.headers_mut() = h;
-                    r.into_response()
-                }),
-            )
-            .with_state(runs)
-    }
-
-    pub(super) async fn start() -> Srv {
-        let engine = Engine::open(EngineConfig::in_memory()).unwrap();
-        let runs = Arc::new(AtomicUsize::new(0));
-        let base = || IdempotencyLayer::new(&engine).scope_header("X-User-ID");
-        let app = Router::new()
-            .merge(routes(runs.clone()).layer(base()))
-            .nest(
-                "/opaque",
-                routes(runs.clone()).layer(base().key_policy(KeyPolicy::Opaque)),
-            )
-            .nest(
-                "/strict",
-                routes(runs.clone()).layer(base().require_key(true)),
-            )
-            .nest(
-                "/shared",
-                routes(runs.clone()).layer(IdempotencyLayer::new(&engine)),
-            )
-            .nest(
-                "/small",
-                routes(runs.clone()).layer(base().max_response_bytes(200)),
-            )
-            .nest(
-                "/tiny",
-                routes(runs.clone()).layer(base().max_response_bytes(100)),
-            )
-            .nest(
-                "/limited",
-                routes(runs.clone()).layer(base().max_request_bytes(REQUEST_LIMIT)),
-            );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async {
-                    let _ = rx.await;
-                })
-                .await
-                .unwrap();
-        });
-        Srv {
-            name: "axum",
-            base: format!("http://{addr}"),
-            addr,
-            runs,
-            stop: Some(Box::new(move || {
-                let _ = tx.send(());
-            })),
-        }
-    }
-}
 
 mod actix_side {
     use super::*;
@@ -276,13 +131,6 @@ mod actix_side {
                 thread.join().unwrap();
             })),
         }
-    }
-}
-
-fn echo(claimed: Option<&idempotency_rs::contract::ClaimedKey>, n: usize) -> Value {
-    match claimed {
-        Some(c) => json!({"key": c.key().as_str(), "scope": c.scope(), "run": n}),
-        None => json!({"key": null, "run": n}),
     }
 }
 

@@ -1,11 +1,172 @@
 //! HTTP helpers shared by the black-box suites that drive a real server with hostile input
-//! (`tests/layer_inputs.rs`, `tests/shim_parity.rs`): a client without a connection pool,
-//! requests with raw header bytes, raw request bytes on a socket, and the short form of an
-//! answer that the tests compare.
+//! (`tests/layer_inputs.rs`, `tests/shim_parity.rs`): an Axum server with the layer on several
+//! mounts, a client without a connection pool, requests with raw header bytes, raw request
+//! bytes on a socket, and the short form of an answer that the tests compare.
 #![allow(dead_code, unreachable_pub)]
 
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use idempotency_rs::contract::KeyPolicy;
+use idempotency_rs::{Engine, EngineConfig};
 use reqwest::header::HeaderValue;
-use serde_json::Value;
+use serde_json::{Value, json};
+
+/// The headers `/headers` answers with, in this order: stored ones with duplicates, and the
+/// ones that must not be stored.
+pub const RESPONSE_HEADERS: &[(&str, &str)] = &[
+    ("x-a", "1"),
+    ("set-cookie", "s=1; Path=/"),
+    ("proxy-authenticate", "Basic realm=\"r\""),
+    ("x-a", "2"),
+    ("keep-alive", "timeout=5"),
+    ("set-cookie", "s=2; Path=/"),
+    ("date", "Mon, 01 Jan 2001 00:00:00 GMT"),
+    ("te", "trailers"),
+    ("location", "/orders/1"),
+    ("trailer", "x-t"),
+    ("proxy-connection", "keep-alive"),
+    ("x-a", "3"),
+    ("content-type", "application/json"),
+];
+
+/// The request body limit of the `/limited` mount.
+pub const REQUEST_LIMIT: usize = 64;
+
+/// One running server.
+pub struct Srv {
+    pub name: &'static str,
+    pub base: String,
+    pub addr: SocketAddr,
+    pub runs: Arc<AtomicUsize>,
+    pub stop: Option<Box<dyn FnOnce() + Send>>,
+}
+
+impl Srv {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+    pub fn runs(&self) -> usize {
+        self.runs.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Srv {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            stop();
+        }
+    }
+}
+
+/// What `/echo` answers: the claimed key and scope, and the how-manieth run this is.
+pub fn echo(claimed: Option<&idempotency_rs::contract::ClaimedKey>, n: usize) -> Value {
+    match claimed {
+        Some(c) => json!({"key": c.key().as_str(), "scope": c.scope(), "run": n}),
+        None => json!({"key": null, "run": n}),
+    }
+}
+
+/// The mounts, each with its layer settings (the same on both frameworks):
+/// `""`: UUID keys, scope header `X-User-ID`; `/opaque`: opaque keys; `/strict`: key
+/// required; `/shared`: no scope header; `/small`, `/tiny`: 200- and 100-byte response
+/// limits; `/limited`: a 64-byte request limit.
+pub mod axum_side {
+    use super::*;
+    use axum::Router;
+    use axum::body::Bytes;
+    use axum::extract::State;
+    use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+    use axum::response::{IntoResponse, Response};
+    use axum::routing::post;
+    use idempotency_rs::axum_integration::{ClaimedKey, IdempotencyLayer};
+
+    fn routes(runs: Arc<AtomicUsize>) -> Router {
+        Router::new()
+            .route(
+                "/echo",
+                post(
+                    |State(runs): State<Arc<AtomicUsize>>,
+                     claimed: Option<ClaimedKey>,
+                     _b: Bytes| async move {
+                        let n = runs.fetch_add(1, Ordering::SeqCst) + 1;
+                        (StatusCode::CREATED, axum::Json(echo(claimed.as_ref(), n)))
+                    },
+                ),
+            )
+            .route(
+                "/headers",
+                post(|State(runs): State<Arc<AtomicUsize>>| async move {
+                    let n = runs.fetch_add(1, Ordering::SeqCst) + 1;
+                    let mut h = HeaderMap::new();
+                    for (name, value) in RESPONSE_HEADERS {
+                        h.append(
+                            HeaderName::from_static(name),
+                            HeaderValue::from_static(value),
+                        );
+                    }
+                    h.append("x-run", HeaderValue::from(n));
+                    let mut r = Response::new(axum::body::Body::from(format!("{{\"run\":{n}}}")));
+                    *r.headers_mut() = h;
+                    r.into_response()
+                }),
+            )
+            .with_state(runs)
+    }
+
+    pub async fn start() -> Srv {
+        let engine = Engine::open(EngineConfig::in_memory()).unwrap();
+        let runs = Arc::new(AtomicUsize::new(0));
+        let base = || IdempotencyLayer::new(&engine).scope_header("X-User-ID");
+        let app = Router::new()
+            .merge(routes(runs.clone()).layer(base()))
+            .nest(
+                "/opaque",
+                routes(runs.clone()).layer(base().key_policy(KeyPolicy::Opaque)),
+            )
+            .nest(
+                "/strict",
+                routes(runs.clone()).layer(base().require_key(true)),
+            )
+            .nest(
+                "/shared",
+                routes(runs.clone()).layer(IdempotencyLayer::new(&engine)),
+            )
+            .nest(
+                "/small",
+                routes(runs.clone()).layer(base().max_response_bytes(200)),
+            )
+            .nest(
+                "/tiny",
+                routes(runs.clone()).layer(base().max_response_bytes(100)),
+            )
+            .nest(
+                "/limited",
+                routes(runs.clone()).layer(base().max_request_bytes(REQUEST_LIMIT)),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async {
+                    let _ = rx.await;
+                })
+                .await
+                .unwrap();
+        });
+        Srv {
+            name: "axum",
+            base: format!("http://{addr}"),
+            addr,
+            runs,
+            stop: Some(Box::new(move || {
+                let _ = tx.send(());
+            })),
+        }
+    }
+}
 
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder()
