@@ -623,11 +623,7 @@ impl Backend for PgBackend {
                         })
                         .collect());
                 }
-                _ if self.poisoned.take() => {
-                    drop(client);
-                    return self.link.give_back_none(out);
-                }
-                _ => return self.link.give_back(client, out),
+                _ => return self.end_exchange(client, out),
             }
         }
     }
@@ -960,6 +956,16 @@ impl PgBackend {
         Ok(answers)
     }
 
+    /// Ends an exchange on `client`: the connection is given up when a claim round timed out
+    /// on it (`poisoned`), otherwise as [`Link::give_back`] decides.
+    fn end_exchange<T>(&mut self, client: Client, out: Result<T, Fail>) -> Result<T> {
+        if self.poisoned.take() {
+            drop(client);
+            return self.link.give_back_none(out);
+        }
+        self.link.give_back(client, out)
+    }
+
     /// The batch `work` ended without an answer saying whether it committed (`error`): its
     /// claims get `error`; its lease commands run again, in a transaction of their own on a
     /// new connection. They are fenced, so running one twice changes nothing the first run did
@@ -981,11 +987,7 @@ impl PgBackend {
                 self.settle_again(&client, &leases, &mut results, error)?;
                 Ok(results)
             });
-            if self.poisoned.take() {
-                drop(client);
-                return self.link.give_back_none(out);
-            }
-            self.link.give_back(client, out)
+            self.end_exchange(client, out)
         });
         tracing::warn!(
             error = %error,
