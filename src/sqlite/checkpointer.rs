@@ -92,7 +92,8 @@ impl Frames {
 pub(crate) struct Checkpointer {
     poke: Sender<()>,
     watch: Arc<Watch>,
-    frames: Frames,
+    /// The WAL thresholds in frames of this file's page size.
+    limits: Frames,
     /// `watch.frames` when the writer last woke the thread for the WAL's growth.
     poked_at: Cell<i64>,
     stop: Option<Sender<()>>,
@@ -110,7 +111,7 @@ impl Checkpointer {
         let page_size: i64 = conn
             .pragma_query_value(None, "page_size", |r| r.get(0))
             .map_err(|e| storage::open_error(e, path))?;
-        let frames = Frames::of_page_size(page_size);
+        let limits = Frames::of_page_size(page_size);
         let (poke, poked) = crossbeam_channel::bounded(1);
         let (stop, stopped) = crossbeam_channel::bounded(0);
         let watch = Arc::new(Watch {
@@ -122,12 +123,12 @@ impl Checkpointer {
         let watched = watch.clone();
         let handle = std::thread::Builder::new()
             .name("idempotency-ckpt".into())
-            .spawn(move || run(&conn, frames, &poked, &stopped, &watched, &shared))
+            .spawn(move || run(&conn, limits, &poked, &stopped, &watched, &shared))
             .map_err(|e| Error::Storage(Arc::new(e)))?;
         Ok(Checkpointer {
             poke,
             watch,
-            frames,
+            limits,
             poked_at: Cell::new(0),
             stop: Some(stop),
             handle: Some(handle),
@@ -152,7 +153,7 @@ impl Checkpointer {
     pub(crate) fn committed(&self) {
         let now = self.watch.frames.load(Ordering::Relaxed);
         let last = self.poked_at.get();
-        let grown = now < last || now - last >= self.frames.checkpoint;
+        let grown = now < last || now - last >= self.limits.checkpoint;
         if grown {
             self.poked_at.set(now);
         }
