@@ -558,9 +558,9 @@ impl Engine {
     pub fn forget(&self, scope: &str, key: &str) -> Result<Change> {
         let id = admin::id_of(scope, key)?;
         let change = self.admin_change(admin::Op::Forget { id })?;
-        // Whatever the store answered, it holds no completed record for this key now that this
-        // engine may keep replaying: `NotFound` when another instance deleted it first (its
-        // entry here would otherwise replay until the cache's max age).
+        // Whatever the store answered, this engine stops replaying what it cached: on
+        // `NotFound` another instance deleted the record first, and the entry here would
+        // otherwise replay it until the cache's max age.
         if let Some(cache) = &self.inner.cache {
             cache.forget(&id);
         }

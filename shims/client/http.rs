@@ -114,9 +114,9 @@ impl RetryMiddleware {
     /// The longest one attempt may take, to the end of its answer's body; past it the attempt
     /// counts as lost and is retried (a body over [`RetryMiddleware::max_response_bytes`],
     /// handed over unread, is read by the caller, outside it). Default: none of the
-    /// middleware's own, so the client's
-    /// (`reqwest::ClientBuilder::timeout`) or the request's (`.timeout(..)`) applies, and
-    /// without either an attempt may wait as long as the server keeps the connection open.
+    /// middleware's own, so the client's (`reqwest::ClientBuilder::timeout`) or the request's
+    /// (`.timeout(..)`) applies, and without either an attempt may wait as long as the server
+    /// keeps the connection open.
     /// [`RetryPolicy::max_elapsed`] bounds when attempts *start*, not how long each takes.
     pub fn attempt_timeout(mut self, limit: Duration) -> Self {
         self.attempt_timeout = Some(limit);
