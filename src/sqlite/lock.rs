@@ -17,13 +17,29 @@
 //! gets; it is left in place when the engine stops (removing a lock file races with the next
 //! opener).
 
+use std::collections::BTreeSet;
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{ErrorKind, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use parking_lot::Mutex;
+
 use crate::error::{Error, Result};
+
+/// The databases (resolved paths) whose lock an engine of this process holds.
+///
+/// A lock that no engine of this process holds, yet is taken under this process's id, is held
+/// by a copy of its descriptor in a child process being started: between `fork` and `exec` a
+/// child has every descriptor of its parent, also those closed on `exec`, and with them their
+/// `flock` locks. A thread spawning a process while another reopens a file its engine has just
+/// let go would otherwise be refused with `AlreadyOpen` by its own lock; it waits for the
+/// `exec`, up to [`SPAWN_GRACE`], whatever the configured wait.
+static HELD: Mutex<BTreeSet<PathBuf>> = Mutex::new(BTreeSet::new());
+
+/// How long a lock held by a child being started (see [`HELD`]) is waited for.
+const SPAWN_GRACE: Duration = Duration::from_secs(1);
 
 /// The exclusive right to run an engine on one database file. Dropping it lets the next one in.
 #[derive(Debug)]
@@ -58,21 +74,28 @@ impl EngineLock {
                 _ => Error::Storage(Arc::new(e)),
             })?;
         let deadline = crate::clock::instant_after(wait);
+        let grace = Instant::now() + SPAWN_GRACE;
         let mut pause = Duration::from_millis(2);
         loop {
             match file.try_lock() {
                 Ok(()) => break,
-                Err(TryLockError::WouldBlock) if Instant::now() < deadline => {
-                    std::thread::sleep(
-                        pause.min(deadline.saturating_duration_since(Instant::now())),
-                    );
-                    pause = (pause * 2).min(Duration::from_millis(50));
-                }
                 Err(TryLockError::WouldBlock) => {
-                    return Err(Error::AlreadyOpen {
-                        path: db.to_path_buf(),
-                        pid: holder(&mut file),
-                    });
+                    let now = Instant::now();
+                    let until = if now < deadline {
+                        deadline
+                    } else if now < grace
+                        && holder(&mut file) == Some(std::process::id())
+                        && !HELD.lock().contains(&real)
+                    {
+                        grace
+                    } else {
+                        return Err(Error::AlreadyOpen {
+                            path: db.to_path_buf(),
+                            pid: holder(&mut file),
+                        });
+                    };
+                    std::thread::sleep(pause.min(until.saturating_duration_since(now)));
+                    pause = (pause * 2).min(Duration::from_millis(50));
                 }
                 Err(TryLockError::Error(e)) => return Err(Error::Storage(Arc::new(e))),
             }
@@ -83,6 +106,7 @@ impl EngineLock {
             .set_len(0)
             .and_then(|()| file.seek(SeekFrom::Start(0)))
             .and_then(|_| writeln!(file, "{}", std::process::id()));
+        HELD.lock().insert(real.clone());
         Ok(EngineLock {
             _file: file,
             db: real,
@@ -92,6 +116,14 @@ impl EngineLock {
     /// The database's path, resolved: where its `-wal` file and its directory are.
     pub(crate) fn db(&self) -> &Path {
         &self.db
+    }
+}
+
+impl Drop for EngineLock {
+    fn drop(&mut self) {
+        // Before the file (and so the lock) goes: an opener that finds the lock still taken
+        // after this takes it for a child's copy and waits for it.
+        HELD.lock().remove(&self.db);
     }
 }
 
@@ -176,6 +208,34 @@ mod tests {
             EngineLock::acquire(&dotted, Duration::ZERO),
             Err(Error::AlreadyOpen { .. })
         ));
+    }
+
+    /// A lock taken under this process's id that no engine of this process holds is a child's
+    /// copy of the descriptor, between `fork` and `exec`: waited for, even with no wait
+    /// configured. Found as a flaky `AlreadyOpen` in tests/one_engine.rs, whose reopen after a
+    /// shutdown raced another test spawning child processes.
+    #[test]
+    fn a_lock_held_by_a_childs_copy_is_waited_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("x.db");
+        // What a child being spawned holds: the lock file, locked, with this process's id.
+        let mut copy = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(dir.path().join("x.db-lock"))
+            .unwrap();
+        copy.try_lock().unwrap();
+        writeln!(copy, "{}", std::process::id()).unwrap();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            drop(copy);
+        });
+        let started = Instant::now();
+        EngineLock::acquire(&db, Duration::ZERO).unwrap();
+        assert!(started.elapsed() < SPAWN_GRACE);
+        t.join().unwrap();
     }
 
     #[test]
