@@ -29,11 +29,18 @@ fn a_claim_answered_but_never_read_releases_its_key() {
     for run in 0..5 {
         let key = format!("k{run}");
         {
+            // Another connection holds the write lock, so that the writer cannot answer before
+            // the first poll: on two busy cores it sometimes did, between the claim's send and
+            // its poll (6 runs in 30 of this file).
+            let blocker = rusqlite::Connection::open(&db).unwrap();
+            blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
             let mut claim = pin!(engine.claim_async(request(&key)));
             assert!(
                 claim.as_mut().poll(&mut cx).is_pending(),
                 "a fresh claim was answered without the writer"
             );
+            blocker.execute_batch("ROLLBACK").unwrap();
+            drop(blocker);
             // The writer commits the claim, then sends the answer into the future's channel.
             let deadline = Instant::now() + Duration::from_secs(30);
             while record_state(&db, &key).is_none() {
